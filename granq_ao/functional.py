@@ -1,0 +1,308 @@
+"""The quantization math of granq_ao, once. Every adapter and every baseline calls this module.
+
+For an input ``x`` and ``b`` bits, ranges are reduced over the dimensions that the granularity
+does not keep (for GranQ, over space: one range per (sample n, channel c)):
+
+    x_min, x_max = min(x), max(x)                  over the reduced dims (keepdim)
+    asymmetric (paper, default), integer grid [0, 2^b - 1]:
+        s = (x_max - x_min) / (2^b - 1)
+        z = round(-x_min / s)
+    symmetric (torch.ao's convention), integer grid [-2^(b-1), 2^(b-1) - 1]:
+        s = max(|x_min|, |x_max|) / ((2^b - 1) / 2)
+        z = 0
+    x_q   = clamp(round(x / s + z), q_min, q_max)  (round half to even, as torch.round)
+    x_hat = (x_q - z) * s
+
+Where a range is empty (``s == 0``: a constant channel, or all zeros) the values pass through
+unchanged, exactly. Backward is the straight-through estimator: ``dL/dx = dL/dx_hat``, the
+gradient passes unchanged (no clipping mask, no gradient to the ranges), as in the paper.
+
+Numbers are computed in float32 and returned in the input's dtype (fp16/bf16 inputs included).
+
+Two code paths compute the same numbers:
+
+* ``eager``: plain PyTorch ops.
+* ``compiled``: the elementwise step fused by ``torch.compile`` (one read and one write of
+  ``x`` instead of seven passes). It runs the *same Python function* as eager, and the test
+  suite checks bit-identity. It is used when ``torch.compile`` works here; otherwise the eager
+  path is used and a warning says so once.
+
+Choose with the ``fused=`` argument (``None`` = auto, ``True`` = compiled or an error,
+``False`` = eager) or the ``GRANQ_FUSED`` environment variable (``auto`` | ``1`` | ``0``);
+``fused_backend()`` tells which path the auto choice took.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .granularity import (
+    Granularity,
+    PerChannel,
+    PerSampleChannel,
+    PerTensor,
+    as_granularity,
+)
+
+__all__ = [
+    "quant_range",
+    "reduce_min_max",
+    "compute_qparams",
+    "fake_quantize",
+    "fake_quantize_with_qparams",
+    "quantize",
+    "dequantize",
+    "fused_backend",
+    "NonFiniteInputError",
+    "MIN_BITS",
+    "MAX_BITS",
+]
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+GranularityLike = Union[str, Granularity]
+
+
+class NonFiniteInputError(ValueError):
+    """Raised when an input to be quantized holds NaN or +-inf."""
+
+
+# ----------------------------------------------------------------------------- validation
+def quant_range(bits: int, symmetric: bool = False) -> Tuple[int, int]:
+    """Integer grid ``(q_min, q_max)``: ``[0, 2^b - 1]`` or ``[-2^(b-1), 2^(b-1) - 1]``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _check_input(x: torch.Tensor, granularity: Granularity) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"GranQ quantizes floating-point tensors; got dtype {x.dtype}. "
+            "Convert the input to float first."
+        )
+    if not isinstance(granularity, PerTensor) and x.dim() < 2:
+        raise ValueError(
+            f"{granularity.name} quantization needs an input of rank >= 2 (batch, channels, ...); "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def _check_finite(x_min: torch.Tensor, x_max: torch.Tensor) -> None:
+    # min/max propagate NaN and +-inf, so checking the small range tensors checks all of x.
+    if not bool(torch.isfinite(x_min).all() & torch.isfinite(x_max).all()):
+        raise NonFiniteInputError("input holds NaN or infinite values; GranQ cannot quantize them")
+
+
+# ----------------------------------------------------------------------------- ranges
+def reduce_min_max(x: torch.Tensor, granularity: GranularityLike = "granq", axis: int = 1
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``(x_min, x_max)`` reduced over every dim the granularity does not keep.
+
+    The result has ``x``'s rank with size 1 on reduced dims (it broadcasts against ``x``).
+    ``granq_iterative`` computes the very same numbers with a Python loop over the kept
+    indices: the slow reference of the paper's latency figure.
+    """
+    granularity = as_granularity(granularity, axis)
+    _check_input(x, granularity)
+    xf = x.float()
+    kept = granularity.kept_dims(x.dim())
+    reduced = [d for d in range(x.dim()) if d not in kept]
+    if isinstance(granularity, PerSampleChannel) and granularity.iterative:
+        return _reduce_min_max_loop(xf, kept)
+    if not reduced:  # every dim kept: each element is its own range
+        return xf, xf
+    # NOTE: amin(dim=[]) would reduce over ALL dims; `reduced` is never empty here.
+    return xf.amin(dim=reduced, keepdim=True), xf.amax(dim=reduced, keepdim=True)
+
+
+def _reduce_min_max_loop(xf: torch.Tensor, kept: Tuple[int, ...]):
+    shape = [xf.shape[d] if d in kept else 1 for d in range(xf.dim())]
+    x_min = xf.new_empty(shape)
+    x_max = xf.new_empty(shape)
+    moved = xf.movedim(kept, tuple(range(len(kept))))
+    for index in torch.cartesian_prod(*[torch.arange(xf.shape[d]) for d in kept]).reshape(-1, len(kept)).tolist():
+        block = moved[tuple(index)]
+        out_index = [slice(None)] * xf.dim()
+        for d, i in zip(kept, index):
+            out_index[d] = i
+        x_min[tuple(out_index)] = block.min()
+        x_max[tuple(out_index)] = block.max()
+    return x_min, x_max
+
+
+def compute_qparams(x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool = False
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``(scale, zero_point)`` from ranges (the module docstring's formula).
+
+    ``scale`` is 0 where the range is empty (those values pass through unchanged);
+    ``zero_point`` holds integers stored as float32 (0 there).
+    """
+    q_min, q_max = quant_range(bits, symmetric)
+    x_min = x_min.float()
+    x_max = x_max.float()
+    if symmetric:
+        scale = torch.maximum(x_min.abs(), x_max.abs()) / ((q_max - q_min) / 2)
+        return scale, torch.zeros_like(scale)
+    scale = (x_max - x_min) / (q_max - q_min)
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.where(scale > 0, torch.round(-x_min / safe_scale), torch.zeros_like(scale))
+    return scale, zero_point
+
+
+# ----------------------------------------------------------------------------- elementwise step
+def _fake_quantize_elementwise(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                               q_min: float, q_max: float) -> torch.Tensor:
+    """``(clamp(round(x / s + z), q_min, q_max) - z) * s`` in float32; ``x`` itself where s == 0."""
+    xf = x.float()
+    has_range = scale > 0
+    safe_scale = torch.where(has_range, scale, torch.ones_like(scale))
+    x_q = torch.clamp(torch.round(xf / safe_scale + zero_point), q_min, q_max)
+    x_hat = (x_q - zero_point) * safe_scale
+    return torch.where(has_range, x_hat, xf).to(x.dtype)
+
+
+_compiled_elementwise = None
+_auto_backend: Optional[str] = None  # "compiled" | "eager", decided at the first auto call
+
+
+def _env_fused() -> Optional[bool]:
+    value = os.environ.get("GRANQ_FUSED", "auto").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "yes", "on", "compiled"):
+        return True
+    if value in ("0", "false", "no", "off", "eager"):
+        return False
+    raise ValueError(f"GRANQ_FUSED must be auto, 1 or 0; got {value!r}")
+
+
+def _get_compiled():
+    global _compiled_elementwise
+    if _compiled_elementwise is None:
+        _compiled_elementwise = torch.compile(_fake_quantize_elementwise, dynamic=None)
+    return _compiled_elementwise
+
+
+def fused_backend(fused: Optional[bool] = None) -> str:
+    """Which path ``fake_quantize`` takes for this ``fused`` argument: ``"compiled"`` or
+    ``"eager"``. With auto (``None`` and no ``GRANQ_FUSED``) it is ``"compiled"`` unless
+    compiling failed here (or was never tried yet, which returns ``"auto"``)."""
+    if fused is None:
+        fused = _env_fused()
+    if fused is None:
+        return _auto_backend or "auto"
+    return "compiled" if fused else "eager"
+
+
+def _run_elementwise(x, scale, zero_point, q_min, q_max, fused: Optional[bool]):
+    global _auto_backend
+    if fused is None:
+        fused = _env_fused()
+    if fused is False or torch.compiler.is_compiling():
+        # Inside a user's torch.compile region the eager ops are traced and fused anyway.
+        return _fake_quantize_elementwise(x, scale, zero_point, q_min, q_max)
+    if fused is True:
+        return _get_compiled()(x, scale, zero_point, q_min, q_max)
+    if _auto_backend == "eager":
+        return _fake_quantize_elementwise(x, scale, zero_point, q_min, q_max)
+    try:
+        out = _get_compiled()(x, scale, zero_point, q_min, q_max)
+    except Exception as error:  # compiler missing, unsupported platform, ...
+        if _auto_backend == "compiled":
+            raise
+        _auto_backend = "eager"
+        warnings.warn(
+            f"granq_ao: torch.compile is not usable here ({type(error).__name__}: {error}); "
+            "using the eager fake-quant path (same numbers, slower). Set GRANQ_FUSED=0 to silence.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return _fake_quantize_elementwise(x, scale, zero_point, q_min, q_max)
+    _auto_backend = "compiled"
+    return out
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: fake-quantize with given qparams. Backward: ``grad_x = grad_out`` (STE)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, q_min, q_max, fused):
+        return _run_elementwise(x, scale, zero_point, q_min, q_max, fused)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public ops
+def fake_quantize_with_qparams(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                               q_min: int, q_max: int, fused: Optional[bool] = None) -> torch.Tensor:
+    """Fake-quantize ``x`` with given (broadcastable) qparams; straight-through gradient."""
+    if x.numel() == 0:
+        return x.clone()
+    return _StraightThrough.apply(x, scale.float(), zero_point.float(), float(q_min), float(q_max), fused)
+
+
+def fake_quantize(x: torch.Tensor, bits: int = 4, granularity: GranularityLike = "granq",
+                  axis: int = 1, symmetric: bool = False, fused: Optional[bool] = None,
+                  check_finite: bool = True) -> torch.Tensor:
+    """Dynamic fake-quantization of ``x``: ranges from ``x`` itself (see the module docstring).
+
+    Args:
+        x: floating-point tensor, rank >= 2 (rank >= 1 for ``"tensor"``), any layout.
+        bits: 2..8.
+        granularity: ``"granq"`` (per (sample, channel), default), ``"channel"``, ``"tensor"``,
+            ``"granq_iterative"`` or a granularity object.
+        axis: the channel axis (default 1, NCHW).
+        symmetric: symmetric signed grid instead of the paper's asymmetric one.
+        fused: ``None`` auto, ``True`` compiled, ``False`` eager (same numbers).
+        check_finite: raise :class:`NonFiniteInputError` on NaN/inf input (one check on the
+            small range tensor, not on ``x``).
+
+    Returns ``x_hat`` with ``x``'s shape, dtype and memory format. Gradient: straight-through.
+    An empty batch returns an empty tensor.
+    """
+    granularity = as_granularity(granularity, axis)
+    q_min, q_max = quant_range(bits, symmetric)
+    _check_input(x, granularity)
+    granularity.kept_dims(x.dim())  # validates the axis even for empty input
+    if x.numel() == 0:
+        return x.clone()
+    x_min, x_max = reduce_min_max(x.detach(), granularity)
+    if check_finite:
+        _check_finite(x_min, x_max)
+    scale, zero_point = compute_qparams(x_min, x_max, bits, symmetric)
+    return fake_quantize_with_qparams(x, scale, zero_point, q_min, q_max, fused)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+             symmetric: bool = False) -> torch.Tensor:
+    """Integer codes ``x_q = clamp(round(x / s + z), q_min, q_max)`` as uint8 (asymmetric) or
+    int8 (symmetric). Where ``s == 0`` the code is ``z`` (``dequantize`` then restores nothing:
+    use :func:`fake_quantize` semantics via ``dequantize(..., passthrough=x)``)."""
+    q_min, q_max = quant_range(bits, symmetric)
+    scale = scale.float()
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    x_q = torch.clamp(torch.round(x.float() / safe_scale + zero_point.float()), q_min, q_max)
+    return x_q.to(torch.int8 if symmetric else torch.uint8)
+
+
+def dequantize(x_q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               passthrough: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """``x_hat = (x_q - z) * s``; where ``s == 0`` the value of ``passthrough`` (the original
+    input) is returned, which makes ``dequantize(quantize(x))`` equal ``fake_quantize(x)``."""
+    scale = scale.float()
+    x_hat = (x_q.float() - zero_point.float()) * torch.where(scale > 0, scale, torch.ones_like(scale))
+    if passthrough is not None:
+        x_hat = torch.where(scale > 0, x_hat, passthrough.float())
+    return x_hat.to(dtype)

@@ -1,0 +1,98 @@
+"""The granularities a quantization range can have, as frozen dataclasses.
+
+A granularity says which dimensions of a tensor keep their own range; the range (min, max)
+is reduced over every other dimension:
+
+=====================  ======================  =========================================
+name                   class                   one range per
+=====================  ======================  =========================================
+``"tensor"``           ``PerTensor()``         tensor (the whole batch)
+``"channel"``          ``PerChannel(axis)``    channel ``axis`` (over the batch and space)
+``"granq"``            ``PerSampleChannel()``  (sample, channel) pair: GranQ
+``"granq_iterative"``  ``PerSampleChannel(iterative=True)``  same ranges, computed by a Python loop
+=====================  ======================  =========================================
+
+For rank-2 inputs ``(N, F)``, ``PerSampleChannel`` keeps one range per sample (reduced over
+``F``), as the official GranQ code does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple, Union
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One range for the whole tensor."""
+
+    name = "tensor"
+
+    def kept_dims(self, ndim: int) -> Tuple[int, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One range per index of ``axis`` (reduced over every other dim, batch included)."""
+
+    axis: int = 1
+    name = "channel"
+
+    def kept_dims(self, ndim: int) -> Tuple[int, ...]:
+        return (_normalize_axis(self.axis, ndim),)
+
+
+@dataclass(frozen=True)
+class PerSampleChannel:
+    """One range per (sample, channel): GranQ. Batch is dim ``batch_axis``, channels ``axis``.
+
+    ``iterative=True`` computes the same ranges with a Python loop over (n, c): the slow
+    reference of the paper's latency figure; numbers are identical.
+    """
+
+    axis: int = 1
+    batch_axis: int = 0
+    iterative: bool = False
+
+    @property
+    def name(self) -> str:
+        return "granq_iterative" if self.iterative else "granq"
+
+    def kept_dims(self, ndim: int) -> Tuple[int, ...]:
+        batch = _normalize_axis(self.batch_axis, ndim)
+        if ndim == 2:
+            return (batch,)  # (N, F): one range per sample, as the official code does
+        channel = _normalize_axis(self.axis, ndim)
+        if channel == batch:
+            raise ValueError(
+                f"granq needs a channel axis different from the batch axis; got axis={self.axis} "
+                f"and batch_axis={self.batch_axis} for a rank-{ndim} input"
+            )
+        return tuple(sorted((batch, channel)))
+
+
+Granularity = Union[PerTensor, PerChannel, PerSampleChannel]
+
+GRANULARITY_NAMES = ("tensor", "channel", "granq", "granq_iterative")
+
+
+def _normalize_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"channel axis {axis} is out of range for a rank-{ndim} input")
+    return axis % ndim
+
+
+def as_granularity(value: Union[str, Granularity], axis: int = 1) -> Granularity:
+    """Turn a name (``"tensor"``, ``"channel"``, ``"granq"``, ``"granq_iterative"``) into a
+    granularity object; granularity objects pass through unchanged."""
+    if isinstance(value, (PerTensor, PerChannel, PerSampleChannel)):
+        return value
+    if value == "tensor":
+        return PerTensor()
+    if value == "channel":
+        return PerChannel(axis)
+    if value == "granq":
+        return PerSampleChannel(axis)
+    if value == "granq_iterative":
+        return PerSampleChannel(axis, iterative=True)
+    raise ValueError(f"unknown granularity {value!r}; expected one of {', '.join(GRANULARITY_NAMES)}")
