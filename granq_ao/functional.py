@@ -53,6 +53,7 @@ __all__ = [
     "compute_qparams",
     "fake_quantize",
     "fake_quantize_with_qparams",
+    "fake_quantize_from_ranges",
     "quantize",
     "dequantize",
     "fused_backend",
@@ -272,12 +273,23 @@ def fake_quantize(x: torch.Tensor, bits: int = 4, granularity: GranularityLike =
     An empty batch returns an empty tensor.
     """
     granularity = as_granularity(granularity, axis)
-    q_min, q_max = quant_range(bits, symmetric)
+    quant_range(bits, symmetric)
     _check_input(x, granularity)
     granularity.kept_dims(x.dim())  # validates the axis even for empty input
     if x.numel() == 0:
         return x.clone()
     x_min, x_max = reduce_min_max(x.detach(), granularity)
+    return fake_quantize_from_ranges(x, x_min, x_max, bits, symmetric, fused, check_finite)
+
+
+def fake_quantize_from_ranges(x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: int,
+                              symmetric: bool = False, fused: Optional[bool] = None,
+                              check_finite: bool = True) -> torch.Tensor:
+    """Fake-quantize ``x`` with ranges already reduced from it (by :func:`reduce_min_max`):
+    ``compute_qparams`` then the elementwise step. Straight-through gradient."""
+    q_min, q_max = quant_range(bits, symmetric)
+    if x.numel() == 0:
+        return x.clone()
     if check_finite:
         _check_finite(x_min, x_max)
     scale, zero_point = compute_qparams(x_min, x_max, bits, symmetric)

@@ -1,0 +1,8 @@
+"""Adapters from GranQ to other quantization toolchains.
+
+Each adapter is a thin layer over :mod:`granq_ao.functional` (the math lives there only) and is
+imported explicitly, so that ``import granq_ao`` never needs the toolchain:
+
+* :mod:`granq_ao.integrations.pytorch_quantization`: NVIDIA pytorch-quantization 2.1.3
+  (``pip install "granq-ao[nvidia]"``).
+"""

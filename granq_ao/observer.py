@@ -1,0 +1,187 @@
+"""GranQObserver: running per-channel ranges for the *static* export of a GranQ model.
+
+GranQ itself needs no observer: its ranges are recomputed from every sample. torch.ao still
+requires one (``activation_post_process``) and a static export (``quantize_per_channel``) needs
+fixed qparams, so this observer keeps, per channel ``c`` along ``ch_axis``,
+
+    min_val[c] <- min_val[c] + a * (batch_min[c] - min_val[c])      (a = averaging_constant;
+    max_val[c] <- max_val[c] + a * (batch_max[c] - max_val[c])       a = 1: last batch only)
+
+starting from the first batch's ranges; and the same for one per-tensor range. Static qparams
+(:meth:`calculate_qparams`) use the formula of ``granq_ao.functional.compute_qparams`` on the
+ranges widened to include 0 (so every zero point lies on the integer grid, as
+``torch.quantize_per_channel`` requires), with ``scale >= eps``.
+
+Shared instances: torch.ao FX reuses one observer for ops that share qparams with their input
+(maxpool, flatten, view, ...), so one instance may see ``(N, C, H, W)`` and then
+``(N, C*H*W)``. When it sees a channel count different from its running buffers it keeps the
+per-channel buffers untouched and marks itself ``channel_mismatch``; its static qparams are
+then per-tensor (``qscheme`` becomes ``per_tensor_affine``), which is valid for every shape.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch.ao.quantization.observer import ObserverBase
+
+from . import functional as F
+
+
+class GranQObserver(ObserverBase):
+    r"""Vectorized running per-channel (and per-tensor) min/max for static GranQ export.
+
+    Args:
+        bits: integer grid width (2..8); ``quant_min``/``quant_max`` follow from it.
+        ch_axis: channel axis of the observed tensors.
+        symmetric: symmetric ranges (stored on an unsigned grid with zero point ``2^(b-1)``).
+        averaging_constant: moving-average weight ``a`` (torch.ao's QAT default is 0.01).
+        dtype: ``torch.quint8`` (activations) or ``torch.qint8`` (weights); only a label for
+            torch.ao's backend checks, the grid is ``[quant_min, quant_max]``.
+        eps: smallest static scale.
+
+    Attributes: ``min_val``/``max_val`` (per channel, empty until the first batch),
+    ``min_val_tensor``/``max_val_tensor`` (per tensor), ``channel_mismatch``, ``quant_min``,
+    ``quant_max``, ``eps``, ``ch_axis``, ``qscheme``.
+    """
+
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
+    def __init__(self, bits: int = 8, ch_axis: int = 1, symmetric: bool = False,
+                 averaging_constant: float = 0.01, dtype: torch.dtype = torch.quint8,
+                 quant_min: Optional[int] = None, quant_max: Optional[int] = None,
+                 eps: float = torch.finfo(torch.float32).eps, is_dynamic: bool = False, **kwargs) -> None:
+        if bits is None:
+            bits = bits_from_quant_range(quant_min, quant_max)
+        q_min, q_max = F.quant_range(bits, symmetric=False)  # stored on the unsigned grid
+        if quant_min is not None or quant_max is not None:
+            if (quant_min, quant_max) not in ((q_min, q_max), (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)):
+                raise ValueError(
+                    f"quant_min/quant_max ({quant_min}, {quant_max}) do not match {bits} bits"
+                )
+            if quant_min is not None and quant_min < 0:
+                symmetric = True
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
+        super().__init__(dtype=dtype, is_dynamic=False)
+        self.bits = bits
+        self.ch_axis = ch_axis
+        self.symmetric = symmetric
+        self.averaging_constant = averaging_constant
+        self.quant_min, self.quant_max = q_min, q_max
+        self.register_buffer("eps", torch.tensor([eps]))
+        self.register_buffer("min_val", torch.tensor([]))
+        self.register_buffer("max_val", torch.tensor([]))
+        self.register_buffer("min_val_tensor", torch.tensor(float("inf")))
+        self.register_buffer("max_val_tensor", torch.tensor(float("-inf")))
+        self.register_buffer("_channel_mismatch", torch.tensor(False))
+
+    # -- what torch.ao reads
+    @property
+    def channel_mismatch(self) -> bool:
+        return bool(self._channel_mismatch)
+
+    @property
+    def per_channel(self) -> bool:
+        return not self.channel_mismatch
+
+    @property
+    def qscheme(self) -> torch.qscheme:
+        if self.per_channel:
+            return torch.per_channel_symmetric if self.symmetric else torch.per_channel_affine
+        return torch.per_tensor_symmetric if self.symmetric else torch.per_tensor_affine
+
+    @qscheme.setter
+    def qscheme(self, value) -> None:  # ObserverBase/with_args may assign it; it is derived here
+        pass
+
+    # -- recording
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Record ``x``'s per-channel and per-tensor ranges; return ``x`` unchanged."""
+        if x.numel() == 0:
+            return x
+        if x.dim() < 2:
+            self._record_tensor(x.detach().amin().float(), x.detach().amax().float())
+            self._channel_mismatch.fill_(True)
+            return x
+        batch_min, batch_max = F.reduce_min_max(x.detach(), "channel", axis=self.ch_axis)
+        self.record_channel_ranges(batch_min.flatten(), batch_max.flatten())
+        return x
+
+    @torch.no_grad()
+    def record_ranges(self, x_min: torch.Tensor, x_max: torch.Tensor) -> None:
+        """Record ranges already reduced from a batch (e.g. GranQ's per-(n, c) ranges, keepdim,
+        channel on ``ch_axis``): reduced further to per channel, without touching the input."""
+        dims = [d for d in range(x_min.dim()) if d != self.ch_axis % x_min.dim()]
+        self.record_channel_ranges(x_min.amin(dim=dims).flatten(), x_max.amax(dim=dims).flatten())
+
+    @torch.no_grad()
+    def record_channel_ranges(self, channel_min: torch.Tensor, channel_max: torch.Tensor) -> None:
+        channel_min, channel_max = channel_min.float(), channel_max.float()
+        self._record_tensor(channel_min.min(), channel_max.max())
+        if self.min_val.numel() == 0:
+            self.min_val.resize_(channel_min.shape).copy_(channel_min)
+            self.max_val.resize_(channel_max.shape).copy_(channel_max)
+        elif self.min_val.shape != channel_min.shape:
+            self._channel_mismatch.fill_(True)
+        else:
+            a = self.averaging_constant
+            self.min_val.add_(a * (channel_min - self.min_val))
+            self.max_val.add_(a * (channel_max - self.max_val))
+
+    def _record_tensor(self, tensor_min: torch.Tensor, tensor_max: torch.Tensor) -> None:
+        if torch.isinf(self.min_val_tensor):
+            self.min_val_tensor.copy_(tensor_min)
+            self.max_val_tensor.copy_(tensor_max)
+        else:
+            a = self.averaging_constant
+            self.min_val_tensor.add_(a * (tensor_min - self.min_val_tensor))
+            self.max_val_tensor.add_(a * (tensor_max - self.max_val_tensor))
+
+    # -- static qparams
+    @torch.jit.export
+    def calculate_qparams(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Static ``(scale float32, zero_point int64)``: per channel, or per tensor after a
+        channel mismatch. Ranges include 0; ``scale >= eps``. Before any batch: scale 1, zp 0."""
+        if self.per_channel:
+            x_min, x_max = self.min_val, self.max_val
+            if x_min.numel() == 0:
+                return torch.ones(1), torch.zeros(1, dtype=torch.int64)
+        else:
+            x_min, x_max = self.min_val_tensor, self.max_val_tensor
+            if torch.isinf(x_min):
+                return torch.tensor(1.0), torch.tensor(0, dtype=torch.int64)
+        x_min = torch.clamp(x_min, max=0.0)
+        x_max = torch.clamp(x_max, min=0.0)
+        scale, zero_point = F.compute_qparams(x_min, x_max, self.bits, self.symmetric)
+        if self.symmetric:  # same grid shifted onto [0, 2^b - 1]
+            zero_point = zero_point + 2 ** (self.bits - 1)
+        scale = torch.maximum(scale, self.eps.to(scale.device))
+        return scale, zero_point.to(torch.int64)
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, ch_axis={self.ch_axis}, symmetric={self.symmetric}, "
+                f"averaging_constant={self.averaging_constant}, channels={self.min_val.numel()}, "
+                f"channel_mismatch={self.channel_mismatch}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        # Per-channel buffers start empty: take the saved size before torch copies into them.
+        for name in ("min_val", "max_val"):
+            key = prefix + name
+            if key in state_dict:
+                getattr(self, name).resize_(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+
+def bits_from_quant_range(quant_min: Optional[int], quant_max: Optional[int]) -> int:
+    """``bits`` from a torch.ao-style ``(quant_min, quant_max)`` pair, e.g. (0, 7) -> 3."""
+    if quant_min is None or quant_max is None:
+        raise ValueError("give bits, or both quant_min and quant_max")
+    levels = quant_max - quant_min + 1
+    bits = levels.bit_length() - 1
+    if levels != 2**bits:
+        raise ValueError(f"quant range [{quant_min}, {quant_max}] is not 2^bits levels wide")
+    return bits

@@ -1,0 +1,74 @@
+"""Where activation fake-quants sit: torch.ao's placement, or the paper's (after ReLU/ReLU6).
+
+torch.ao FX observes the input and output of every quantizable op (the input image, conv-bn
+outputs without ReLU, residual sums, pooled features, logits). The GranQ paper and its official
+code quantize activations only at the outputs of ReLU/ReLU6 (19 points in ResNet-20). torch.ao
+cannot express that in a QConfigMapping alone (a fused conv-bn-relu must share one qconfig
+across its parts), so ``apply_paper_placement`` edits the prepared graph: every call of a
+GranQ activation fake-quant whose input is not produced by a ReLU/ReLU6 (module, function,
+method, or a fused ``...ReLU`` module) is removed. A fake-quant instance shared between a ReLU
+output and the ops that reuse its observer (avgpool, flatten, view) thus stays only after the
+ReLU. Weight fake-quants (inside QAT modules) are untouched.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as nnF
+from torch.fx import GraphModule, Node
+
+from .fake_quantize import GranQFakeQuantize
+
+_RELU_MODULES = (torch.nn.ReLU, torch.nn.ReLU6)
+_RELU_FUNCTIONS = {nnF.relu, nnF.relu6, torch.relu, torch.relu_, nnF.relu_, torch.nn.functional.hardtanh}
+_RELU_METHODS = {"relu", "relu_"}
+
+
+def _is_relu_output(node: Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        module = modules[str(node.target)]
+        if isinstance(module, _RELU_MODULES):
+            return True
+        # fused torch.ao.nn.intrinsic(.qat) modules ending in ReLU: ConvReLU2d, ConvBnReLU2d,
+        # LinearReLU, BNReLU2d, ...
+        name = type(module).__name__
+        return "ReLU" in name and not name.startswith(("ReLU6",)) and name.rstrip("123d").endswith("ReLU")
+    if node.op == "call_function":
+        if node.target is torch.nn.functional.hardtanh:  # ReLU6 written as hardtanh(0, 6)
+            low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+            return low == 0.0
+        return node.target in _RELU_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _RELU_METHODS
+    return False
+
+
+def apply_paper_placement(model: GraphModule) -> int:
+    """Remove GranQ activation fake-quant calls not fed by a ReLU/ReLU6; return how many.
+
+    Fake-quant modules no longer called anywhere are deleted from ``model``.
+    """
+    modules = dict(model.named_modules())
+    removed = 0
+    for node in list(model.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), GranQFakeQuantize):
+            continue
+        source = node.args[0]
+        if isinstance(source, Node) and _is_relu_output(source, modules):
+            continue
+        node.replace_all_uses_with(source)
+        model.graph.erase_node(node)
+        removed += 1
+    model.delete_all_unused_submodules()
+    model.recompile()
+    return removed
+
+
+def count_activation_fake_quant_calls(model: GraphModule) -> int:
+    """Number of GranQ activation fake-quant call sites in a prepared graph."""
+    modules = dict(model.named_modules())
+    return sum(
+        1 for node in model.graph.nodes
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), GranQFakeQuantize)
+    )
