@@ -1,0 +1,173 @@
+"""Put GranQ quantizers into existing pytorch-quantization models.
+
+``replace_input_quantizers`` swaps the ``_input_quantizer`` of quant modules (``QuantConv2d``,
+``QuantLinear``, ``QuantAvgPool2d`` ...) for :class:`GranQTensorQuantizer`; with
+``only_after_relu=True`` only those whose input is a ReLU output (the paper's placement).
+
+Which inputs are ReLU outputs is found by *data flow*, not by module order: one forward pass
+on ``example_inputs`` runs under a ``TorchFunctionMode`` that remembers every tensor returned
+by ``relu`` / ``relu_`` / ``F.relu`` / ``F.relu6`` / ``F.hardtanh(min_val=0)`` (modules and
+functional calls alike, in-place or not), and a forward pre-hook on each quant module checks
+whether the tensor it receives is one of them. A tensor changed in place after its ReLU (for
+example ``out += identity``) stops counting. Reshapes, pooling or any other op in between
+make a new tensor, which does not count either: the quantizer must see the ReLU output itself.
+This works where ``torch.fx`` tracing fails (data-dependent Python control flow) and, unlike
+module-order heuristics, sees residual adds and functional ReLUs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F_nn
+from pytorch_quantization.nn import TensorQuantizer
+from torch.overrides import TorchFunctionMode
+
+from ._quantizer import GranQTensorQuantizer, as_granq_descriptor
+
+__all__ = ["quant_modules_with_input_quantizer", "find_relu_fed_modules", "replace_input_quantizers",
+           "load_quant_state_dict"]
+
+_RELU_FUNCTIONS = {F_nn.relu, F_nn.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_,
+                   F_nn.relu6}
+
+
+def _is_relu_call(func: Callable, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+    if func in _RELU_FUNCTIONS:
+        return True
+    if func is F_nn.hardtanh:  # nn.ReLU6 calls F.hardtanh(x, 0.0, 6.0)
+        min_val = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        return min_val == 0.0
+    return False
+
+
+class _ReluOutputTracker(TorchFunctionMode):
+    """Remembers (and holds, so ids stay unique) every tensor a ReLU-like call returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu_outputs: Dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            if _is_relu_call(func, args, kwargs):
+                self.relu_outputs[id(out)] = out
+            elif id(out) in self.relu_outputs and self.relu_outputs[id(out)] is out:
+                del self.relu_outputs[id(out)]  # an in-place op changed a ReLU output
+        return out
+
+    def is_relu_output(self, tensor: Any) -> bool:
+        return isinstance(tensor, torch.Tensor) and self.relu_outputs.get(id(tensor)) is tensor
+
+
+def quant_modules_with_input_quantizer(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """``{name: module}`` for every submodule with a single ``_input_quantizer``
+    (pytorch-quantization's QuantConv*/QuantLinear/pooling and the GranQ modules)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(getattr(module, "_input_quantizer", None), TensorQuantizer)}
+
+
+def _as_args(example_inputs: Any) -> Tuple[Any, ...]:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def find_relu_fed_modules(model: torch.nn.Module, example_inputs: Any,
+                          candidates: Optional[Dict[str, torch.nn.Module]] = None) -> List[str]:
+    """Names of the modules (default: those with an input quantizer) whose input, on every call
+    during one forward pass on ``example_inputs``, is a ReLU output itself (see the module doc).
+
+    The pass runs in eval mode under ``torch.no_grad()`` with every ``TensorQuantizer``
+    disabled; training flags and quantizer states are restored after (BatchNorm statistics
+    and calibrators are left untouched). Modules the pass never calls are not listed.
+    """
+    if candidates is None:
+        candidates = quant_modules_with_input_quantizer(model)
+    fed_by_relu: Dict[str, List[bool]] = {name: [] for name in candidates}
+    tracker = _ReluOutputTracker()
+
+    def make_hook(name: str):
+        def hook(module, args):
+            fed_by_relu[name].append(bool(args) and tracker.is_relu_output(args[0]))
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in candidates.items()]
+    training = {module: module.training for module in model.modules()}
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    disabled = [q._disabled for q in quantizers]
+    try:
+        model.eval()
+        for quantizer in quantizers:
+            quantizer._disabled = True
+        with torch.no_grad(), tracker:
+            model(*_as_args(example_inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in training.items():
+            module.training = mode
+        for quantizer, state in zip(quantizers, disabled):
+            quantizer._disabled = state
+        tracker.relu_outputs.clear()
+    return [name for name, calls in fed_by_relu.items() if calls and all(calls)]
+
+
+def replace_input_quantizers(model: torch.nn.Module, quant_desc: Any = None, *,
+                             only_after_relu: bool = False, example_inputs: Any = None,
+                             disable_others: bool = False,
+                             module_filter: Optional[Callable[[str, torch.nn.Module], bool]] = None,
+                             ) -> List[str]:
+    """Give quant modules of ``model`` a :class:`GranQTensorQuantizer` as input quantizer.
+
+    Args:
+        model: a model holding pytorch-quantization quant modules (e.g. built after
+            ``pytorch_quantization.quant_modules.initialize()``).
+        quant_desc: the GranQ descriptor (``GranQDescriptor``, ``QuantDescriptor`` or dict;
+            default 4-bit GranQ). Each module gets its own quantizer.
+        only_after_relu: only modules whose input is a ReLU output (the paper's placement);
+            needs ``example_inputs`` (see :func:`find_relu_fed_modules`).
+        example_inputs: a tensor or tuple of forward arguments for the data-flow pass.
+        disable_others: disable the input quantizers of the quant modules not replaced (the
+            paper leaves the image and the pooled classifier input in float).
+        module_filter: optional ``(name, module) -> bool`` to narrow the candidates further.
+
+    Returns the names of the modules whose input quantizer was replaced, in model order.
+    """
+    desc = as_granq_descriptor(quant_desc)
+    candidates = quant_modules_with_input_quantizer(model)
+    if module_filter is not None:
+        candidates = {name: module for name, module in candidates.items() if module_filter(name, module)}
+    if only_after_relu:
+        if example_inputs is None:
+            raise ValueError("only_after_relu=True needs example_inputs to follow the data flow")
+        selected = set(find_relu_fed_modules(model, example_inputs, candidates))
+    else:
+        selected = set(candidates)
+    replaced = []
+    for name, module in quant_modules_with_input_quantizer(model).items():
+        if name in selected:
+            quantizer = GranQTensorQuantizer(desc)
+            quantizer._granq_location = f"{name}._input_quantizer" if name else "_input_quantizer"
+            module._input_quantizer = quantizer  # holds no tensors: nothing to move to a device
+            replaced.append(name)
+        elif disable_others:
+            module._input_quantizer.disable()
+    return replaced
+
+
+def load_quant_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True):
+    """``model.load_state_dict`` that also works on CPU-only hosts when the checkpoint holds
+    calibrated ``_amax`` buffers for pytorch-quantization's own quantizers.
+
+    pytorch-quantization 2.1.3 creates a missing ``_amax`` buffer with ``.cuda()`` while
+    loading; here the buffer is created first on the quantizer's device, so its loader only
+    copies into it. GranQ quantizers drop ``_amax`` themselves (their ranges are dynamic).
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for name, module in model.named_modules():
+        if isinstance(module, TensorQuantizer) and not isinstance(module, GranQTensorQuantizer):
+            key = f"{name}._amax" if name else "_amax"
+            if key in state_dict and "_amax" not in module._buffers:
+                module.register_buffer("_amax", torch.empty_like(state_dict[key], device=device))
+    return model.load_state_dict(state_dict, strict=strict)
