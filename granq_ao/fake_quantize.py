@@ -14,6 +14,19 @@ running per-channel ranges while ``observer_enabled``; they only serve the *stat
 (:meth:`calculate_qparams`), never the fake-quant itself. For GranQ granularity the observer
 reuses the per-(n, c) ranges already reduced, so observing costs no extra pass over ``x``.
 
+Hot path: one min/max reduction of ``x`` (reused by the observer whenever its channel axis is a
+kept dim of the granularity, or it is per tensor), one host sync (the finiteness check on the
+small range tensor), one fused elementwise pass. The enable flags are mirrored in Python so
+``forward`` never reads a device tensor for them: toggle them with ``enable_fake_quant`` /
+``disable_fake_quant`` / ``enable_observer`` / ``disable_observer`` (or torch.ao's
+``enable_fake_quant`` etc. through ``model.apply``) or ``load_state_dict``; writing into the
+``fake_quant_enabled`` / ``observer_enabled`` buffers by hand is not seen by ``forward``.
+
+Bad input: integer tensors raise ``TypeError``; NaN/inf raise
+:class:`~granq_ao.functional.NonFiniteInputError`, a bad rank or channel axis ``ValueError``;
+each message names this module (its qualified name in the model that called it). An empty
+tensor is returned as is; constant slices pass through exactly (see ``granq_ao.functional``).
+
 Attributes read by torch.ao FX: ``activation_post_process``, ``dtype``, ``qscheme``,
 ``ch_axis``, ``is_dynamic`` (False: torch.ao's "dynamic" means something else),
 ``quant_min``, ``quant_max``, ``eps`` (on the observer).
@@ -27,7 +40,7 @@ import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from . import functional as F
-from .granularity import Granularity, PerSampleChannel, as_granularity
+from .granularity import Granularity, PerTensor, as_granularity
 from .observer import GranQObserver, bits_from_quant_range
 
 
@@ -71,39 +84,73 @@ class GranQFakeQuantize(FakeQuantizeBase):
         self.fused = fused
         self.dtype = dtype
         self.is_dynamic = False
+        if isinstance(observer, type) and issubclass(observer, GranQObserver):
+            observer_kwargs.setdefault("per_tensor", isinstance(self.granularity, PerTensor))
         self.activation_post_process = observer(bits=bits, ch_axis=ch_axis, symmetric=symmetric,
                                                 dtype=dtype, **observer_kwargs)
+        # Python mirrors of the fake_quant_enabled / observer_enabled buffers (no device read).
+        self._fake_quant_on = True
+        self._observer_on = True
         self.quant_min = self.activation_post_process.quant_min
         self.quant_max = self.activation_post_process.quant_max
 
     @property
     def qscheme(self) -> torch.qscheme:
-        if self.granularity.name == "tensor":
+        if isinstance(self.granularity, PerTensor) or self.activation_post_process.qscheme is None:
             return torch.per_tensor_symmetric if self.symmetric else torch.per_tensor_affine
         return self.activation_post_process.qscheme
 
+    # -- enable flags: buffers (state_dict, torch.ao API) mirrored in Python for forward
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        super().enable_fake_quant(enabled)
+        self._fake_quant_on = bool(enabled)
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        super().enable_observer(enabled)
+        self._observer_on = bool(enabled)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        self._fake_quant_on = bool(self.fake_quant_enabled[0])
+        self._observer_on = bool(self.observer_enabled[0])
+
+    def _observer_reuses_ranges(self, ndim: int) -> bool:
+        """Whether the observer's per-channel (or per-tensor) ranges follow from the ranges that
+        the fake-quant reduced anyway (no second pass over ``x``)."""
+        observer = self.activation_post_process
+        if not isinstance(observer, GranQObserver):
+            return False
+        if observer.per_tensor:
+            return True
+        return ndim >= 1 and self.ch_axis % ndim in self.granularity.kept_dims(ndim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        observe = bool(self.observer_enabled[0])
-        quantize = bool(self.fake_quant_enabled[0])
-        if not (observe or quantize) or x.numel() == 0:
+        observe = self._observer_on
+        quantize = self._fake_quant_on
+        if not (observe or quantize):
             return x
-        if not x.is_floating_point():
-            raise TypeError(f"{self._where()}: GranQ quantizes floating-point tensors, got {x.dtype}")
         try:
-            x_min, x_max = F.reduce_min_max(x.detach(), self.granularity)
+            F.check_input(x, self.granularity)
+            if x.numel() == 0:
+                return x
+            x_detached = x.detach()
+            x_min, x_max = F.reduce_min_max(x_detached, self.granularity)
+            F.check_finite_ranges(x_min, x_max)  # the one host sync; before the observer records
             if observe:
-                if isinstance(self.granularity, PerSampleChannel) and x.dim() > 2 \
-                        and self.granularity.axis % x.dim() == self.ch_axis % x.dim():
+                if self._observer_reuses_ranges(x.dim()):
                     self.activation_post_process.record_ranges(x_min, x_max)
-                else:
-                    self.activation_post_process(x.detach())
+                else:  # e.g. (N, F) input: per-sample ranges, per-feature observer
+                    self.activation_post_process(x_detached)
             if not quantize:
                 return x
-            return F.fake_quantize_from_ranges(x, x_min, x_max, self.bits, self.symmetric, self.fused)
+            return F.fake_quantize_from_ranges(x, x_min, x_max, self.bits, self.symmetric,
+                                               self.fused, check_finite=False)
         except F.NonFiniteInputError as error:
             raise F.NonFiniteInputError(f"{self._where()}: {error}") from None
-        except ValueError as error:
-            raise ValueError(f"{self._where()}: {error}") from None
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{self._where()}: {error}") from None
 
     @torch.jit.export
     def calculate_qparams(self):
@@ -111,18 +158,25 @@ class GranQFakeQuantize(FakeQuantizeBase):
         return self.activation_post_process.calculate_qparams()
 
     def extra_repr(self) -> str:
-        return (f"bits={self.bits}, granularity={self.granularity.name}, ch_axis={self.ch_axis}, "
-                f"symmetric={self.symmetric}, fake_quant_enabled={bool(self.fake_quant_enabled[0])}, "
-                f"observer_enabled={bool(self.observer_enabled[0])}, backend={F.fused_backend(self.fused)}")
+        granularity = self.granularity.name
+        axis = getattr(self.granularity, "axis", self.ch_axis)
+        if axis != self.ch_axis:
+            granularity += f"(axis={axis})"
+        return (f"bits={self.bits}, granularity={granularity}, ch_axis={self.ch_axis}, "
+                f"symmetric={self.symmetric}, fake_quant_enabled={self._fake_quant_on}, "
+                f"observer_enabled={self._observer_on}, backend={F.fused_backend(self.fused)}")
 
     def _where(self) -> str:
-        """This module's qualified name in the model that called it (found only on error)."""
+        """This module's qualified name in the outermost module on the call stack that holds it
+        (searched only on error)."""
+        found = type(self).__name__
         frame = sys._getframe(1)
         while frame is not None:
             owner = frame.f_locals.get("self")
             if isinstance(owner, torch.nn.Module) and owner is not self:
-                for name, module in owner.named_modules():
+                for name, module in owner.named_modules(remove_duplicate=False):
                     if module is self:
-                        return f"{type(self).__name__} '{name}' (in {type(owner).__name__})"
+                        found = f"{type(self).__name__} '{name}' (in {type(owner).__name__})"
+                        break
             frame = frame.f_back
-        return type(self).__name__
+        return found

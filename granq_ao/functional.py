@@ -13,11 +13,13 @@ does not keep (for GranQ, over space: one range per (sample n, channel c)):
     x_q   = clamp(round(x / s + z), q_min, q_max)  (round half to even, as torch.round)
     x_hat = (x_q - z) * s
 
-Where a range is empty (``s == 0``: a constant channel, or all zeros) the values pass through
-unchanged, exactly. Backward is the straight-through estimator: ``dL/dx = dL/dx_hat``, the
+Where a range is empty (``s == 0``) the values pass through unchanged, exactly: asymmetric,
+a constant slice (``x_max == x_min``); symmetric, an all-zero slice. (A symmetric constant
+slice ``v != 0`` is quantized like any other: ``s = |v| / ((2^b - 1) / 2)``, as torch.ao does.) Backward is the straight-through estimator: ``dL/dx = dL/dx_hat``, the
 gradient passes unchanged (no clipping mask, no gradient to the ranges), as in the paper.
 
-Numbers are computed in float32 and returned in the input's dtype (fp16/bf16 inputs included).
+Numbers are computed in float32 and returned in the input's dtype (fp16/bf16 inputs included;
+min/max are exact in any float dtype, so ranges are reduced in the input's dtype).
 
 Two code paths compute the same numbers:
 
@@ -57,6 +59,8 @@ __all__ = [
     "quantize",
     "dequantize",
     "fused_backend",
+    "check_input",
+    "check_finite_ranges",
     "NonFiniteInputError",
     "MIN_BITS",
     "MAX_BITS",
@@ -82,6 +86,18 @@ def quant_range(bits: int, symmetric: bool = False) -> Tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def check_input(x: torch.Tensor, granularity: GranularityLike = "granq", axis: int = 1) -> Granularity:
+    """Validate ``x`` for ``granularity`` and return the granularity object.
+
+    Raises ``TypeError`` (not a floating-point tensor) or ``ValueError`` (rank < 2 for a
+    per-channel granularity, channel axis out of range). Empty tensors are validated too.
+    """
+    granularity = as_granularity(granularity, axis)
+    _check_input(x, granularity)
+    granularity.kept_dims(x.dim())  # validates the channel axis
+    return granularity
+
+
 def _check_input(x: torch.Tensor, granularity: Granularity) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
@@ -97,8 +113,9 @@ def _check_input(x: torch.Tensor, granularity: Granularity) -> None:
         )
 
 
-def _check_finite(x_min: torch.Tensor, x_max: torch.Tensor) -> None:
-    # min/max propagate NaN and +-inf, so checking the small range tensors checks all of x.
+def check_finite_ranges(x_min: torch.Tensor, x_max: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteInputError` unless every range is finite. min/max propagate NaN
+    and +-inf, so checking the small range tensors checks all of ``x`` (one host sync)."""
     if not bool(torch.isfinite(x_min).all() & torch.isfinite(x_max).all()):
         raise NonFiniteInputError("input holds NaN or infinite values; GranQ cannot quantize them")
 
@@ -112,27 +129,29 @@ def reduce_min_max(x: torch.Tensor, granularity: GranularityLike = "granq", axis
     ``granq_iterative`` computes the very same numbers with a Python loop over the kept
     indices: the slow reference of the paper's latency figure.
     """
-    granularity = as_granularity(granularity, axis)
-    _check_input(x, granularity)
-    xf = x.float()
+    granularity = check_input(x, granularity, axis)
     kept = granularity.kept_dims(x.dim())
     reduced = [d for d in range(x.dim()) if d not in kept]
     if isinstance(granularity, PerSampleChannel) and granularity.iterative:
-        return _reduce_min_max_loop(xf, kept)
+        return _reduce_min_max_loop(x, kept)
     if not reduced:  # every dim kept: each element is its own range
+        xf = x.float()
         return xf, xf
+    # min/max of fp16/bf16 values are exact: reduce in x's dtype (no float32 copy of x), then cast.
     # NOTE: amin(dim=[]) would reduce over ALL dims; `reduced` is never empty here.
-    return xf.amin(dim=reduced, keepdim=True), xf.amax(dim=reduced, keepdim=True)
+    return x.amin(dim=reduced, keepdim=True).float(), x.amax(dim=reduced, keepdim=True).float()
 
 
-def _reduce_min_max_loop(xf: torch.Tensor, kept: Tuple[int, ...]):
-    shape = [xf.shape[d] if d in kept else 1 for d in range(xf.dim())]
-    x_min = xf.new_empty(shape)
-    x_max = xf.new_empty(shape)
-    moved = xf.movedim(kept, tuple(range(len(kept))))
-    for index in torch.cartesian_prod(*[torch.arange(xf.shape[d]) for d in kept]).reshape(-1, len(kept)).tolist():
+def _reduce_min_max_loop(x: torch.Tensor, kept: Tuple[int, ...]):
+    shape = [x.shape[d] if d in kept else 1 for d in range(x.dim())]
+    x_min = x.new_empty(shape, dtype=torch.float32)
+    x_max = x.new_empty(shape, dtype=torch.float32)
+    if x.numel() == 0:
+        return x_min, x_max
+    moved = x.movedim(kept, tuple(range(len(kept))))
+    for index in torch.cartesian_prod(*[torch.arange(x.shape[d]) for d in kept]).reshape(-1, len(kept)).tolist():
         block = moved[tuple(index)]
-        out_index = [slice(None)] * xf.dim()
+        out_index = [slice(None)] * x.dim()
         for d, i in zip(kept, index):
             out_index[d] = i
         x_min[tuple(out_index)] = block.min()
@@ -272,10 +291,8 @@ def fake_quantize(x: torch.Tensor, bits: int = 4, granularity: GranularityLike =
     Returns ``x_hat`` with ``x``'s shape, dtype and memory format. Gradient: straight-through.
     An empty batch returns an empty tensor.
     """
-    granularity = as_granularity(granularity, axis)
     quant_range(bits, symmetric)
-    _check_input(x, granularity)
-    granularity.kept_dims(x.dim())  # validates the axis even for empty input
+    granularity = check_input(x, granularity, axis)  # validates the axis even for empty input
     if x.numel() == 0:
         return x.clone()
     x_min, x_max = reduce_min_max(x.detach(), granularity)
@@ -291,7 +308,7 @@ def fake_quantize_from_ranges(x: torch.Tensor, x_min: torch.Tensor, x_max: torch
     if x.numel() == 0:
         return x.clone()
     if check_finite:
-        _check_finite(x_min, x_max)
+        check_finite_ranges(x_min, x_max)
     scale, zero_point = compute_qparams(x_min, x_max, bits, symmetric)
     return fake_quantize_with_qparams(x, scale, zero_point, q_min, q_max, fused)
 

@@ -60,9 +60,9 @@ class PerSampleChannel:
 
     def kept_dims(self, ndim: int) -> Tuple[int, ...]:
         batch = _normalize_axis(self.batch_axis, ndim)
+        channel = _normalize_axis(self.axis, ndim)  # validated for rank 2 too
         if ndim == 2:
             return (batch,)  # (N, F): one range per sample, as the official code does
-        channel = _normalize_axis(self.axis, ndim)
         if channel == batch:
             raise ValueError(
                 f"granq needs a channel axis different from the batch axis; got axis={self.axis} "

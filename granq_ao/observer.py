@@ -12,6 +12,9 @@ starting from the first batch's ranges; and the same for one per-tensor range. S
 ranges widened to include 0 (so every zero point lies on the integer grid, as
 ``torch.quantize_per_channel`` requires), with ``scale >= eps``.
 
+``per_tensor=True`` keeps only the per-tensor range (for a per-tensor fake-quant): qscheme and
+static qparams are then per tensor.
+
 Shared instances: torch.ao FX reuses one observer for ops that share qparams with their input
 (maxpool, flatten, view, ...), so one instance may see ``(N, C, H, W)`` and then
 ``(N, C*H*W)``. When it sees a channel count different from its running buffers it keeps the
@@ -39,6 +42,7 @@ class GranQObserver(ObserverBase):
         dtype: ``torch.quint8`` (activations) or ``torch.qint8`` (weights); only a label for
             torch.ao's backend checks, the grid is ``[quant_min, quant_max]``.
         eps: smallest static scale.
+        per_tensor: keep only the per-tensor range; static qparams are per tensor.
 
     Attributes: ``min_val``/``max_val`` (per channel, empty until the first batch),
     ``min_val_tensor``/``max_val_tensor`` (per tensor), ``channel_mismatch``, ``quant_min``,
@@ -51,7 +55,8 @@ class GranQObserver(ObserverBase):
     def __init__(self, bits: int = 8, ch_axis: int = 1, symmetric: bool = False,
                  averaging_constant: float = 0.01, dtype: torch.dtype = torch.quint8,
                  quant_min: Optional[int] = None, quant_max: Optional[int] = None,
-                 eps: float = torch.finfo(torch.float32).eps, is_dynamic: bool = False, **kwargs) -> None:
+                 eps: float = torch.finfo(torch.float32).eps, is_dynamic: bool = False,
+                 per_tensor: bool = False, **kwargs) -> None:
         if bits is None:
             bits = bits_from_quant_range(quant_min, quant_max)
         q_min, q_max = F.quant_range(bits, symmetric=False)  # stored on the unsigned grid
@@ -69,6 +74,7 @@ class GranQObserver(ObserverBase):
         self.ch_axis = ch_axis
         self.symmetric = symmetric
         self.averaging_constant = averaging_constant
+        self.per_tensor = per_tensor
         self.quant_min, self.quant_max = q_min, q_max
         self.register_buffer("eps", torch.tensor([eps]))
         self.register_buffer("min_val", torch.tensor([]))
@@ -84,7 +90,7 @@ class GranQObserver(ObserverBase):
 
     @property
     def per_channel(self) -> bool:
-        return not self.channel_mismatch
+        return not (self.per_tensor or self.channel_mismatch)
 
     @property
     def qscheme(self) -> torch.qscheme:
@@ -101,9 +107,10 @@ class GranQObserver(ObserverBase):
         """Record ``x``'s per-channel and per-tensor ranges; return ``x`` unchanged."""
         if x.numel() == 0:
             return x
-        if x.dim() < 2:
+        if self.per_tensor or x.dim() < 2:
             self._record_tensor(x.detach().amin().float(), x.detach().amax().float())
-            self._channel_mismatch.fill_(True)
+            if not self.per_tensor:
+                self._channel_mismatch.fill_(True)
             return x
         batch_min, batch_max = F.reduce_min_max(x.detach(), "channel", axis=self.ch_axis)
         self.record_channel_ranges(batch_min.flatten(), batch_max.flatten())
@@ -112,7 +119,11 @@ class GranQObserver(ObserverBase):
     @torch.no_grad()
     def record_ranges(self, x_min: torch.Tensor, x_max: torch.Tensor) -> None:
         """Record ranges already reduced from a batch (e.g. GranQ's per-(n, c) ranges, keepdim,
-        channel on ``ch_axis``): reduced further to per channel, without touching the input."""
+        channel on ``ch_axis``; any shape when ``per_tensor``): reduced further to per channel,
+        without touching the input."""
+        if self.per_tensor:
+            self._record_tensor(x_min.amin().float(), x_max.amax().float())
+            return
         dims = [d for d in range(x_min.dim()) if d != self.ch_axis % x_min.dim()]
         self.record_channel_ranges(x_min.amin(dim=dims).flatten(), x_max.amax(dim=dims).flatten())
 
@@ -131,13 +142,14 @@ class GranQObserver(ObserverBase):
             self.max_val.add_(a * (channel_max - self.max_val))
 
     def _record_tensor(self, tensor_min: torch.Tensor, tensor_max: torch.Tensor) -> None:
-        if torch.isinf(self.min_val_tensor):
-            self.min_val_tensor.copy_(tensor_min)
-            self.max_val_tensor.copy_(tensor_max)
-        else:
-            a = self.averaging_constant
-            self.min_val_tensor.add_(a * (tensor_min - self.min_val_tensor))
-            self.max_val_tensor.add_(a * (tensor_max - self.max_val_tensor))
+        # Branch-free (no host sync on GPU): the first batch (running range still +-inf) is taken
+        # as is, later ones are averaged in.
+        first = torch.isinf(self.min_val_tensor)
+        a = self.averaging_constant
+        self.min_val_tensor.copy_(torch.where(
+            first, tensor_min, self.min_val_tensor + a * (tensor_min - self.min_val_tensor)))
+        self.max_val_tensor.copy_(torch.where(
+            first, tensor_max, self.max_val_tensor + a * (tensor_max - self.max_val_tensor)))
 
     # -- static qparams
     @torch.jit.export
@@ -162,8 +174,9 @@ class GranQObserver(ObserverBase):
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, ch_axis={self.ch_axis}, symmetric={self.symmetric}, "
-                f"averaging_constant={self.averaging_constant}, channels={self.min_val.numel()}, "
-                f"channel_mismatch={self.channel_mismatch}")
+                f"averaging_constant={self.averaging_constant}, "
+                + ("per_tensor=True" if self.per_tensor else
+                   f"channels={self.min_val.numel()}, channel_mismatch={self.channel_mismatch}"))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):

@@ -27,13 +27,18 @@ from torch.ao.quantization.fake_quantize import FixedQParamsFakeQuantize
 from torch.ao.quantization.observer import ReuseInputObserver
 
 from .fake_quantize import GranQFakeQuantize
-from .granularity import GRANULARITY_NAMES
+from .granularity import GRANULARITY_NAMES, PerChannel, PerSampleChannel, PerTensor
 
 WEIGHT_GRANULARITIES = ("channel", "kernel", "tensor")
 ACT_PLACEMENTS = ("all", "paper")
 
-# weight granularity name -> GranQFakeQuantize granularity on a weight (out, in, *kernel)
-_WEIGHT_GRANULARITY = {"channel": "channel", "kernel": "granq", "tensor": "tensor"}
+# weight granularity name -> GranQFakeQuantize granularity on a weight (out, in, *kernel); the
+# weight fake-quant's ch_axis (its observer's, for static export) is 0 in every case.
+_WEIGHT_GRANULARITY = {
+    "channel": PerChannel(axis=0),                    # one range per output channel
+    "kernel": PerSampleChannel(axis=1, batch_axis=0),  # one per (out, in) slice; per row if 2-D
+    "tensor": PerTensor(),
+}
 
 
 class GranQQConfigMapping(QConfigMapping):
