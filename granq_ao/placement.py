@@ -44,12 +44,19 @@ def _is_relu_output(node: Node, modules: dict) -> bool:
     return False
 
 
+def _modules_by_name(model: GraphModule) -> dict:
+    # remove_duplicate=False: FX registers a shared fake-quant (maxpool, avgpool, flatten, view
+    # reuse their input's) under several names, and the graph calls it by each of them.
+    return dict(model.named_modules(remove_duplicate=False))
+
+
 def apply_paper_placement(model: GraphModule) -> int:
     """Remove GranQ activation fake-quant calls not fed by a ReLU/ReLU6; return how many.
 
     Fake-quant modules no longer called anywhere are deleted from ``model``.
     """
-    modules = dict(model.named_modules())
+    modules = _modules_by_name(model)
+    removed_targets = set()
     removed = 0
     for node in list(model.graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(str(node.target)), GranQFakeQuantize):
@@ -59,15 +66,21 @@ def apply_paper_placement(model: GraphModule) -> int:
             continue
         node.replace_all_uses_with(source)
         model.graph.erase_node(node)
+        removed_targets.add(str(node.target))
         removed += 1
+    still_called = {str(node.target) for node in model.graph.nodes if node.op == "call_module"}
+    for target in sorted(removed_targets - still_called):
+        # by name: an alias of a shared instance goes, the instance stays where still called
+        model.delete_submodule(target)
     model.delete_all_unused_submodules()
     model.recompile()
     return removed
 
 
 def count_activation_fake_quant_calls(model: GraphModule) -> int:
-    """Number of GranQ activation fake-quant call sites in a prepared graph."""
-    modules = dict(model.named_modules())
+    """Number of GranQ activation fake-quant call sites in a prepared graph (a shared instance
+    counts once per call)."""
+    modules = _modules_by_name(model)
     return sum(
         1 for node in model.graph.nodes
         if node.op == "call_module" and isinstance(modules.get(str(node.target)), GranQFakeQuantize)
