@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from pytorch_quantization import nn as quant_nn
+from pytorch_quantization.nn import TensorQuantizer
 from pytorch_quantization.tensor_quant import QuantDescriptor
 
 from ._quantizer import GranQDescriptor, GranQTensorQuantizer, as_granq_descriptor
@@ -47,6 +48,16 @@ class _GranQDefaults:
     @classmethod
     def set_default_quant_desc_weight(cls, value: Union[QuantDescriptor, GranQDescriptor]) -> None:
         cls.default_quant_desc_weight = _check_weight_desc(value)
+
+    def init_quantizer(self, quant_desc_input: QuantDescriptor, quant_desc_weight: Optional[QuantDescriptor] = None,
+                       num_layers: None = None) -> None:
+        """Placeholder quantizers, replaced by ``_Plan.install`` right after. (pytorch-quantization's
+        version first checks its caller with ``inspect.stack()``, which reads the source of every
+        frame on the stack: tenths of a second per module in deep stacks.)"""
+        self._fake_quant = True
+        self._input_quantizer = TensorQuantizer(quant_desc_input)
+        if quant_desc_weight is not None:
+            self._weight_quantizer = TensorQuantizer(quant_desc_weight)
 
 
 def _check_weight_desc(value: Any) -> Union[QuantDescriptor, GranQDescriptor]:
