@@ -1,0 +1,293 @@
+"""Converting a GranQ QAT model (torch.ao FX) to a reference model.
+
+``granq_ao.convert_to_reference_fx`` is torch's ``convert_to_reference_fx`` (same signature,
+same in-place behaviour) plus ``mode``:
+
+``mode="dynamic"`` (default): the reference model computes the numbers of the QAT model in eval.
+
+* Every :class:`~granq_ao.fake_quantize.GranQFakeQuantize` call in the graph becomes the
+  dynamic quantize/dequantize of ``granq_ao.functional`` as ``call_function`` nodes::
+
+      x_min, x_max = reduce_min_max(x, granularity, axis)    # per (n, c) for GranQ
+      scale, zero_point = compute_qparams(x_min, x_max, bits, symmetric)
+      x_q = quantize(x, scale, zero_point, bits, symmetric)  # integer codes (uint8 / int8)
+      x_hat = dequantize(x_q, scale, zero_point, passthrough=x, dtype=x.dtype)
+
+  which is, op for op, what the fake-quant computes (``x_hat = (x_q - z) * s``; ``x`` itself
+  where ``s == 0``).
+* Every QAT module whose ``weight_fake_quant`` is a ``GranQFakeQuantize`` becomes its float
+  module holding the *fake-quantized* weight (float values on the b-bit grid, exactly the
+  tensor the QAT module uses in eval), with BatchNorm folded into the bias for the fused
+  ConvBn/LinearBn modules (``w_q = fq(w * gamma / sqrt(var + eps))``, as torch's QAT module
+  computes it, ``b = beta + (b_conv - mean) * gamma / sqrt(var + eps)``). The module keeps
+  ``weight_scale``/``weight_zero_point`` buffers; :func:`weight_codes` gives the integer codes.
+  torch's reference modules would re-quantize with ``torch.quantize_per_channel`` (``x * (1/s)``
+  rounding, per output channel only), which cannot express the ``kernel`` granularity.
+* Everything else (torch.ao's own fake-quants: fixed-qparams ops, ``reshape``, ...) goes
+  through torch's converter unchanged.
+
+``mode="static"``: torch's converter with the observers' running qparams: activations get
+``torch.quantize_per_channel(x, scale, zero_point, axis=1, quint8)`` (per-tensor after a channel
+mismatch, see :class:`~granq_ao.observer.GranQObserver`) and weighted modules become torch's
+reference modules. A weight granularity torch has no qscheme for (``kernel``: one range per
+(out, in) slice) is baked as in dynamic mode instead. Caveat of torch's representation (it does
+the same with its own sub-8-bit observers): ``quantize_per_channel/per_tensor`` clamp codes to the
+dtype's [0, 255], not to [0, 2^b - 1].
+
+Fake-quants whose ``fake_quant_enabled`` is off are removed (identity), in both modes, as
+the QAT model computes them. See docs/CONVERSION.md.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization.quantize_fx import convert_to_reference_fx as _torch_convert_to_reference_fx
+from torch.fx import GraphModule, Node
+
+from . import functional as F
+from .fake_quantize import GranQFakeQuantize
+from .granularity import PerChannel, PerSampleChannel, PerTensor
+
+__all__ = ["MODES", "convert_to_reference_fx", "insert_dynamic_quant_dequant", "bake_weight_module",
+           "weight_codes"]
+
+MODES = ("dynamic", "static")
+
+
+# ----------------------------------------------------------------------------- activations
+def _fake_quant_on(fake_quant: torch.nn.Module) -> bool:
+    """Whether the fake-quant quantizes in forward (the Python mirror its forward reads, else
+    torch.ao's buffer)."""
+    return bool(getattr(fake_quant, "_fake_quant_on", fake_quant.fake_quant_enabled[0]))
+
+
+def _granularity_args(fake_quant: GranQFakeQuantize) -> Tuple[str, int]:
+    """``(name, axis)`` for ``functional.reduce_min_max`` (plain literals: the graph stays
+    printable). ``granq_iterative`` is exported as ``granq``: the same ranges, vectorized."""
+    granularity = fake_quant.granularity
+    if isinstance(granularity, PerTensor):
+        return "tensor", fake_quant.ch_axis
+    if isinstance(granularity, PerChannel):
+        return "channel", granularity.axis
+    if isinstance(granularity, PerSampleChannel):
+        if granularity.batch_axis != 0:
+            raise NotImplementedError(
+                f"dynamic export supports batch_axis=0 only, got {granularity.batch_axis}")
+        return "granq", granularity.axis
+    raise TypeError(f"unknown granularity {granularity!r}")
+
+
+def insert_dynamic_quant_dequant(model: GraphModule, node: Node,
+                                 fake_quant: Optional[GranQFakeQuantize] = None) -> Node:
+    """Replace the call ``node`` of a ``GranQFakeQuantize`` in ``model.graph`` by the dynamic
+    ``reduce_min_max -> compute_qparams -> quantize -> dequantize`` nodes (module docstring);
+    return the node that now holds its value. A fake-quant with ``fake_quant_enabled`` off is
+    removed (its input is returned). ``model.recompile()`` is left to the caller."""
+    graph = model.graph
+    if fake_quant is None:
+        fake_quant = model.get_submodule(str(node.target))
+    x = node.args[0]
+    if not _fake_quant_on(fake_quant):
+        node.replace_all_uses_with(x)
+        graph.erase_node(node)
+        return x
+    name, axis = _granularity_args(fake_quant)
+    bits, symmetric = fake_quant.bits, fake_quant.symmetric
+    with graph.inserting_before(node):
+        ranges = graph.call_function(F.reduce_min_max, (x, name, axis))
+        x_min = graph.call_function(operator.getitem, (ranges, 0))
+        x_max = graph.call_function(operator.getitem, (ranges, 1))
+        qparams = graph.call_function(F.compute_qparams, (x_min, x_max, bits, symmetric))
+        scale = graph.call_function(operator.getitem, (qparams, 0))
+        zero_point = graph.call_function(operator.getitem, (qparams, 1))
+        codes = graph.call_function(F.quantize, (x, scale, zero_point, bits, symmetric))
+        dtype = graph.call_function(getattr, (x, "dtype"))
+        x_hat = graph.call_function(F.dequantize, (codes, scale, zero_point),
+                                    {"passthrough": x, "dtype": dtype})
+    node.replace_all_uses_with(x_hat)
+    graph.erase_node(node)
+    return x_hat
+
+
+# ----------------------------------------------------------------------------- weights
+def _bn_scale_factor(module: torch.nn.Module) -> Optional[torch.Tensor]:
+    """``gamma / sqrt(running_var + eps)`` of a fused QAT Conv/Linear-BN module (the expression
+    torch's QAT forward uses, so the scaled weight is bit-identical), else None."""
+    bn = getattr(module, "bn", None)
+    if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+        return None
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError(f"{type(module).__name__}: BatchNorm without running statistics cannot be converted")
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
+class ConvBnEval(torch.nn.Module):
+    """A QAT Conv/Linear-BN module frozen as it computes in eval, op for op::
+
+        y = layer(x)                      # weight: fq(w * sf) (fake-quantized), bias: zeros
+        y = y / sf + b                    # sf = gamma / sqrt(running_var + eps), b: layer bias
+        y = batch_norm(y, running stats)  # always the running statistics
+        y = relu(y)                       # for ConvBnReLU
+
+    Folding the BN into the bias (``y = layer(x) + beta + (b - mean) * sf``) is the same map
+    up to float rounding, which can flip a later rounding of a low-bit activation; this form
+    keeps the outputs equal to the QAT model's. Use ``fold_bn=True`` for the folded form.
+    """
+
+    def __init__(self, layer: torch.nn.Module, scale_factor: torch.Tensor, bias: Optional[torch.Tensor],
+                 bn: torch.nn.modules.batchnorm._BatchNorm, relu: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        shape = [1] * layer.weight.dim()
+        shape[1] = -1
+        self.register_buffer("scale_factor", scale_factor.detach().reshape(shape).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().reshape(shape).clone())
+        self.bn = bn
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x) / self.scale_factor
+        if self.bias is not None:
+            y = y + self.bias
+        bn = self.bn
+        y = torch.nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                           False, 0.0, bn.eps)
+        return torch.relu(y) if self.relu else y
+
+
+@torch.no_grad()
+def bake_weight_module(qat_module: torch.nn.Module, fold_bn: bool = False) -> torch.nn.Module:
+    """The float form of a torch.ao QAT weighted module whose weight is the QAT module's
+    fake-quantized weight in eval (the very tensor its forward uses).
+
+    Plain and ReLU-fused modules become their float modules (``to_float()``). Conv/Linear-BN
+    modules become :class:`ConvBnEval` (exact), or with ``fold_bn=True`` the float module with
+    BN folded into the bias (``to_float()``'s fold; equal up to float rounding). The layer holding
+    the weight gets buffers ``weight_scale``/``weight_zero_point`` (see :func:`weight_codes`).
+    ``qconfig`` is set to None so that torch's converter leaves the module alone.
+    """
+    weight_fake_quant = qat_module.weight_fake_quant
+    weight = qat_module.weight
+    scale_factor = _bn_scale_factor(qat_module)
+    if scale_factor is not None:
+        shape = [1] * weight.dim()
+        shape[0] = -1
+        weight = weight * scale_factor.reshape(shape)
+    observer_was_on = bool(weight_fake_quant.observer_enabled[0])
+    weight_fake_quant.disable_observer()
+    try:
+        weight_q = weight_fake_quant(weight)
+    finally:
+        if observer_was_on:
+            weight_fake_quant.enable_observer()
+    float_module = qat_module.to_float()
+    relu = isinstance(float_module, torch.nn.Sequential)
+    layer = float_module[0] if relu else float_module
+    layer.weight = torch.nn.Parameter(weight_q.detach().clone(), requires_grad=False)
+    if isinstance(weight_fake_quant, GranQFakeQuantize) and _fake_quant_on(weight_fake_quant):
+        name, axis = _granularity_args(weight_fake_quant)
+        scale, zero_point = F.compute_qparams(*F.reduce_min_max(weight, name, axis),
+                                              weight_fake_quant.bits, weight_fake_quant.symmetric)
+        layer.register_buffer("weight_scale", scale)
+        layer.register_buffer("weight_zero_point", zero_point)
+        layer.weight_bits = weight_fake_quant.bits
+        layer.weight_symmetric = weight_fake_quant.symmetric
+    if scale_factor is not None and not fold_bn:
+        bn = copy.deepcopy(qat_module.bn).eval()
+        bias = None if qat_module.bias is None else qat_module.bias.detach()
+        # torch's QAT forward convolves with an explicit zero bias; so does this layer.
+        layer.bias = torch.nn.Parameter(layer.weight.new_zeros(layer.weight.shape[0]), requires_grad=False)
+        float_module = ConvBnEval(layer, scale_factor, bias, bn, relu)
+    float_module.train(qat_module.training)
+    float_module.qconfig = None
+    return float_module
+
+
+def _weight_layer(module: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(module, ConvBnEval):
+        return module.layer
+    return module[0] if isinstance(module, torch.nn.Sequential) else module
+
+
+def weight_codes(module: torch.nn.Module) -> torch.Tensor:
+    """Integer codes of a weight baked by :func:`bake_weight_module`: ``weight`` is exactly
+    ``dequantize(weight_codes(module), weight_scale, weight_zero_point)``."""
+    target = _weight_layer(module)
+    if not hasattr(target, "weight_scale"):
+        raise ValueError(f"{type(module).__name__} holds no baked quantized weight")
+    return F.quantize(target.weight, target.weight_scale, target.weight_zero_point,
+                      target.weight_bits, target.weight_symmetric)
+
+
+def _weight_is_static_representable(fake_quant: GranQFakeQuantize) -> bool:
+    """torch has per-tensor and per-channel (axis = ``ch_axis``) qschemes, nothing per slice."""
+    granularity = fake_quant.granularity
+    if isinstance(granularity, PerTensor):
+        return True
+    return isinstance(granularity, PerChannel) and granularity.axis == fake_quant.ch_axis
+
+
+# ----------------------------------------------------------------------------- the converter
+def _set_module(model: torch.nn.Module, qualified_name: str, module: torch.nn.Module) -> None:
+    parent_name, _, name = qualified_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, name, module)
+
+
+def convert_to_reference_fx(graph_module: GraphModule,
+                            convert_custom_config=None,
+                            _remove_qconfig: bool = True,
+                            qconfig_mapping: Union[QConfigMapping, Dict[str, Any], None] = None,
+                            backend_config=None,
+                            mode: str = "dynamic", fold_bn: bool = False) -> GraphModule:
+    """torch's ``convert_to_reference_fx`` for models prepared with GranQ qconfigs.
+
+    ``mode="dynamic"`` (default): the reference model's outputs equal the QAT model's in eval
+    (dynamic per-(n, c) quantize/dequantize nodes, fake-quantized weights).
+    ``mode="static"``: torch's static export with the observers' running qparams.
+    ``fold_bn`` (dynamic mode): fold BatchNorm into the conv/linear bias (torch's deployment
+    form; equal to QAT up to float rounding) instead of keeping QAT's exact arithmetic
+    (:class:`ConvBnEval`). Static mode folds, as torch's converter does.
+    Like torch's, it modifies ``graph_module`` in place (deep-copy it first to keep the QAT
+    model) and returns the converted model. See the module docstring.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(graph_module, GraphModule):
+        raise TypeError(f"expected a GraphModule from prepare_qat_fx/prepare_fx, got {type(graph_module).__name__}")
+    modules = dict(graph_module.named_modules(remove_duplicate=False))
+    baked_static = []
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = modules.get(str(node.target))
+        if isinstance(module, GranQFakeQuantize):
+            if mode == "dynamic":
+                insert_dynamic_quant_dequant(graph_module, node, module)
+            elif not _fake_quant_on(module):
+                node.replace_all_uses_with(node.args[0])
+                graph_module.graph.erase_node(node)
+        elif isinstance(getattr(module, "weight_fake_quant", None), GranQFakeQuantize):
+            weight_fake_quant = module.weight_fake_quant
+            if mode == "static" and _weight_is_static_representable(weight_fake_quant) \
+                    and _fake_quant_on(weight_fake_quant):
+                continue
+            if mode == "static":
+                baked_static.append(str(node.target))
+            _set_module(graph_module, str(node.target),
+                        bake_weight_module(module, fold_bn=fold_bn or mode == "static"))
+    if baked_static:
+        warnings.warn(
+            f"granq_ao static export: {len(baked_static)} weight(s) have a granularity torch has no "
+            f"qscheme for (e.g. 'kernel') or fake-quant disabled; they are exported as float weights "
+            f"already fake-quantized (first: {baked_static[0]})", UserWarning, stacklevel=2)
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return _torch_convert_to_reference_fx(graph_module, convert_custom_config=convert_custom_config,
+                                          _remove_qconfig=_remove_qconfig,
+                                          qconfig_mapping=qconfig_mapping,
+                                          backend_config=backend_config)
