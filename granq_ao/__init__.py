@@ -4,6 +4,7 @@
     qat = prepare_qat_fx(model.train(), get_granq_qat_qconfig_mapping(3, 3), example_inputs)
 """
 from . import functional
+from .convert import convert_to_reference_fx
 from .fake_quantize import GranQFakeQuantize
 from .functional import NonFiniteInputError, fake_quantize
 from .granularity import PerChannel, PerSampleChannel, PerTensor, as_granularity
@@ -18,4 +19,5 @@ __all__ = [
     "functional", "fake_quantize", "NonFiniteInputError", "GranQFakeQuantize", "GranQObserver",
     "PerChannel", "PerSampleChannel", "PerTensor", "as_granularity", "apply_paper_placement",
     "prepare_qat_fx", "GranQQConfigMapping", "get_granq_qat_qconfig_mapping", "get_granq_qconfig",
+    "convert_to_reference_fx",
 ]

@@ -157,6 +157,14 @@ class GranQFakeQuantize(FakeQuantizeBase):
         """Static ``(scale, zero_point)`` from the observer's running ranges (for export)."""
         return self.activation_post_process.calculate_qparams()
 
+    def convert(self, model: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+        """torch.ao's conversion hook (called by its decomposed converter): replace this
+        module's call ``node`` by dynamic quantize/dequantize nodes that give the fake-quant's
+        numbers (see ``granq_ao.convert.insert_dynamic_quant_dequant``)."""
+        from .convert import insert_dynamic_quant_dequant
+
+        insert_dynamic_quant_dequant(model, node, self)
+
     def extra_repr(self) -> str:
         granularity = self.granularity.name
         axis = getattr(self.granularity, "axis", self.ch_axis)
