@@ -1,0 +1,142 @@
+"""Smoke test of benchmarks/fake_quant_latency.py: tiny runs (1 repetition), table shape, counts,
+targets logic. No timing asserts."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fake_quant_latency.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("fake_quant_latency", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def eager(monkeypatch):
+    monkeypatch.setenv("GRANQ_FUSED", "0")  # no 20 s compile in the smoke test
+
+
+# every candidate except the one that compiles unconditionally (fused=True)
+EAGER_CANDIDATES = ["clone", "torchao_fq", "torchao_fused", "tensor", "channel", "granq_iterative",
+                    "granq", "granq_fn_eager"]
+ROW_KEYS = {"shape", "candidate", "fwd_ms", "fwdbwd_ms", "fwd_min_ms", "fwdbwd_min_ms", "fwd_reps",
+            "fwdbwd_reps", "fwd_x_clone", "fwdbwd_x_clone", "fwd_x_torchao_fq", "fwdbwd_x_torchao_fq"}
+
+
+def test_candidate_and_shape_vocabulary(bench):
+    assert list(bench.CANDIDATES) == EAGER_CANDIDATES[:5] + ["granq_iterative", "granq", "granq_fn_eager",
+                                                              "granq_fn_compiled"]
+    assert bench.act_shapes([16, 200]) == [(16, 16, 32, 32), (16, 32, 16, 16), (16, 64, 8, 8),
+                                           (200, 16, 32, 32), (200, 32, 16, 16), (200, 64, 8, 8)]
+    assert bench.TARGET_SHAPE in bench.act_shapes(bench.DEFAULT_BATCHES)
+
+
+def test_latency_rows_and_ratios(bench):
+    rows = bench.run_latency(batches=[1], candidates=EAGER_CANDIDATES, bits=3, reps=1, warmup=0,
+                             min_time_s=0.0, max_reps=1, iterative="all", iterative_reps=1)
+    assert [(tuple(r["shape"]), r["candidate"]) for r in rows] == [
+        (shape, name) for shape in [(1, 16, 32, 32), (1, 32, 16, 16), (1, 64, 8, 8)] for name in EAGER_CANDIDATES]
+    for row in rows:
+        assert set(row) == ROW_KEYS
+        assert row["fwd_reps"] == row["fwdbwd_reps"] == 1
+        assert row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0
+        for mode in ("fwd", "fwdbwd"):
+            assert row[f"{mode}_x_clone"] == pytest.approx(
+                row[f"{mode}_ms"] / next(r for r in rows if r["shape"] == row["shape"]
+                                         and r["candidate"] == "clone")[f"{mode}_ms"])
+    references = [r for r in rows if r["candidate"] in ("clone", "torchao_fq")]
+    assert all(r["fwd_x_clone" if r["candidate"] == "clone" else "fwd_x_torchao_fq"] == 1.0 for r in references)
+    table = bench.format_latency_table(rows)
+    assert table.count("shape (1, ") == 3
+    for name in EAGER_CANDIDATES:
+        assert sum(line.startswith(name + " ") for line in table.splitlines()) == 3
+
+
+def test_iterative_only_at_target_and_missing_reference(bench):
+    rows = bench.run_latency(batches=[1], candidates=["granq", "granq_iterative"], reps=1, warmup=0,
+                             min_time_s=0.0, max_reps=1, iterative="target")
+    assert {r["candidate"] for r in rows} == {"granq"}  # batch 1 never reaches the target shape
+    assert all(r["fwd_x_clone"] is None and r["fwdbwd_x_torchao_fq"] is None for r in rows)
+    with pytest.raises(ValueError, match="unknown candidates"):
+        bench.run_latency(batches=[1], candidates=["nope"])
+
+
+def test_candidates_fake_quantize(bench):
+    x = torch.randn(2, 16, 4, 4)
+    for name in EAGER_CANDIDATES[1:]:
+        y = bench.make_fake_quant(name, 3, torch.device("cpu"))(x)
+        assert y.shape == x.shape
+        # 3 bits: at most 8 distinct levels per range; per tensor that is the whole output
+        if name in ("torchao_fq", "torchao_fused", "tensor"):
+            assert torch.unique(y).numel() <= 8
+        else:
+            assert torch.unique(y[0, 0]).numel() <= 8
+    assert torch.equal(bench.make_fake_quant("clone", 3, torch.device("cpu"))(x), x)
+
+
+def test_qat_counts_and_columns(bench):
+    from pytorchcv.model_provider import get_model
+
+    float_model = get_model("resnet20_cifar10", pretrained=False)
+    n_weighted = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in float_model.modules())
+    n_relu = sum(isinstance(m, torch.nn.ReLU) for m in float_model.modules())
+    configs = ["granq_paper", "torchao_fq"]  # two configs keep the test short
+    rows = bench.run_qat(configs, bits=3, batch=2, reps=1, warmup=0)
+    by_config = {r["config"]: r for r in rows}
+    assert list(by_config) == configs
+    assert by_config["granq_paper"]["act_fq_calls"] == n_relu == 19
+    for row in rows:
+        assert row["weight_fq"] == n_weighted
+        assert row["peak_mib"] > 0 and row["step_ms"] > 0 and row["reps"] == 1
+    assert by_config["torchao_fq"]["x_torchao_fq_step"] == 1.0
+    assert by_config["torchao_fq"]["x_torchao_fq_peak"] == 1.0
+    table = bench.format_qat_table(rows)
+    assert all(config in table for config in configs)
+    # counting alone for the other configs (no timing)
+    cpu = torch.device("cpu")
+    assert bench.count_fake_quants(bench.build_qat_model("float", 3, 2, cpu)) == {
+        "weight_fq": 0, "act_fq_modules": 0, "act_fq_calls": 0}
+    granq_all = bench.count_fake_quants(bench.build_qat_model("granq_all", 3, 2, cpu))
+    assert granq_all["weight_fq"] == n_weighted
+    # torch.ao's placement, whichever fake-quant class fills it
+    assert granq_all["act_fq_calls"] == by_config["torchao_fq"]["act_fq_calls"] > n_relu
+
+
+def test_torchao_mapping_ranges(bench):
+    qconfig = bench.torchao_qat_mapping(3).global_qconfig
+    act, weight = qconfig.activation(), qconfig.weight()
+    assert (act.quant_min, act.quant_max) == (0, 7)
+    assert (weight.quant_min, weight.quant_max) == (-4, 3)
+    assert weight.qscheme == torch.per_channel_symmetric and weight.ch_axis == 0
+
+
+def test_targets_pass_fail(bench):
+    shape = list(bench.TARGET_SHAPE)
+    latency = [{"shape": shape, "candidate": name, "fwdbwd_ms": ms}
+               for name, ms in (("clone", 1.0), ("torchao_fq", 10.0), ("granq", 3.0), ("granq_iterative", 120.0))]
+    qat = [{"config": "torchao_fq", "step_ms": 100.0, "peak_mib": 50.0},
+           {"config": "granq_all", "step_ms": 105.0, "peak_mib": 55.0}]
+    targets = bench.evaluate_targets(latency, qat)
+    assert [(t["status"], round(t["value"], 3) if t["value"] is not None else None) for t in targets] == [
+        ("PASS", 3.0), ("FAIL", 0.3), ("FAIL", 40.0), ("PASS", 1.05), ("n/a", None), ("FAIL", 1.1), ("n/a", None)]
+    assert "[FAIL]" in bench.format_targets(targets)
+
+
+def test_main_quick_json(bench, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    bench.main(["--quick", "--batches", "1", "--skip-qat", "--reps", "1", "--candidates",
+                "clone,torchao_fq,granq", "--json", str(out)])
+    printed = capsys.readouterr().out
+    for word in ("torch", "threads", "date", "targets", "x ao-FQ"):
+        assert word in printed
+    result = json.loads(out.read_text())
+    assert set(result) == {"environment", "settings", "latency", "qat", "targets"}
+    assert len(result["latency"]) == 3 * 3 and result["qat"] == []
+    assert all(t["status"] == "n/a" for t in result["targets"])
