@@ -1,0 +1,143 @@
+"""Losses of the zero-shot recipe (AdaDFQ's generator objective, GranQ's student objective).
+
+Notation: ``t`` teacher logits, ``s`` student logits (N, C), ``y`` the generator's labels,
+``H(p) = -sum_c p_c log p_c`` the entropy of a distribution, ``softmax`` over classes.
+
+Generator (minimized by the generator only; it back-propagates through teacher and student)::
+
+    L_G = L_margin + beta * (alpha_ds * CE(y, t - s) + alpha_as * CE(y, t + s)) + gamma * L_BNS
+
+* ``L_BNS = 1/L * sum_l [ MSE(mu_l, running_mean_l) + MSE(var_l, running_var_l) ]`` over the L
+  BatchNorm layers of the teacher; ``mu_l``, ``var_l`` are the batch mean and *biased* variance
+  of the BN layer's input (over every dim but channels), MSE is the mean over channels.
+* ``CE(y, v) = mean_n -log softmax(v_n)[y_n]``.
+* ``L_margin`` (AdaDFQ's "margin" hinge on the disagreement entropy), for any batch size::
+
+      h_n   = H(softmax(t_n - s_n))
+      h'_n  = (h_n - min_m h_m) / (log C - min_m h_m)        (min over the batch; log C = max entropy)
+      L_margin = mean_n max(lambda_l - h'_n, 0) + mean_n max(h'_n - lambda_u, 0)
+
+  with ``lambda_l = 0.1``, ``lambda_u = 0.8``. The batch minimum is part of the graph (its
+  gradient flows, as in the official code); the denominator is clamped at 1e-12 (all-uniform
+  batch). The official code compares against a hard-coded zero vector of the batch size it
+  was run with (16), which fails for any other batch size; here the hinge is ``clamp(min=0)``.
+
+Student (GranQ/AdaDFQ, "entropy"), with temperature ``T`` (20 for CIFAR)::
+
+    L_S = -T^2 * mean_n H(softmax((t_n - s_n) / T))
+
+and the standard distillation alternative ("kl"): ``L_S = T^2 * mean_n KL(softmax(t_n/T) || softmax(s_n/T))``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "softmax_entropy",
+    "record_batchnorm_inputs",
+    "batchnorm_statistics_loss",
+    "entropy_margin_loss",
+    "generator_loss",
+    "entropy_distillation_loss",
+    "kl_distillation_loss",
+    "student_loss",
+    "STUDENT_LOSSES",
+]
+
+STUDENT_LOSSES = ("entropy", "kl")
+
+
+def softmax_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row entropy ``H(softmax(logits / T))`` (natural log), shape (N,)."""
+    log_p = F.log_softmax(logits / temperature, dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+class BatchNormInputs(list):
+    """Records ``(batch_mean, batch_var, running_mean, running_var)`` per BN call, in call order."""
+
+
+@contextlib.contextmanager
+def record_batchnorm_inputs(model: nn.Module) -> Iterator[BatchNormInputs]:
+    """While active, every forward of a BatchNorm module of ``model`` appends the batch mean and
+    biased variance of its input (over all dims but dim 1) and the layer's running statistics."""
+    records = BatchNormInputs()
+
+    def hook(module, inputs, output):
+        x = inputs[0]
+        dims = [d for d in range(x.dim()) if d != 1]
+        records.append((x.mean(dim=dims), x.var(dim=dims, unbiased=False),
+                        module.running_mean, module.running_var))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def batchnorm_statistics_loss(records: List[Tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """``1/L * sum_l MSE(mu_l, running_mean_l) + MSE(var_l, running_var_l)`` (module docstring)."""
+    if not records:
+        raise ValueError("no BatchNorm inputs were recorded: does the teacher have BatchNorm layers?")
+    total = sum(F.mse_loss(mean, running_mean) + F.mse_loss(var, running_var)
+                for mean, var, running_mean, running_var in records)
+    return total / len(records)
+
+
+def entropy_margin_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                        lower: float = 0.1, upper: float = 0.8) -> torch.Tensor:
+    """AdaDFQ's hinge keeping the normalized disagreement entropy in ``[lower, upper]``
+    (module docstring). Works for any batch size >= 1."""
+    num_classes = teacher_logits.shape[-1]
+    entropy = softmax_entropy(teacher_logits - student_logits)
+    entropy_min = entropy.min()
+    normalized = (entropy - entropy_min) / (math.log(num_classes) - entropy_min).clamp_min(1e-12)
+    return (lower - normalized).clamp(min=0).mean() + (normalized - upper).clamp(min=0).mean()
+
+
+def generator_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor,
+                   bn_records: List[Tuple[torch.Tensor, ...]], alpha_ds: float = 0.2, alpha_as: float = 0.1,
+                   beta: float = 1.0, gamma: float = 1.0, lower: float = 0.1, upper: float = 0.8
+                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``(L_G, parts)``: AdaDFQ's generator objective (module docstring); ``parts`` holds the
+    detached terms ``bns``, ``ce_ds`` (CE(y, t - s)), ``ce_as`` (CE(y, t + s)), ``margin``."""
+    bns = batchnorm_statistics_loss(bn_records)
+    ce_ds = F.cross_entropy(teacher_logits - student_logits, labels)
+    ce_as = F.cross_entropy(teacher_logits + student_logits, labels)
+    margin = entropy_margin_loss(teacher_logits, student_logits, lower, upper)
+    total = margin + beta * (alpha_ds * ce_ds + alpha_as * ce_as) + gamma * bns
+    parts = {"bns": bns, "ce_ds": ce_ds, "ce_as": ce_as, "margin": margin}
+    return total, {name: value.detach() for name, value in parts.items()}
+
+
+def entropy_distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                              temperature: float = 20.0) -> torch.Tensor:
+    """``-T^2 * mean_n H(softmax((t_n - s_n) / T))`` (GranQ / AdaDFQ student loss)."""
+    return -(temperature ** 2) * softmax_entropy(teacher_logits - student_logits, temperature).mean()
+
+
+def kl_distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                         temperature: float = 20.0) -> torch.Tensor:
+    """``T^2 * mean_n KL(softmax(t_n / T) || softmax(s_n / T))`` (Hinton et al. distillation)."""
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    return (temperature ** 2) * F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+
+def student_loss(kind: str, teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """``kind`` = ``"entropy"`` (:func:`entropy_distillation_loss`) or ``"kl"`` (:func:`kl_distillation_loss`)."""
+    if kind == "entropy":
+        return entropy_distillation_loss(teacher_logits, student_logits, temperature)
+    if kind == "kl":
+        return kl_distillation_loss(teacher_logits, student_logits, temperature)
+    raise ValueError(f"unknown student loss {kind!r}; expected one of {', '.join(STUDENT_LOSSES)}")

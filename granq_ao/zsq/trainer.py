@@ -1,0 +1,577 @@
+"""Zero-shot quantization-aware training: GranQ's recipe (AdaDFQ's generator/student game).
+
+One iteration, for a batch of ``B`` latent codes ``z`` and uniform labels ``y``
+(per process ``B / world_size`` of them, from a per-(seed, epoch, rank) random stream)::
+
+    x = G(z, y)                                   # synthetic images, normalized space
+    t = teacher(x)   (BN input statistics recorded), s = student(x)
+    G step:  minimize L_G(t, s, y, BN stats)      # through teacher and student; only G's params
+    S step:  s = student(x.detach());  minimize L_S(t.detach(), s)      (not in warm-up epochs)
+
+``L_G`` and ``L_S`` are in :mod:`granq_ao.zsq.losses`. The teacher is frozen; the student is a
+GranQ fake-quantized QAT copy with frozen BN statistics (:mod:`granq_ao.zsq.student`), used in
+eval mode as in the official code. Optimizers: Adam(lr_g, betas (0.5, 0.999)) for G, SGD
+(nesterov, momentum 0.9, weight decay 1e-4) for the student; both learning rates are multiplied
+by ``lr_decay`` at each milestone epoch. After every epoch the student is evaluated on real
+test images and a checkpoint is written atomically; the reported accuracy is the final epoch's.
+
+Data parallel: under ``torchrun`` each process generates its share of the batch; the student
+is wrapped in ``DistributedDataParallel`` (gradients averaged); the generator's gradients are
+all-reduced (averaged) by hand before each Adam step, so its parameters stay identical on every
+process. Batch-dependent statistics (the generator's BatchNorm, the teacher BN-statistics loss,
+per-tensor/per-channel activation ranges) are computed per process, as in DDP without SyncBN.
+Only process 0 writes files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..data import DATASETS, NUM_CLASSES, EvalSet, evaluate_accuracy, load_cifar_test, wilson_interval
+from ..granularity import GRANULARITY_NAMES
+from ..models import build_cifar_teacher
+from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, rng_state, set_rng_state
+from .generator import GDFQGenerator
+from .losses import STUDENT_LOSSES, generator_loss, record_batchnorm_inputs, student_loss
+from .student import count_fake_quants, prepare_student
+
+__all__ = ["ZSQConfig", "DistributedContext", "ZSQTrainer", "lr_at_epoch", "seed_for", "CHECKPOINT_NAME",
+           "RESUMABLE_CHANGES"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+WEIGHT_GRANULARITIES = ("channel", "kernel", "tensor")
+# Config fields that may differ between a checkpoint and the run that resumes it.
+RESUMABLE_CHANGES = ("epochs", "data_root", "download", "teacher_weights")
+
+
+@dataclass
+class ZSQConfig:
+    """Everything that defines a zero-shot QAT run (saved in checkpoints and results.json)."""
+
+    dataset: str = "cifar10"
+    weight_bits: int = 4
+    act_bits: int = 4
+    act_granularity: str = "granq"
+    weight_granularity: str = "channel"
+    act_placement: str = "paper"
+    epochs: int = 200
+    iters_per_epoch: int = 200
+    batch_size: int = 16
+    warmup_epochs: int = 4
+    lr: float = 1e-4                      # student SGD
+    lr_generator: float = 1e-3            # generator Adam
+    lr_milestones: Tuple[int, ...] = (100,)
+    lr_decay: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    generator_betas: Tuple[float, float] = (0.5, 0.999)
+    latent_dim: int = 100
+    temperature: float = 20.0
+    student_loss: str = "entropy"         # "entropy" (GranQ/AdaDFQ) | "kl"
+    alpha_ds: float = 0.2                 # weight of CE(y, t - s)
+    alpha_as: float = 0.1                 # weight of CE(y, t + s)
+    beta: float = 1.0                     # weight of the two CE terms together
+    gamma: float = 1.0                    # weight of the BN-statistics loss
+    entropy_lower: float = 0.1            # hinge bounds on the normalized disagreement entropy
+    entropy_upper: float = 0.8
+    seed: int = 0
+    eval_batch_size: int = 256
+    teacher_weights: Optional[str] = None
+    data_root: Optional[str] = None
+    download: bool = False
+
+    def validate(self) -> "ZSQConfig":
+        """Raise ``ValueError`` with a readable message for any bad field; return self."""
+        problems = []
+        if self.dataset not in DATASETS:
+            problems.append(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        for name in ("weight_bits", "act_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+                problems.append(f"{name} must be an integer in [2, 8], got {value!r}")
+        if self.act_granularity not in GRANULARITY_NAMES:
+            problems.append(f"act_granularity must be one of {GRANULARITY_NAMES}, got {self.act_granularity!r}")
+        if self.weight_granularity not in WEIGHT_GRANULARITIES:
+            problems.append(f"weight_granularity must be one of {WEIGHT_GRANULARITIES}, "
+                            f"got {self.weight_granularity!r}")
+        if self.act_placement not in ("paper", "all"):
+            problems.append(f"act_placement must be 'paper' or 'all', got {self.act_placement!r}")
+        for name in ("epochs", "iters_per_epoch", "batch_size", "eval_batch_size", "latent_dim"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.warmup_epochs < 0:
+            problems.append(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.student_loss not in STUDENT_LOSSES:
+            problems.append(f"student_loss must be one of {STUDENT_LOSSES}, got {self.student_loss!r}")
+        for name in ("lr", "lr_generator", "temperature"):
+            if not float(getattr(self, name)) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.entropy_lower <= self.entropy_upper <= 1:
+            problems.append("need 0 <= entropy_lower <= entropy_upper <= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["lr_milestones"] = list(self.lr_milestones)
+        out["generator_betas"] = list(self.generator_betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "ZSQConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        values = dict(values)
+        if "lr_milestones" in values:
+            values["lr_milestones"] = tuple(int(m) for m in values["lr_milestones"])
+        if "generator_betas" in values:
+            values["generator_betas"] = tuple(float(b) for b in values["generator_betas"])
+        return cls(**values)
+
+
+def lr_at_epoch(base_lr: float, epoch: int, milestones: Sequence[int], decay: float) -> float:
+    """``base_lr * decay ** (number of milestones <= epoch)`` (epochs counted from 0)."""
+    return base_lr * decay ** sum(1 for milestone in milestones if epoch >= milestone)
+
+
+def seed_for(seed: int, epoch: int, rank: int) -> int:
+    """A 63-bit seed for the latent/label stream of (run seed, epoch, process rank)."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(rank)]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+# ----------------------------------------------------------------------------- processes
+class DistributedContext:
+    """Process group facts: ``rank``, ``world_size``, ``local_rank``, ``device``.
+
+    :meth:`from_env` joins the group that ``torchrun`` describes (``WORLD_SIZE`` > 1; backend
+    nccl on CUDA, gloo on CPU); without it the run is a single process.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 device: torch.device = torch.device("cpu"), owns_group: bool = False) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.device = device
+        self.owns_group = owns_group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, device: str = "auto") -> "DistributedContext":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        resolved = resolve_device(device, local_rank)
+        if world_size <= 1:
+            return cls(0, 1, 0, resolved)
+        owns = False
+        if not dist.is_initialized():
+            backend = "nccl" if resolved.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend)
+            owns = True
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, resolved, owns)
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; ``"cuda"`` gets
+    the local rank's GPU. Raises ``ValueError`` for CUDA without a GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+        if resolved.index is None:
+            resolved = torch.device("cuda", local_rank)
+        torch.cuda.set_device(resolved)
+    return resolved
+
+
+def _versions() -> Dict[str, str]:
+    import granq_ao
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "granq_ao": granq_ao.__version__}
+    for name in ("torchvision", "pytorchcv"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "unknown")
+        except Exception:  # pragma: no cover - optional
+            out[name] = "not installed"
+    return out
+
+
+def _accuracy_entry(correct: int, total: int) -> Dict[str, Any]:
+    low, high = wilson_interval(correct, total)
+    return {"acc": correct / total, "correct": correct, "n": total, "ci95": [low, high]}
+
+
+def format_accuracy(entry: Dict[str, Any]) -> str:
+    """``93.02% [91.3, 94.4] (n=1017)`` (Wilson 95% interval in points)."""
+    low, high = entry["ci95"]
+    return f"{100 * entry['acc']:.2f}% [{100 * low:.1f}, {100 * high:.1f}] (n={entry['n']})"
+
+
+# ----------------------------------------------------------------------------- trainer
+class ZSQTrainer:
+    """Builds teacher, student, generator and optimizers for ``config`` and runs the loop.
+
+    Files in ``out_dir`` (process 0 only): ``config.json``, ``checkpoint.pt`` (after every epoch,
+    atomic), ``metrics.jsonl`` (one JSON line per epoch), ``tb/`` (TensorBoard, when installed and
+    ``tensorboard=True``), ``student_final.pt`` and ``results.json`` at the end.
+    """
+
+    def __init__(self, config: ZSQConfig, out_dir: os.PathLike, context: Optional[DistributedContext] = None,
+                 resume: bool = False, tensorboard: bool = True, progress: Optional[bool] = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.config = config.validate()
+        self.out_dir = Path(out_dir)
+        self.ctx = context or DistributedContext()
+        self.device = self.ctx.device
+        self.resume = resume
+        self.use_tensorboard = tensorboard
+        self.progress = progress
+        self._log = log
+        cfg = self.config
+        if cfg.batch_size % self.ctx.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.ctx.world_size} "
+                             f"processes; each process generates batch_size / world_size images")
+        self.local_batch = cfg.batch_size // self.ctx.world_size
+        checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        self.checkpoint = None
+        if resume:
+            if not checkpoint_path.is_file():
+                raise FileNotFoundError(f"nothing to resume: {checkpoint_path} does not exist")
+            self.checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            self._check_resumable(self.checkpoint)
+        elif checkpoint_path.exists():
+            raise FileExistsError(f"{self.out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to "
+                                  f"continue it, or choose another --out")
+
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.teacher, self.teacher_source = build_cifar_teacher(cfg.dataset, cfg.teacher_weights)
+        self.teacher.to(self.device)
+        self.evalset: EvalSet = load_cifar_test(cfg.dataset, cfg.data_root, cfg.download)
+        self.student = prepare_student(self.teacher, cfg.weight_bits, cfg.act_bits, cfg.act_granularity,
+                                       cfg.weight_granularity, cfg.act_placement).to(self.device)
+        self.fake_quants = count_fake_quants(self.student)
+        self.generator = GDFQGenerator(NUM_CLASSES[cfg.dataset], cfg.latent_dim).to(self.device)
+        self.generator.train()
+        self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator,
+                                            betas=tuple(cfg.generator_betas))
+        self.optimizer_s = torch.optim.SGD(self.student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                           weight_decay=cfg.weight_decay, nesterov=True)
+        self.state: Dict[str, Any] = {"epoch": 0, "history": [], "elapsed_s": 0.0}
+        if self.checkpoint is not None:
+            self._load_checkpoint(self.checkpoint)
+        if self.ctx.distributed:
+            for tensor in list(self.generator.parameters()) + list(self.generator.buffers()):
+                dist.broadcast(tensor.data, src=0)
+            self.student_ddp = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        else:
+            self.student_ddp = self.student
+        self._writer = None
+
+    # ------------------------------------------------------------------ logging and files
+    def log(self, message: str) -> None:
+        if self.ctx.is_main:
+            self._log(message)
+
+    def _check_resumable(self, checkpoint: Dict[str, Any]) -> None:
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {checkpoint.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        saved = checkpoint["config"]
+        current = self.config.to_dict()
+        changed = [f"{k}: checkpoint {saved.get(k)!r} != now {current[k]!r}" for k in current
+                   if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+        if changed:
+            raise ValueError("cannot resume with a different configuration: " + "; ".join(changed))
+        if checkpoint.get("world_size", 1) != self.ctx.world_size:
+            raise ValueError(f"the checkpoint was written by a run with {checkpoint.get('world_size', 1)} "
+                             f"process(es); resume it with the same number (now {self.ctx.world_size})")
+
+    def _load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self.generator.load_state_dict(checkpoint["generator"])
+        self.student.load_state_dict(checkpoint["student"])
+        self.optimizer_g.load_state_dict(checkpoint["optimizer_g"])
+        self.optimizer_s.load_state_dict(checkpoint["optimizer_s"])
+        set_rng_state(checkpoint["rng"])
+        self.state = {key: checkpoint[key] for key in ("epoch", "history", "elapsed_s", "teacher", "pre_qat",
+                                                       "teacher_source", "eval_source")}
+
+    def _save_checkpoint(self) -> None:
+        if not self.ctx.is_main:
+            return
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "world_size": self.ctx.world_size,
+            "generator": self.generator.state_dict(),
+            "student": self.student.state_dict(),
+            "optimizer_g": self.optimizer_g.state_dict(),
+            "optimizer_s": self.optimizer_s.state_dict(),
+            "rng": rng_state(),
+            **self.state,
+        }
+        atomic_torch_save(checkpoint, self.out_dir / CHECKPOINT_NAME)
+
+    def _write_metrics_file(self) -> None:
+        """metrics.jsonl = the history held in the checkpoint (rewritten whole, atomically)."""
+        if not self.ctx.is_main:
+            return
+        text = "".join(json.dumps(row) + "\n" for row in self.state["history"])
+        atomic_write(self.out_dir / "metrics.jsonl", lambda handle: handle.write(text), mode="w")
+
+    def _open_tensorboard(self) -> None:
+        if not (self.ctx.is_main and self.use_tensorboard):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed
+            self.log("(tensorboard not installed: metrics go to metrics.jsonl only)")
+            return
+        self._writer = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=self.state["epoch"] + 1)
+
+    def _tensorboard_epoch(self, row: Dict[str, Any]) -> None:
+        if self._writer is None:
+            return
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                self._writer.add_scalar(key, value, row["epoch"])
+        self._writer.flush()
+
+    def _check_replicas(self) -> None:
+        """Data parallel: the generator's and the student's parameters must be identical on every
+        process (one float64 checksum each, compared by all-reduce min/max)."""
+        if not self.ctx.distributed:
+            return
+        checksums = torch.tensor([sum(float(p.double().sum()) for p in self.generator.parameters()),
+                                  sum(float(p.double().sum()) for p in self.student.parameters())],
+                                 dtype=torch.float64)
+        low, high = checksums.clone(), checksums.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise RuntimeError(f"replicas diverged across processes (generator, student checksums "
+                               f"min {low.tolist()} max {high.tolist()})")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: nn.Module) -> Dict[str, Any]:
+        """Top-1 on the real test images (summed over processes) with its Wilson interval."""
+        from torch.ao.quantization import disable_observer, enable_observer
+
+        observers_on = [m for m in model.modules() if hasattr(m, "observer_enabled") and bool(m.observer_enabled[0])]
+        model.apply(disable_observer)  # test images must not reach the export ranges
+        try:
+            correct, total = evaluate_accuracy(model, self.evalset, self.config.eval_batch_size, self.device,
+                                               self.ctx.rank, self.ctx.world_size)
+        finally:
+            for module in observers_on:
+                enable_observer(module)
+        counts = self.ctx.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
+        return _accuracy_entry(int(counts[0]), int(counts[1]))
+
+    # ------------------------------------------------------------------ one iteration
+    def train_step(self, sampler: torch.Generator, train_student: bool) -> Dict[str, float]:
+        cfg = self.config
+        z, labels = self.generator.sample_inputs(self.local_batch, sampler, self.device)
+        images = self.generator(z, labels)
+        with record_batchnorm_inputs(self.teacher) as bn_records:
+            teacher_logits = self.teacher(images)
+        student_logits = self.student(images)  # plain module: no DDP hooks on the generator's backward
+        loss_g, parts = generator_loss(teacher_logits, student_logits, labels, bn_records, cfg.alpha_ds,
+                                       cfg.alpha_as, cfg.beta, cfg.gamma, cfg.entropy_lower, cfg.entropy_upper)
+        generator_params = [p for p in self.generator.parameters() if p.requires_grad]
+        self.optimizer_g.zero_grad(set_to_none=True)
+        loss_g.backward(inputs=generator_params)
+        if self.ctx.distributed:
+            for parameter in generator_params:
+                dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+                parameter.grad.div_(self.ctx.world_size)
+        self.optimizer_g.step()
+
+        teacher_logits = teacher_logits.detach()
+        if train_student:
+            student_logits = self.student_ddp(images.detach())
+            loss_s = student_loss(cfg.student_loss, teacher_logits, student_logits, cfg.temperature)
+            self.optimizer_s.zero_grad(set_to_none=True)
+            loss_s.backward()
+            self.optimizer_s.step()
+        else:  # warm-up: the student is unchanged, its logits on x are those computed above
+            loss_s = student_loss(cfg.student_loss, teacher_logits, student_logits.detach(), cfg.temperature)
+        student_logits = student_logits.detach()
+        return {
+            "loss_g": float(loss_g.detach()), "loss_s": float(loss_s.detach()),
+            **{f"loss_g_{name}": float(value) for name, value in parts.items()},
+            "gen_teacher_acc": float((teacher_logits.argmax(1) == labels).float().mean()),
+            "gen_student_agree": float((student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()),
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop_after_epochs: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """Train until ``config.epochs`` (or stop after ``stop_after_epochs`` epochs of this call,
+        returning None: a simulated interruption). Returns the results dict (see results.json)."""
+        cfg = self.config
+        self._clock = time.time()
+        if self.ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json({"config": cfg.to_dict(), "world_size": self.ctx.world_size,
+                               "device": str(self.device), "versions": _versions()}, self.out_dir / "config.json")
+        self.log(f"teacher  : resnet20_{cfg.dataset} from {self.teacher_source}")
+        self.log(f"student  : W{cfg.weight_bits}A{cfg.act_bits} act {cfg.act_granularity} ({cfg.act_placement} "
+                 f"placement), weights {cfg.weight_granularity}; fake-quants {self.fake_quants}")
+        self.log(f"eval     : {len(self.evalset)} images from {self.evalset.source}")
+        if self.state["epoch"] == 0 and "teacher" not in self.state:
+            self.state["teacher"] = self.evaluate(self.teacher)
+            self.state["pre_qat"] = self.evaluate(self.student)
+            self.state["teacher_source"] = self.teacher_source
+            self.state["eval_source"] = self.evalset.source
+        else:
+            self.log(f"resuming after epoch {self.state['epoch']} of {cfg.epochs}")
+        self.log(f"teacher accuracy {format_accuracy(self.state['teacher'])}; "
+                 f"W{cfg.weight_bits}A{cfg.act_bits} before QAT {format_accuracy(self.state['pre_qat'])}")
+        self._write_metrics_file()
+        self._open_tensorboard()
+        epochs_this_call = 0
+        try:
+            while self.state["epoch"] < cfg.epochs:
+                if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+                    return None
+                self._run_epoch(self.state["epoch"])
+                epochs_this_call += 1
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        self._tick()
+        results = self._results()
+        if self.ctx.is_main:
+            atomic_torch_save(self.student.state_dict(), self.out_dir / "student_final.pt")
+            atomic_write_json(results, self.out_dir / "results.json")
+        return results
+
+    def _tick(self) -> None:
+        """Add the wall time since the last tick to ``elapsed_s`` (kept across resumes)."""
+        now = time.time()
+        self.state["elapsed_s"] += now - self._clock
+        self._clock = now
+
+    def _run_epoch(self, epoch: int) -> None:
+        cfg = self.config
+        lr_s = lr_at_epoch(cfg.lr, epoch, cfg.lr_milestones, cfg.lr_decay)
+        lr_g = lr_at_epoch(cfg.lr_generator, epoch, cfg.lr_milestones, cfg.lr_decay)
+        for group in self.optimizer_s.param_groups:
+            group["lr"] = lr_s
+        for group in self.optimizer_g.param_groups:
+            group["lr"] = lr_g
+        warmup = epoch < cfg.warmup_epochs
+        sampler = torch.Generator(device=self.device)
+        sampler.manual_seed(seed_for(cfg.seed, epoch, self.ctx.rank))
+        self.generator.train()
+        self.student.eval()  # BN frozen; fake-quants on; as the official code
+        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}" + (" warm-up" if warmup else ""),
+                   disable=not (show and self.ctx.is_main), leave=False, dynamic_ncols=True)
+        sums: Dict[str, float] = {}
+        start = time.time()
+        for _ in bar:
+            step = self.train_step(sampler, train_student=not warmup)
+            for key, value in step.items():
+                sums[key] = sums.get(key, 0.0) + value
+            bar.set_postfix(loss_s=f"{step['loss_s']:.3g}", loss_g=f"{step['loss_g']:.3g}")
+        bar.close()
+        train_time = time.time() - start
+        totals = self.ctx.all_reduce_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
+        means = {k: float(v) / (cfg.iters_per_epoch * self.ctx.world_size) for k, v in zip(sorted(sums), totals)}
+        for value in means.values():
+            if not math.isfinite(value):
+                raise FloatingPointError(f"a loss became non-finite in epoch {epoch + 1}: {means}")
+        self._check_replicas()
+        test = self.evaluate(self.student)
+        row = {"epoch": epoch + 1, "phase": "warmup" if warmup else "qat", "lr": lr_s, "lr_g": lr_g, **means,
+               "test_acc": test["acc"], "test_correct": test["correct"], "n_test": test["n"],
+               "test_ci95_low": test["ci95"][0], "test_ci95_high": test["ci95"][1],
+               "train_time_s": train_time, "s_per_iter": train_time / cfg.iters_per_epoch}
+        self.state["history"].append(row)
+        self.state["epoch"] = epoch + 1
+        self._tick()
+        self._save_checkpoint()  # checkpoint first: metrics.jsonl is rewritten from it on resume
+        self._write_metrics_file()
+        self._tensorboard_epoch(row)
+        self.log(f"epoch {epoch + 1:>3}/{cfg.epochs} {row['phase']:<6} lr {lr_s:.2g} | L_G {means['loss_g']:.4f} "
+                 f"(bns {means['loss_g_bns']:.4f}, margin {means['loss_g_margin']:.3f}) | L_S {means['loss_s']:.4f} "
+                 f"| test {format_accuracy(test)} | {train_time / cfg.iters_per_epoch:.2f} s/iter")
+
+    def _results(self) -> Dict[str, Any]:
+        cfg = self.config
+        history: List[Dict[str, Any]] = self.state["history"]
+        final = history[-1]
+        final_entry = _accuracy_entry(final["test_correct"], final["n_test"])
+        best = max(history, key=lambda row: (row["test_acc"], -row["epoch"]))
+        teacher, pre_qat = self.state["teacher"], self.state["pre_qat"]
+        return {
+            "teacher_acc": teacher["acc"],
+            "pre_qat_acc": pre_qat["acc"],
+            "final_acc": final_entry["acc"],
+            "n_test": final_entry["n"],
+            "intervals": {"method": "Wilson score interval, 95%", "teacher": teacher["ci95"],
+                          "pre_qat": pre_qat["ci95"], "final": final_entry["ci95"]},
+            "correct": {"teacher": teacher["correct"], "pre_qat": pre_qat["correct"], "final": final_entry["correct"]},
+            "best_on_test": {"acc": best["test_acc"], "epoch": best["epoch"],
+                             "note": "max over epochs of the TEST accuracy: test-set selection, optimistic; "
+                                     "the reported number is final_acc"},
+            "epochs_completed": self.state["epoch"],
+            "eval_source": self.state.get("eval_source", self.evalset.source),
+            "teacher_source": self.state.get("teacher_source", self.teacher_source),
+            "fake_quants": self.fake_quants,
+            "config": cfg.to_dict(),
+            "world_size": self.ctx.world_size,
+            "device": str(self.device),
+            "versions": _versions(),
+            "wall_time_s": self.state["elapsed_s"],
+            "mean_s_per_iter": float(np.mean([row["s_per_iter"] for row in history])),
+        }
