@@ -134,3 +134,36 @@ def test_baked_weight_quantizers_restore_weights_and_states():
         assert conv._weight_quantizer._disabled
         assert conv.weight.detach().unique().numel() <= conv.weight.shape[0] * 3  # 2-bit: 3 levels per channel
     assert torch.equal(conv.weight, weight) and not conv._weight_quantizer._disabled
+
+
+def test_8bit_weights_as_qdq_with_use_fb_fake_quant():
+    """pytorch-quantization's own export switch still works next to GranQ: its 8-bit weight
+    quantizers become QuantizeLinear/DequantizeLinear pairs (zero zero-points, per channel)
+    while the GranQ activations stay plain ops computing their ranges."""
+    from pytorch_quantization import nn as quant_nn
+    from pytorch_quantization.tensor_quant import QuantDescriptor
+
+    torch.manual_seed(0)
+    with gq.granq_quant_modules(GranQDescriptor(num_bits=BITS, symmetric=True, fused=False),
+                                QuantDescriptor(num_bits=8, axis=(0,))):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(8, 4, 3)).eval()
+    quant_nn.TensorQuantizer.use_fb_fake_quant = True
+    try:
+        data = gq.export_onnx(model, torch.randn(2, 3, 16, 16), bake_weights=False)
+    finally:
+        quant_nn.TensorQuantizer.use_fb_fake_quant = False
+    proto = onnx.load_from_string(data)
+    ops = [node.op_type for node in proto.graph.node]
+    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 2
+    assert ops.count("ReduceMin") == 2  # the two GranQ input quantizers
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in proto.graph.initializer}
+    constants.update({node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t)
+                      for node in proto.graph.node if node.op_type == "Constant" and node.attribute[0].name == "value"})
+    for node in proto.graph.node:
+        if node.op_type == "QuantizeLinear":
+            assert not constants[node.input[2]].any()  # zero-point 0
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 16, 16)
+    got = session.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
