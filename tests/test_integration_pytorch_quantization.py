@@ -190,11 +190,19 @@ def test_bad_inputs_give_clear_errors():
         GranQDescriptor(granularity="per_pixel")
 
 
-def test_nan_error_names_the_module():
+def test_errors_name_the_module():
     model = torch.nn.Sequential(quant_nn.QuantConv2d(3, 4, 3))
     gq.replace_input_quantizers(model, GranQDescriptor(**EAGER))
     with pytest.raises(NonFiniteInputError, match=r"'0\._input_quantizer'"):
         model(torch.full((1, 3, 5, 5), float("nan")))
+    with gq.granq_quant_modules(GranQDescriptor(**EAGER)):
+        built = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with torch.no_grad():
+        built[0].bias[1] = float("inf")  # finite input, infinite activation inside
+    with pytest.raises(NonFiniteInputError, match=r"'1\.0\._input_quantizer'"):
+        built(torch.randn(2, 3))
+    with pytest.raises(TypeError, match=r"'0\._input_quantizer'.*floating-point"):
+        built(torch.ones(2, 3, dtype=torch.int64))
 
 
 def test_enable_disable_and_quant_switches():

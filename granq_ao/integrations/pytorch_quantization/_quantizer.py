@@ -15,6 +15,7 @@ and a checkpoint ``_amax`` is dropped on load (no ``.cuda()`` call, works on CPU
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from typing import Any, Mapping, Optional, Union
 
@@ -252,8 +253,8 @@ class GranQTensorQuantizer(TensorQuantizer):
         try:
             return F.fake_quantize(inputs, desc.num_bits, self.granularity, desc.axis, desc.symmetric,
                                    fused=desc.fused)
-        except F.NonFiniteInputError as error:
-            raise F.NonFiniteInputError(f"{self._label()}: {error}") from None
+        except (TypeError, ValueError) as error:  # NonFiniteInputError included; same type, located
+            raise type(error)(f"{self._label(find=True)}: {error}") from None
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -266,9 +267,22 @@ class GranQTensorQuantizer(TensorQuantizer):
                           GranQCalibrationWarning, stacklevel=2)
         torch.nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
-    def _label(self) -> str:
-        where = f" '{self._granq_location}'" if self._granq_location else ""
-        return f"{type(self).__name__}{where}"
+    def _label(self, find: bool = False) -> str:
+        """``GranQTensorQuantizer 'path.in.model'``; with ``find`` (error paths only) the path is
+        looked up in the calling model when the helpers did not record it."""
+        location = self._granq_location or (self._find_location() if find else "")
+        return f"{type(self).__name__}" + (f" '{location}'" if location else "")
+
+    def _find_location(self) -> str:
+        """Path of this quantizer in the outermost module on the call stack that holds it."""
+        location = ""
+        frame = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.nn.Module) and owner is not self:
+                location = next((name for name, module in owner.named_modules() if module is self), location)
+            frame = frame.f_back
+        return location
 
     def extra_repr(self) -> str:
         if self._disabled:
