@@ -168,8 +168,9 @@ class GranQTensorQuantizer(TensorQuantizer):
         desc = as_granq_descriptor(quant_desc, **overrides)
         if if_clip:
             raise ValueError("GranQTensorQuantizer has no learned amax: if_clip must be False")
-        # The base class only stores these fields; the GranQ descriptor is the source of truth.
-        super().__init__(QuantDescriptor(num_bits=desc.num_bits, axis=desc.axis, name=desc.name),
+        # The base class only stores these fields (calib_method=None: it creates no calibrator);
+        # the GranQ descriptor is the source of truth.
+        super().__init__(QuantDescriptor(num_bits=desc.num_bits, axis=desc.axis, name=desc.name, calib_method=None),
                          disabled=disabled, if_quant=if_quant, if_clip=False, if_calib=False)
         self._calibrator = None
         self._granq_desc = desc
