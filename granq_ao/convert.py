@@ -16,23 +16,23 @@ same in-place behaviour) plus ``mode``:
   which is, op for op, what the fake-quant computes (``x_hat = (x_q - z) * s``; ``x`` itself
   where ``s == 0``).
 * Every QAT module whose ``weight_fake_quant`` is a ``GranQFakeQuantize`` becomes its float
-  module holding the *fake-quantized* weight (float values on the b-bit grid, exactly the
-  tensor the QAT module uses in eval), with BatchNorm folded into the bias for the fused
-  ConvBn/LinearBn modules (``w_q = fq(w * gamma / sqrt(var + eps))``, as torch's QAT module
-  computes it, ``b = beta + (b_conv - mean) * gamma / sqrt(var + eps)``). The module keeps
-  ``weight_scale``/``weight_zero_point`` buffers; :func:`weight_codes` gives the integer codes.
-  torch's reference modules would re-quantize with ``torch.quantize_per_channel`` (``x * (1/s)``
-  rounding, per output channel only), which cannot express the ``kernel`` granularity.
+  module holding the *fake-quantized* weight (float values on the b-bit grid: exactly the
+  tensor the QAT module uses in eval). Fused Conv/Linear-BN modules become :class:`ConvBnEval`
+  (``w_q = fq(w * gamma / sqrt(var + eps))`` and the BN applied after the conv with QAT's own
+  arithmetic), or with ``fold_bn=True`` the folded conv (``b = beta + (b_conv - mean) * gamma /
+  sqrt(var + eps)``; equal up to float rounding). The weight layer keeps ``weight_scale`` /
+  ``weight_zero_point`` buffers; :func:`weight_codes` gives the integer codes. torch's reference
+  modules would re-quantize with the observer's static qparams (ranges widened to include 0,
+  ``x * (1/s)`` rounding, per output channel only): not the QAT weights, and no ``kernel``.
 * Everything else (torch.ao's own fake-quants: fixed-qparams ops, ``reshape``, ...) goes
   through torch's converter unchanged.
 
-``mode="static"``: torch's converter with the observers' running qparams: activations get
-``torch.quantize_per_channel(x, scale, zero_point, axis=1, quint8)`` (per-tensor after a channel
-mismatch, see :class:`~granq_ao.observer.GranQObserver`) and weighted modules become torch's
-reference modules. A weight granularity torch has no qscheme for (``kernel``: one range per
-(out, in) slice) is baked as in dynamic mode instead. Caveat of torch's representation (it does
-the same with its own sub-8-bit observers): ``quantize_per_channel/per_tensor`` clamp codes to the
-dtype's [0, 255], not to [0, 2^b - 1].
+``mode="static"``: activations through torch's converter with the observers' running qparams:
+``torch.quantize_per_channel(x, scale, zero_point, axis=1, quint8)`` (``quantize_per_tensor``
+after a channel mismatch, see :class:`~granq_ao.observer.GranQObserver`) then ``dequantize``.
+Weights as in dynamic mode. Caveat of torch's representation (it does the same with its own
+sub-8-bit observers): ``quantize_per_channel/per_tensor`` clamp codes to the dtype's [0, 255],
+not to [0, 2^b - 1].
 
 Fake-quants whose ``fake_quant_enabled`` is off are removed (identity), in both modes, as
 the QAT model computes them. See docs/CONVERSION.md.
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import warnings
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -224,14 +223,6 @@ def weight_codes(module: torch.nn.Module) -> torch.Tensor:
                       target.weight_bits, target.weight_symmetric)
 
 
-def _weight_is_static_representable(fake_quant: GranQFakeQuantize) -> bool:
-    """torch has per-tensor and per-channel (axis = ``ch_axis``) qschemes, nothing per slice."""
-    granularity = fake_quant.granularity
-    if isinstance(granularity, PerTensor):
-        return True
-    return isinstance(granularity, PerChannel) and granularity.axis == fake_quant.ch_axis
-
-
 # ----------------------------------------------------------------------------- the converter
 def _set_module(model: torch.nn.Module, qualified_name: str, module: torch.nn.Module) -> None:
     parent_name, _, name = qualified_name.rpartition(".")
@@ -249,9 +240,9 @@ def convert_to_reference_fx(graph_module: GraphModule,
     ``mode="dynamic"`` (default): the reference model's outputs equal the QAT model's in eval
     (dynamic per-(n, c) quantize/dequantize nodes, fake-quantized weights).
     ``mode="static"``: torch's static export with the observers' running qparams.
-    ``fold_bn`` (dynamic mode): fold BatchNorm into the conv/linear bias (torch's deployment
-    form; equal to QAT up to float rounding) instead of keeping QAT's exact arithmetic
-    (:class:`ConvBnEval`). Static mode folds, as torch's converter does.
+    In both modes GranQ-quantized weights are the QAT model's fake-quantized weights.
+    ``fold_bn``: fold BatchNorm into the conv/linear bias (torch's deployment form; equal to QAT
+    up to float rounding) instead of keeping QAT's exact arithmetic (:class:`ConvBnEval`).
     Like torch's, it modifies ``graph_module`` in place (deep-copy it first to keep the QAT
     model) and returns the converted model. See the module docstring.
     """
@@ -260,7 +251,6 @@ def convert_to_reference_fx(graph_module: GraphModule,
     if not isinstance(graph_module, GraphModule):
         raise TypeError(f"expected a GraphModule from prepare_qat_fx/prepare_fx, got {type(graph_module).__name__}")
     modules = dict(graph_module.named_modules(remove_duplicate=False))
-    baked_static = []
     for node in list(graph_module.graph.nodes):
         if node.op != "call_module":
             continue
@@ -272,19 +262,7 @@ def convert_to_reference_fx(graph_module: GraphModule,
                 node.replace_all_uses_with(node.args[0])
                 graph_module.graph.erase_node(node)
         elif isinstance(getattr(module, "weight_fake_quant", None), GranQFakeQuantize):
-            weight_fake_quant = module.weight_fake_quant
-            if mode == "static" and _weight_is_static_representable(weight_fake_quant) \
-                    and _fake_quant_on(weight_fake_quant):
-                continue
-            if mode == "static":
-                baked_static.append(str(node.target))
-            _set_module(graph_module, str(node.target),
-                        bake_weight_module(module, fold_bn=fold_bn or mode == "static"))
-    if baked_static:
-        warnings.warn(
-            f"granq_ao static export: {len(baked_static)} weight(s) have a granularity torch has no "
-            f"qscheme for (e.g. 'kernel') or fake-quant disabled; they are exported as float weights "
-            f"already fake-quantized (first: {baked_static[0]})", UserWarning, stacklevel=2)
+            _set_module(graph_module, str(node.target), bake_weight_module(module, fold_bn=fold_bn))
     graph_module.graph.lint()
     graph_module.recompile()
     return _torch_convert_to_reference_fx(graph_module, convert_custom_config=convert_custom_config,
