@@ -80,8 +80,10 @@ def get_granq_qconfig(weight_bits: int = 4, act_bits: int = 4, act_granularity: 
 def _keeps_torch_activation(qconfig: QConfig) -> bool:
     """Fixed-qparams ops (sigmoid, tanh, softmax, ...) and ``reshape`` (reuses its input's
     observer) keep torch.ao's activation: their output range is not data dependent."""
-    activation = qconfig.activation
-    target = getattr(activation, "func", activation)
+    target = qconfig.activation
+    # unwrap torch.ao's with_args (_PartialWrapper: .p) and functools.partial (.func)
+    while not isinstance(target, type) and (hasattr(target, "p") or hasattr(target, "func")):
+        target = getattr(target, "p", None) or target.func
     return isinstance(target, type) and issubclass(target, (FixedQParamsFakeQuantize, ReuseInputObserver))
 
 
