@@ -47,6 +47,21 @@ def classifier_classes(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
+def get_model(name: str, pretrained: bool = False) -> nn.Module:
+    """``pytorchcv.model_provider.get_model(name, pretrained=...)`` for the CIFAR ResNets, calling
+    the same constructor directly (importing ``model_provider`` imports every pytorchcv model and
+    torchvision: seconds); other names go through ``get_model``."""
+    try:
+        from pytorchcv.models import resnet_cifar
+
+        constructor = getattr(resnet_cifar, name)
+    except (ImportError, AttributeError):
+        from pytorchcv.model_provider import get_model as provider_get_model
+
+        return provider_get_model(name, pretrained=pretrained)
+    return constructor(pretrained=pretrained)
+
+
 def _read_state_dict(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -69,8 +84,6 @@ def build_cifar_teacher(dataset: str, weights: Optional[str] = None, allow_downl
     """
     if dataset not in DATASETS:
         raise TeacherError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    from pytorchcv.model_provider import get_model
-
     name = f"resnet20_{dataset}"
     num_classes = NUM_CLASSES[dataset]
     if weights is not None:

@@ -1,0 +1,187 @@
+"""recipes/zsq_cifar.py end to end on tiny configs: files, finite losses, resume equivalence,
+2-process DDP, and CLI errors. Uses a small copy of the offline CIFAR-10 subset (64 images)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from granq_ao.data import shared_data_dir
+from granq_ao.zsq import ZSQConfig, ZSQTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = shared_data_dir()
+pytestmark = pytest.mark.skipif(
+    not (REAL / "cifar10" / "test_subset.npz").is_file() or not (REAL / "weights" / "resnet20_cifar10.pth").is_file(),
+    reason="offline CIFAR data / teacher weights not available")
+
+N_EVAL = 64
+TINY = ["--epochs", "2", "--iters", "2", "--batch-size", "4", "--warmup-epochs", "1", "--eval-batch-size", "32",
+        "--no-tensorboard"]
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("zsq_cifar_recipe", REPO / "recipes" / "zsq_cifar.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A GRANQ_DATA_DIR with the first 64 CIFAR-10 test images and links to the real teachers."""
+    root = tmp_path_factory.mktemp("granq_data")
+    (root / "cifar10").mkdir()
+    with np.load(REAL / "cifar10" / "test_subset.npz") as arrays:
+        np.savez(root / "cifar10" / "test_subset.npz", x=arrays["x"][:N_EVAL], y=arrays["y"][:N_EVAL])
+    (root / "weights").mkdir()
+    for name in ("resnet20_cifar10.pth", "resnet20_cifar100.pth"):
+        (root / "weights" / name).symlink_to(REAL / "weights" / name)
+    return root
+
+
+@pytest.fixture
+def env(data_dir, monkeypatch):
+    monkeypatch.setenv("GRANQ_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("GRANQ_FUSED", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: threads only add overhead (and contention on shared CI)
+    yield data_dir
+    torch.set_num_threads(threads)
+
+
+def test_tiny_run_writes_results_and_metrics(env, tmp_path, capsys):
+    recipe = load_recipe()
+    out = tmp_path / "run"
+    assert recipe.main(TINY + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for label in ("teacher      :", "W4A4 pre-QAT :", "W4A4 final   :"):
+        assert label in printed
+    assert f"(n={N_EVAL})" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl",
+                                                      "results.json", "student_final.pt"]
+    results = json.loads((out / "results.json").read_text())
+    for key in ("teacher_acc", "pre_qat_acc", "final_acc", "n_test", "config", "versions", "wall_time_s", "intervals"):
+        assert key in results
+    assert results["n_test"] == N_EVAL and results["epochs_completed"] == 2
+    assert results["config"]["weight_bits"] == 4 and results["config"]["act_granularity"] == "granq"
+    assert results["fake_quants"] == {"weight": 22, "activation": 19}
+    for name in ("teacher", "pre_qat", "final"):
+        low, high = results["intervals"][name]
+        assert 0 <= low <= results[f"{name}_acc" if name != "pre_qat" else "pre_qat_acc"] <= high <= 1
+    assert results["correct"]["teacher"] == round(results["teacher_acc"] * N_EVAL)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["phase"] for r in rows] == ["warmup", "qat"]
+    for row in rows:
+        for key in ("loss_g", "loss_s", "loss_g_bns", "loss_g_margin", "loss_g_ce_ds", "loss_g_ce_as"):
+            assert np.isfinite(row[key]), key
+    assert results["final_acc"] == rows[-1]["test_acc"]
+    # the student's weights after a warm-up epoch are untouched, after a QAT epoch they moved
+    student = torch.load(out / "student_final.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in student.values() if v.is_floating_point())
+
+
+def _state(trainer):
+    return {**{f"g.{k}": v for k, v in trainer.generator.state_dict().items()},
+            **{f"s.{k}": v for k, v in trainer.student.state_dict().items()}}
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(env, tmp_path):
+    # no warm-up: the resumed epoch needs the student's SGD momentum from the checkpoint
+    config = ZSQConfig(epochs=2, iters_per_epoch=2, batch_size=4, warmup_epochs=0, eval_batch_size=32, seed=3)
+    quiet = dict(tensorboard=False, progress=False, log=lambda message: None)
+    straight = ZSQTrainer(config, tmp_path / "a", **quiet)
+    expected = straight.run()
+    interrupted = ZSQTrainer(config, tmp_path / "b", **quiet)
+    assert interrupted.run(stop_after_epochs=1) is None  # stops after epoch 1 (checkpointed)
+    resumed = ZSQTrainer(config, tmp_path / "b", resume=True, **quiet)
+    assert resumed.state["epoch"] == 1
+    got = resumed.run()
+    assert got["final_acc"] == expected["final_acc"] and got["pre_qat_acc"] == expected["pre_qat_acc"]
+    a, b = _state(straight), _state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == 2
+    rows_a = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    for row_a, row_b in zip(rows_a, rows_b):
+        assert row_a["loss_g"] == row_b["loss_g"] and row_a["loss_s"] == row_b["loss_s"]
+        assert row_a["test_correct"] == row_b["test_correct"]
+    # a finished run refuses to start over in the same folder
+    with pytest.raises(FileExistsError, match="--resume"):
+        ZSQTrainer(config, tmp_path / "a", **quiet)
+
+
+def test_two_process_ddp_smoke(env, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+               str(REPO / "recipes" / "zsq_cifar.py"), *TINY, "--out", str(out), "--device", "cpu"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["n_test"] == N_EVAL
+    # only rank 0 prints the summary (once)
+    assert done.stdout.count("W4A4 final   :") == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss_s"]) for r in rows)
+
+
+def _cli_error(recipe, argv, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        recipe.main(argv)
+    assert excinfo.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_errors(env, tmp_path, capsys):
+    recipe = load_recipe()
+    assert "bits must be in [2, 8]" in _cli_error(recipe, ["--wbits", "9"], capsys)
+    assert "bits must be in [2, 8]" in _cli_error(recipe, ["--abits", "1"], capsys)
+    assert "invalid choice" in _cli_error(recipe, ["--dataset", "mnist"], capsys)
+    err = _cli_error(recipe, TINY + ["--dataset", "cifar10", "--out", str(tmp_path / "x"), "--teacher-weights",
+                                     str(env / "weights" / "resnet20_cifar100.pth")], capsys)
+    assert "100-class classifier" in err and "cifar100" in err
+    err = _cli_error(recipe, TINY + ["--out", str(tmp_path / "y"), "--teacher-weights", str(tmp_path / "none.pth")],
+                     capsys)
+    assert "not found" in err
+    # cifar100 evaluation images are absent from this data dir
+    err = _cli_error(recipe, TINY + ["--dataset", "cifar100", "--out", str(tmp_path / "z")], capsys)
+    assert "test_subset.npz" in err and "does not exist" in err
+    assert "--resume needs --out" in _cli_error(recipe, ["--resume"], capsys)
+    assert "no checkpoint" in _cli_error(recipe, ["--resume", "--out", str(tmp_path / "nothing")], capsys)
+
+
+def test_cli_resume_rejects_changed_flags(env, tmp_path, capsys):
+    recipe = load_recipe()
+    out = tmp_path / "run"
+    assert recipe.main(TINY[:-1] + ["--epochs", "1", "--out", str(out), "--no-tensorboard"]) == 0
+    capsys.readouterr()
+    err = _cli_error(recipe, ["--resume", "--out", str(out), "--wbits", "3"], capsys)
+    assert "--wbits 3" in err and "differ" in err
+    # same flags: allowed; --epochs may grow to extend the run
+    assert recipe.main(["--resume", "--out", str(out), "--epochs", "2", "--no-tensorboard"]) == 0
+    assert json.loads((out / "results.json").read_text())["epochs_completed"] == 2
+
+
+def test_presets():
+    recipe = load_recipe()
+    paper10 = recipe.preset_values("paper", "cifar10")
+    paper100 = recipe.preset_values("paper", "cifar100")
+    assert (paper10["epochs"], paper10["iters_per_epoch"], paper10["batch_size"]) == (200, 200, 16)
+    assert paper100["batch_size"] == 200 and paper100["lr_milestones"] == (100,) and paper100["warmup_epochs"] == 4
+    assert paper100["lr"] == 1e-4 and paper100["lr_generator"] == 1e-3
+    parser = recipe.build_parser()
+    args = parser.parse_args(["--preset", "paper", "--dataset", "cifar100", "--wbits", "3", "--abits", "3"])
+    config = recipe.resolve_config(args, parser)
+    assert (config.batch_size, config.weight_bits, config.act_bits, config.epochs) == (200, 3, 3, 200)
+    args = parser.parse_args([])
+    config = recipe.resolve_config(args, parser).validate()
+    assert (config.dataset, config.weight_bits, config.act_bits, config.act_granularity,
+            config.weight_granularity, config.act_placement) == ("cifar10", 4, 4, "granq", "channel", "paper")
