@@ -69,11 +69,10 @@ def dynamic_quantize_inputs(graph_module) -> list:
 # ----------------------------------------------------------------------------- dynamic == QAT eval
 CASES = [  # (act_placement, act_granularity, weight_granularity)
     ("all", "granq", "channel"),
-    ("all", "channel", "channel"),
+    ("all", "channel", "kernel"),
     ("all", "tensor", "channel"),
-    ("all", "granq", "kernel"),
-    ("paper", "granq", "channel"),
-    ("paper", "channel", "kernel"),
+    ("paper", "granq", "kernel"),
+    ("paper", "channel", "channel"),
     ("paper", "tensor", "kernel"),
 ]
 
@@ -84,9 +83,9 @@ def test_dynamic_reference_equals_qat_eval_resnet20(placement, act, weight):
     qat = granq_qat(resnet20(), torch.randn(2, 3, 32, 32), weight_bits=3, act_bits=3,
                     act_granularity=act, weight_granularity=weight, act_placement=placement)
     with torch.no_grad():
-        qat(torch.randn(4, 3, 32, 32))  # moves BN running stats and observers
+        qat(torch.randn(2, 3, 32, 32))  # moves BN running stats and observers
     qat.eval()
-    x = torch.randn(3, 3, 32, 32) * 1.5
+    x = torch.randn(2, 3, 32, 32) * 1.5
     with torch.no_grad():
         expected = qat(x)
     ref = granq_ao.convert_to_reference_fx(copy.deepcopy(qat))
@@ -338,7 +337,7 @@ def _logits(model, images, batch=64):
 
 def test_real_teacher_granq_reference_is_closer_to_fp_than_per_tensor(capsys):
     teacher, images, labels = _real_cifar10()
-    calibration, evaluation, eval_labels = images[256:512], images[:256], labels[:256]
+    calibration, evaluation, eval_labels = images[256:384], images[:256], labels[:256]
     bits = 4
     fp = _logits(teacher, evaluation)
 
@@ -352,12 +351,12 @@ def test_real_teacher_granq_reference_is_closer_to_fp_than_per_tensor(capsys):
     granq = calibrated(granq_qat(copy.deepcopy(teacher), images[:2], weight_bits=bits, act_bits=bits,
                                  symmetric_weights=True))
     native = calibrated(native_qat(copy.deepcopy(teacher), images[:2], bits))
+    dynamic = granq_ao.convert_to_reference_fx(copy.deepcopy(granq))
+    assert torch.equal(_logits(dynamic, evaluation[:64]), _logits(granq, evaluation[:64]))
     results = {
-        "granq QAT eval": _logits(granq, evaluation),
-        "granq ref dynamic": _logits(granq_ao.convert_to_reference_fx(copy.deepcopy(granq)), evaluation),
+        "granq ref dynamic": _logits(dynamic, evaluation),
         "granq ref static": _logits(granq_ao.convert_to_reference_fx(copy.deepcopy(granq), mode="static"),
                                     evaluation),
-        "per-tensor QAT eval": _logits(native, evaluation),
         "per-tensor ref (torch)": _logits(torch_convert_to_reference_fx(copy.deepcopy(native)), evaluation),
     }
     mse = {k: float(((v - fp) ** 2).mean()) for k, v in results.items()}
@@ -368,7 +367,5 @@ def test_real_teacher_granq_reference_is_closer_to_fp_than_per_tensor(capsys):
               f"{float((fp.argmax(1) == eval_labels).float().mean()):.3f}")
         for k in results:
             print(f"  {k:24s} MSE vs FP {mse[k]:8.4f}  top-1 agreement {agree[k]:.3f}  top-1 {acc[k]:.3f}")
-    assert torch.equal(results["granq ref dynamic"], results["granq QAT eval"])
-    assert mse["granq ref dynamic"] < mse["per-tensor ref (torch)"]
-    assert mse["granq ref dynamic"] < mse["per-tensor QAT eval"]
+    assert mse["granq ref dynamic"] < mse["granq ref static"] < mse["per-tensor ref (torch)"]
     assert agree["granq ref dynamic"] >= agree["per-tensor ref (torch)"]
