@@ -335,6 +335,7 @@ def _logits(model, images, batch=64):
     return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
+@pytest.mark.slow
 def test_real_teacher_granq_reference_is_closer_to_fp_than_per_tensor(capsys):
     teacher, images, labels = _real_cifar10()
     calibration, evaluation, eval_labels = images[256:384], images[:256], labels[:256]
