@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import operator
 
 import numpy as np
 import pytest
