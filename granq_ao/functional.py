@@ -191,7 +191,9 @@ def _fake_quantize_elementwise(x: torch.Tensor, scale: torch.Tensor, zero_point:
     # recompile per bit width), an int becomes a dynamic symbol after the first change.
     x_hat = (xf / safe_scale).add_(zero_point).round_().clamp_(q_min, q_max)
     x_hat.sub_(zero_point).mul_(safe_scale)
-    return torch.where(has_range, x_hat, xf, out=x_hat).to(x.dtype)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return torch.where(has_range, x_hat, xf).to(x.dtype)  # traced graphs: no out= aliasing
+    return torch.where(has_range, x_hat, xf, out=x_hat).to(x.dtype)  # eager: no new allocation
 
 
 _compiled_elementwise = None
