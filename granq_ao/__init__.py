@@ -9,7 +9,7 @@ from .fake_quantize import GranQFakeQuantize
 from .functional import NonFiniteInputError, fake_quantize
 from .granularity import PerChannel, PerSampleChannel, PerTensor, as_granularity
 from .observer import GranQObserver
-from .placement import apply_paper_placement
+from .placement import apply_paper_placement, count_activation_fake_quant_calls
 from .prepare import prepare_qat_fx
 from .qconfig import GranQQConfigMapping, get_granq_qat_qconfig_mapping, get_granq_qconfig
 
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "functional", "fake_quantize", "NonFiniteInputError", "GranQFakeQuantize", "GranQObserver",
     "PerChannel", "PerSampleChannel", "PerTensor", "as_granularity", "apply_paper_placement",
+    "count_activation_fake_quant_calls",
     "prepare_qat_fx", "GranQQConfigMapping", "get_granq_qat_qconfig_mapping", "get_granq_qconfig",
     "convert_to_reference_fx",
 ]
