@@ -42,6 +42,13 @@ step = forward + cross-entropy + backward + SGD step (median after warm-up). Pea
   the compiler's own memory make it noisy.
 * CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocated bytes before the step.
 
+torch.compile: GranQ's compiled step gets one graph per input pattern (rank, broadcast shape of
+the ranges, ``requires_grad``, static then dynamic sizes). Past torch._dynamo's recompile limit
+(8 by default) further patterns silently run eager. The latency part raises the limit
+(``--latency-recompile-limit``, default 64) so each row measures the path it names; the QAT part
+keeps torch's default and resets compiled graphs before each config, as a user's process would
+be. Both count the limit hits and print them.
+
 Run ``python benchmarks/fake_quant_latency.py --help``; ``--quick`` is the CI smoke setting.
 A final "targets" block checks the issue's goals at ``(200, 16, 32, 32)``, fp32, ``--bits``.
 """
@@ -50,6 +57,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import platform
 import statistics
@@ -60,6 +68,7 @@ import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch._dynamo
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
 warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*deprecated.*")
@@ -119,6 +128,32 @@ def environment(device: torch.device) -> Dict[str, object]:
     if hasattr(os, "getloadavg"):
         info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     return info
+
+
+class CompileFallbackCounter(logging.Handler):
+    """Counts torch._dynamo's "hit config.recompile_limit" warnings: after one, calls of a
+    compiled function whose guards match no cached graph run eager, silently."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.hits: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "recompile_limit" in message or "cache_size_limit" in message:
+            self.hits.append(message.splitlines()[0])
+
+    def __enter__(self) -> "CompileFallbackCounter":
+        logging.getLogger("torch._dynamo").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("torch._dynamo").removeHandler(self)
+
+
+def reset_compiled() -> None:
+    """Forget every torch.compile'd graph (as in a fresh process); compiles again on next use."""
+    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- timing
@@ -383,6 +418,7 @@ def run_qat(configs: Sequence[str] = tuple(QAT_CONFIGS), bits: int = 3, batch: i
     images = torch.randn(batch, 3, 32, 32, generator=generator).to(device)
     labels = torch.randint(0, 10, (batch,), generator=generator).to(device)
     for config in configs:
+        reset_compiled()  # each config starts like a fresh process (compiles in its warm-up)
         model = build_qat_model(config, bits, batch, device)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         loss_fn = torch.nn.CrossEntropyLoss()
@@ -522,6 +558,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--qat-batch", type=int, default=200)
     parser.add_argument("--qat-configs", type=lambda s: [v for v in s.split(",") if v],
                         default=list(QAT_CONFIGS), help=f"comma-separated subset of: {', '.join(QAT_CONFIGS)}")
+    parser.add_argument("--latency-recompile-limit", type=int, default=64,
+                        help="torch._dynamo recompile limit during the latency part (default 64: every "
+                             "shape/granularity/requires_grad combination gets its compiled graph; torch's "
+                             "default 8 is restored for the QAT part)")
     parser.add_argument("--json", metavar="OUT", default=None, help="write machine-readable results here")
     return parser.parse_args(argv)
 
@@ -557,24 +597,42 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     sys.stdout.flush()
 
     log("latency (progress)")
-    latency = run_latency(args.batches, args.candidates, args.bits, device, reps=reps,
-                          warmup=2, min_time_s=settings["min_time_s"], max_reps=200,
-                          iterative=settings["iterative"], iterative_reps=settings["iterative_reps"], log=log)
+    dynamo_config = torch._dynamo.config
+    default_limit = dynamo_config.recompile_limit
+    reset_compiled()
+    dynamo_config.recompile_limit = max(default_limit, args.latency_recompile_limit)
+    try:
+        with CompileFallbackCounter() as fallbacks:
+            latency = run_latency(args.batches, args.candidates, args.bits, device, reps=reps,
+                                  warmup=2, min_time_s=settings["min_time_s"], max_reps=200,
+                                  iterative=settings["iterative"], iterative_reps=settings["iterative_reps"],
+                                  log=log)
+    finally:
+        dynamo_config.recompile_limit = default_limit
+    env["latency_recompile_limit"] = max(default_limit, args.latency_recompile_limit)
+    env["latency_compile_fallbacks"] = len(fallbacks.hits)
     env["granq_backend"] = F.fused_backend(None)
     print(f"  {'granq backend':16s} {env['granq_backend']} (GranQFakeQuantize fused=None resolved to this)")
     print("\nfake-quant latency, median ms per call; ratios vs clone and vs torch.ao FakeQuantize (same run)")
     print(format_latency_table(latency))
+    print(f"(torch._dynamo recompile limit {env['latency_recompile_limit']} here; hits: "
+          f"{env['latency_compile_fallbacks']}{', some compiled calls ran EAGER' if fallbacks.hits else ''})")
 
     qat: List[Dict[str, object]] = []
     if not args.skip_qat:
         log("QAT step (progress)")
-        qat = run_qat(args.qat_configs, args.bits, args.qat_batch, device,
-                      reps=2 if args.quick else 10, warmup=1 if args.quick else 3, log=log)
+        with CompileFallbackCounter() as qat_fallbacks:
+            qat = run_qat(args.qat_configs, args.bits, args.qat_batch, device,
+                          reps=2 if args.quick else 10, warmup=1 if args.quick else 3, log=log)
+        env["qat_compile_fallbacks"] = len(qat_fallbacks.hits)
         memory_method = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                          else "torch.profiler profile_memory: peak of allocated-minus-freed bytes during one step")
         print(f"\nResNet-20 CIFAR-10 QAT step, batch {args.qat_batch}, W{args.bits}A{args.bits}, "
               f"forward+CE+backward+SGD step; peak memory: {memory_method}")
         print(format_qat_table(qat))
+        print(f"(torch._dynamo recompile limit {torch._dynamo.config.recompile_limit} (torch's default), compiled "
+              f"graphs reset before each config; limit hits: {env['qat_compile_fallbacks']}"
+              f"{': the GranQ fake-quants whose inputs matched no cached graph ran EAGER' if qat_fallbacks.hits else ''})")
 
     targets = evaluate_targets(latency, qat)
     print()
