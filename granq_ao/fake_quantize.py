@@ -56,8 +56,9 @@ class GranQFakeQuantize(FakeQuantizeBase):
         ch_axis: channel axis (1 for activations, 0 for weights).
         symmetric: symmetric grid (zero point 0) instead of the paper's asymmetric one.
         fused: ``None`` auto, ``True`` torch.compile'd, ``False`` eager (same numbers).
-        dtype: label for torch.ao's backend checks; default ``quint8`` (activations). Use
-            ``torch.qint8`` for weights.
+        dtype: ``torch.quint8`` (activations; unsigned grid) or ``torch.qint8`` (weights; signed
+            grid), the label torch.ao's backend checks. Default: ``qint8`` when ``quant_min < 0``
+            is given, else ``quint8``.
         observer_kwargs: passed to ``observer`` (e.g. ``averaging_constant``).
 
     Example::
@@ -70,12 +71,12 @@ class GranQFakeQuantize(FakeQuantizeBase):
                  granularity: Union[str, Granularity] = "granq", ch_axis: int = 1,
                  symmetric: bool = False, fused: Optional[bool] = None,
                  quant_min: Optional[int] = None, quant_max: Optional[int] = None,
-                 dtype: torch.dtype = torch.quint8, **observer_kwargs) -> None:
+                 dtype: Optional[torch.dtype] = None, **observer_kwargs) -> None:
         super().__init__()
         if bits is None:
             bits = bits_from_quant_range(quant_min, quant_max) if quant_min is not None else 8
-        if quant_min is not None and quant_min < 0:
-            symmetric = True
+        if dtype is None:  # a signed torch.ao-style range implies the signed label
+            dtype = torch.qint8 if quant_min is not None and quant_min < 0 else torch.quint8
         F.quant_range(bits, symmetric)  # validates bits
         self.bits = bits
         self.symmetric = symmetric
@@ -87,7 +88,8 @@ class GranQFakeQuantize(FakeQuantizeBase):
         if isinstance(observer, type) and issubclass(observer, GranQObserver):
             observer_kwargs.setdefault("per_tensor", isinstance(self.granularity, PerTensor))
         self.activation_post_process = observer(bits=bits, ch_axis=ch_axis, symmetric=symmetric,
-                                                dtype=dtype, **observer_kwargs)
+                                                dtype=dtype, quant_min=quant_min, quant_max=quant_max,
+                                                **observer_kwargs)
         # Python mirrors of the fake_quant_enabled / observer_enabled buffers (no device read).
         self._fake_quant_on = True
         self._observer_on = True

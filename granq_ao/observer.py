@@ -37,10 +37,10 @@ class GranQObserver(ObserverBase):
     Args:
         bits: integer grid width (2..8); ``quant_min``/``quant_max`` follow from it.
         ch_axis: channel axis of the observed tensors.
-        symmetric: symmetric ranges (stored on an unsigned grid with zero point ``2^(b-1)``).
+        symmetric: symmetric ranges (zero point 0 on the signed grid, ``2^(b-1)`` on the unsigned one).
         averaging_constant: moving-average weight ``a`` (torch.ao's QAT default is 0.01).
-        dtype: ``torch.quint8`` (activations) or ``torch.qint8`` (weights); only a label for
-            torch.ao's backend checks, the grid is ``[quant_min, quant_max]``.
+        dtype: ``torch.quint8`` (activations; grid ``[0, 2^b - 1]``) or ``torch.qint8``
+            (weights; grid ``[-2^(b-1), 2^(b-1) - 1]``). Static zero points are given on that grid.
         eps: smallest static scale.
         per_tensor: keep only the per-tensor range; static qparams are per tensor.
 
@@ -59,14 +59,14 @@ class GranQObserver(ObserverBase):
                  per_tensor: bool = False, **kwargs) -> None:
         if bits is None:
             bits = bits_from_quant_range(quant_min, quant_max)
-        q_min, q_max = F.quant_range(bits, symmetric=False)  # stored on the unsigned grid
-        if quant_min is not None or quant_max is not None:
-            if (quant_min, quant_max) not in ((q_min, q_max), (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)):
-                raise ValueError(
-                    f"quant_min/quant_max ({quant_min}, {quant_max}) do not match {bits} bits"
-                )
-            if quant_min is not None and quant_min < 0:
-                symmetric = True
+        # The stored integer grid follows the dtype label: qint8 -> signed, quint8 -> unsigned
+        # (torch's converters check quant_min/quant_max against the dtype's range).
+        q_min, q_max = F.quant_range(bits, symmetric=dtype == torch.qint8)
+        if (quant_min is not None or quant_max is not None) and (quant_min, quant_max) != (q_min, q_max):
+            raise ValueError(
+                f"quant_min/quant_max ({quant_min}, {quant_max}) do not match {bits} bits on the "
+                f"{dtype} grid [{q_min}, {q_max}]"
+            )
         if not 0.0 < averaging_constant <= 1.0:
             raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
         super().__init__(dtype=dtype, is_dynamic=False)
@@ -167,8 +167,9 @@ class GranQObserver(ObserverBase):
         x_min = torch.clamp(x_min, max=0.0)
         x_max = torch.clamp(x_max, min=0.0)
         scale, zero_point = F.compute_qparams(x_min, x_max, self.bits, self.symmetric)
-        if self.symmetric:  # same grid shifted onto [0, 2^b - 1]
-            zero_point = zero_point + 2 ** (self.bits - 1)
+        # compute_qparams' grid is [0, 2^b - 1] (asymmetric) or signed (symmetric); shifting
+        # the zero point onto the stored grid gives the same dequantized values.
+        zero_point = zero_point + (self.quant_min - F.quant_range(self.bits, self.symmetric)[0])
         scale = torch.maximum(scale, self.eps.to(scale.device))
         return scale, zero_point.to(torch.int64)
 

@@ -41,8 +41,9 @@ def per_channel_min_max(x, axis=1):
     return flat.min(dim=1).values, flat.max(dim=1).values
 
 
-def static_qparams(lo, hi, bits, symmetric=False, eps=torch.finfo(torch.float32).eps):
-    """Static qparams from running ranges widened to include 0, on the unsigned grid."""
+def static_qparams(lo, hi, bits, symmetric=False, eps=torch.finfo(torch.float32).eps, signed=False):
+    """Static qparams from running ranges widened to include 0, on the unsigned grid
+    [0, 2^b - 1] (quint8 label) or the signed grid [-2^(b-1), 2^(b-1) - 1] (qint8 label)."""
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     if symmetric:
         scale = torch.maximum(lo.abs(), hi.abs()) / ((2**bits - 1) / 2)
@@ -50,6 +51,8 @@ def static_qparams(lo, hi, bits, symmetric=False, eps=torch.finfo(torch.float32)
     else:
         scale = (hi - lo) / (2**bits - 1)
         zero_point = torch.round(-lo / scale)
+    if signed:
+        zero_point = zero_point - 2 ** (bits - 1)
     return torch.clamp(scale, min=eps), zero_point.to(torch.int64)
 
 
@@ -61,13 +64,32 @@ def test_with_args_builds_configured_modules():
     assert a is not b
     assert (a.bits, a.granularity.name, a.ch_axis, a.symmetric, a.dtype) == (3, "channel", 0, True, torch.qint8)
     assert a.activation_post_process.averaging_constant == 0.5
-    assert (a.quant_min, a.quant_max) == (0, 7)
+    assert (a.quant_min, a.quant_max) == (-4, 3)  # qint8 label: signed grid
 
 
 def test_torch_style_quant_range_gives_bits():
     assert GranQFakeQuantize(quant_min=0, quant_max=7).bits == 3
-    symmetric = GranQFakeQuantize(quant_min=-8, quant_max=7)
-    assert symmetric.bits == 4 and symmetric.symmetric
+    signed = GranQFakeQuantize(quant_min=-8, quant_max=7)
+    assert signed.bits == 4 and signed.dtype == torch.qint8 and not signed.symmetric
+    with pytest.raises(ValueError, match="do not match"):
+        GranQFakeQuantize(quant_min=-8, quant_max=7, dtype=torch.quint8, bits=4)
+
+
+def test_signed_weight_grid_gives_same_dequantized_static_values():
+    """qint8-labelled (signed grid) static qparams dequantize like the unsigned ones."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3)
+    weight_fq = GranQFakeQuantize(bits=4, granularity="channel", ch_axis=0, dtype=torch.qint8,
+                                  averaging_constant=1.0, fused=False)
+    weight_fq(w)
+    scale, zero_point = weight_fq.calculate_qparams()
+    lo, hi = per_channel_min_max(w, axis=0)
+    ref_scale, ref_zero_point = static_qparams(lo, hi, 4, signed=True)
+    assert torch.equal(scale, ref_scale) and torch.equal(zero_point, ref_zero_point)
+    assert int(zero_point.min()) >= -8 and int(zero_point.max()) <= 7
+    q = torch.quantize_per_channel(w, scale.double(), zero_point, 0, torch.qint8)
+    unsigned = torch.quantize_per_channel(w, scale.double(), zero_point + 8, 0, torch.quint8)
+    assert torch.equal(q.dequantize(), unsigned.dequantize())
 
 
 @pytest.mark.parametrize("bits", [1, 9, 0, 2.5, True])
