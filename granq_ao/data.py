@@ -12,7 +12,8 @@ Two sources of real test images:
 * the full official test set in torchvision's layout under ``data_root``
   (``torchvision.datasets.CIFAR10/100(root, train=False)``; it downloads only when asked).
 
-Accuracies come with a Wilson score interval (:func:`wilson_interval`).
+Accuracies come with a Wilson score interval (:func:`wilson_interval`); two models evaluated
+on the same images are compared with an exact McNemar test (:func:`mcnemar_exact_p`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ __all__ = [
     "normalize_uint8_images",
     "load_cifar_test",
     "wilson_interval",
+    "mcnemar_exact_p",
+    "per_image_correct",
     "evaluate_accuracy",
 ]
 
@@ -145,32 +148,50 @@ def wilson_interval(correct: int, total: int, z: float = 1.959963984540054) -> T
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def mcnemar_exact_p(fixed: int, broken: int) -> float:
+    """Two-sided exact McNemar test of two classifiers on the same images: ``fixed`` images only
+    the second gets right, ``broken`` only the first. Under H0 each discordant image is a fair
+    coin: ``p = min(1, 2 * P[Binomial(fixed + broken, 1/2) <= min(fixed, broken)])``."""
+    n = fixed + broken
+    if n == 0:
+        return 1.0
+    k = min(fixed, broken)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
 @torch.no_grad()
-def evaluate_accuracy(model: torch.nn.Module, evalset: EvalSet, batch_size: int = 256,
-                      device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> Tuple[int, int]:
-    """``(correct, total)`` top-1 counts of ``model`` (put in eval mode) on ``evalset``.
+def per_image_correct(model: torch.nn.Module, evalset: EvalSet, batch_size: int = 256,
+                      device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """int64 tensor (N,): 1 where ``model`` (put in eval mode) predicts image i's label.
 
     The set is cut into the same fixed batches whatever the number of processes; process
-    ``rank`` of ``world_size`` runs batches ``rank, rank + world_size, ...`` and returns its own
-    counts (sum them across processes). Fixed batches matter: with per-tensor or per-channel
-    dynamic activation ranges a prediction depends on the other images of its batch.
+    ``rank`` of ``world_size`` runs batches ``rank, rank + world_size, ...`` and leaves 0 at the
+    other positions (sum the tensors across processes). Fixed batches matter: with per-tensor or
+    per-channel dynamic activation ranges a prediction depends on the other images of its batch.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     was_training = model.training
     model.eval()
-    correct = 0
-    total = 0
     n = len(evalset)
+    correct = torch.zeros(n, dtype=torch.int64)
     try:
         for batch_index, start in enumerate(range(0, n, batch_size)):
             if batch_index % world_size != rank:
                 continue
             images = evalset.images[start:start + batch_size].to(device)
             labels = evalset.labels[start:start + batch_size].to(device)
-            predictions = model(images).argmax(dim=1)
-            correct += int((predictions == labels).sum())
-            total += int(labels.numel())
+            correct[start:start + batch_size] = (model(images).argmax(dim=1) == labels).long().cpu()
     finally:
         model.train(was_training)
-    return correct, total
+    return correct
+
+
+def evaluate_accuracy(model: torch.nn.Module, evalset: EvalSet, batch_size: int = 256,
+                      device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> Tuple[int, int]:
+    """``(correct, total)`` top-1 counts of this process's batches (see :func:`per_image_correct`)."""
+    correct = per_image_correct(model, evalset, batch_size, device, rank, world_size)
+    n_batches = math.ceil(len(evalset) / batch_size)
+    total = sum(min(batch_size, len(evalset) - b * batch_size) for b in range(rank, n_batches, world_size))
+    return int(correct.sum()), total

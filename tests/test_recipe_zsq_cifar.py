@@ -75,6 +75,10 @@ def test_tiny_run_writes_results_and_metrics(env, tmp_path, capsys):
         low, high = results["intervals"][name]
         assert 0 <= low <= results[f"{name}_acc" if name != "pre_qat" else "pre_qat_acc"] <= high <= 1
     assert results["correct"]["teacher"] == round(results["teacher_acc"] * N_EVAL)
+    paired = results["final_vs_pre_qat"]
+    assert paired["fixed"] - paired["broken"] == results["correct"]["final"] - results["correct"]["pre_qat"]
+    assert 0 < paired["mcnemar_exact_p"] <= 1
+    assert "fixed" in printed and "McNemar" in printed
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and [r["phase"] for r in rows] == ["warmup", "qat"]
     for row in rows:
@@ -154,6 +158,9 @@ def test_cli_errors(env, tmp_path, capsys):
     # cifar100 evaluation images are absent from this data dir
     err = _cli_error(recipe, TINY + ["--dataset", "cifar100", "--out", str(tmp_path / "z")], capsys)
     assert "test_subset.npz" in err and "does not exist" in err
+    err = _cli_error(recipe, TINY + ["--out", str(tmp_path / "w"), "--data-root", str(tmp_path / "cifar")], capsys)
+    assert "torchvision's layout" in err and "--download" in err
+    assert "--download needs --data-root" in _cli_error(recipe, ["--download"], capsys)
     assert "--resume needs --out" in _cli_error(recipe, ["--resume"], capsys)
     assert "no checkpoint" in _cli_error(recipe, ["--resume", "--out", str(tmp_path / "nothing")], capsys)
 

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data import DATASETS, NUM_CLASSES, EvalSet, evaluate_accuracy, load_cifar_test, wilson_interval
+from ..data import DATASETS, NUM_CLASSES, EvalSet, load_cifar_test, mcnemar_exact_p, per_image_correct, wilson_interval
 from ..granularity import GRANULARITY_NAMES
 from ..models import build_cifar_teacher
 from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, rng_state, set_rng_state
@@ -258,11 +258,14 @@ class ZSQTrainer:
     Files in ``out_dir`` (process 0 only): ``config.json``, ``checkpoint.pt`` (after every epoch,
     atomic), ``metrics.jsonl`` (one JSON line per epoch), ``tb/`` (TensorBoard, when installed and
     ``tensorboard=True``), ``student_final.pt`` and ``results.json`` at the end.
+
+    ``fused`` picks the fake-quant path (``None`` auto, ``True`` torch.compile'd, ``False``
+    eager); the numbers are the same, so it is a run-time choice, not part of the config.
     """
 
     def __init__(self, config: ZSQConfig, out_dir: os.PathLike, context: Optional[DistributedContext] = None,
                  resume: bool = False, tensorboard: bool = True, progress: Optional[bool] = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, fused: Optional[bool] = None) -> None:
         self.config = config.validate()
         self.out_dir = Path(out_dir)
         self.ctx = context or DistributedContext()
@@ -289,11 +292,13 @@ class ZSQTrainer:
 
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes; CUDA runs are not bit-reproducible anyway
         self.teacher, self.teacher_source = build_cifar_teacher(cfg.dataset, cfg.teacher_weights)
         self.teacher.to(self.device)
         self.evalset: EvalSet = load_cifar_test(cfg.dataset, cfg.data_root, cfg.download)
         self.student = prepare_student(self.teacher, cfg.weight_bits, cfg.act_bits, cfg.act_granularity,
-                                       cfg.weight_granularity, cfg.act_placement).to(self.device)
+                                       cfg.weight_granularity, cfg.act_placement, fused=fused).to(self.device)
         self.fake_quants = count_fake_quants(self.student)
         self.generator = GDFQGenerator(NUM_CLASSES[cfg.dataset], cfg.latent_dim).to(self.device)
         self.generator.train()
@@ -339,7 +344,7 @@ class ZSQTrainer:
         self.optimizer_s.load_state_dict(checkpoint["optimizer_s"])
         set_rng_state(checkpoint["rng"])
         self.state = {key: checkpoint[key] for key in ("epoch", "history", "elapsed_s", "teacher", "pre_qat",
-                                                       "teacher_source", "eval_source")}
+                                                       "last", "teacher_source", "eval_source")}
 
     def _save_checkpoint(self) -> None:
         if not self.ctx.is_main:
@@ -405,13 +410,13 @@ class ZSQTrainer:
         observers_on = [m for m in model.modules() if hasattr(m, "observer_enabled") and bool(m.observer_enabled[0])]
         model.apply(disable_observer)  # test images must not reach the export ranges
         try:
-            correct, total = evaluate_accuracy(model, self.evalset, self.config.eval_batch_size, self.device,
-                                               self.ctx.rank, self.ctx.world_size)
+            correct = per_image_correct(model, self.evalset, self.config.eval_batch_size, self.device,
+                                        self.ctx.rank, self.ctx.world_size)
         finally:
             for module in observers_on:
                 enable_observer(module)
-        counts = self.ctx.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
-        return _accuracy_entry(int(counts[0]), int(counts[1]))
+        correct = self.ctx.all_reduce_sum(correct.to(self.device)).cpu()
+        return {**_accuracy_entry(int(correct.sum()), int(correct.numel())), "per_image": correct.to(torch.int8)}
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, sampler: torch.Generator, train_student: bool) -> Dict[str, float]:
@@ -466,6 +471,7 @@ class ZSQTrainer:
         if self.state["epoch"] == 0 and "teacher" not in self.state:
             self.state["teacher"] = self.evaluate(self.teacher)
             self.state["pre_qat"] = self.evaluate(self.student)
+            self.state["last"] = self.state["pre_qat"]
             self.state["teacher_source"] = self.teacher_source
             self.state["eval_source"] = self.evalset.source
         else:
@@ -537,6 +543,7 @@ class ZSQTrainer:
                "test_ci95_low": test["ci95"][0], "test_ci95_high": test["ci95"][1],
                "train_time_s": train_time, "s_per_iter": train_time / cfg.iters_per_epoch}
         self.state["history"].append(row)
+        self.state["last"] = test
         self.state["epoch"] = epoch + 1
         self._tick()
         self._save_checkpoint()  # checkpoint first: metrics.jsonl is rewritten from it on resume
@@ -549,8 +556,10 @@ class ZSQTrainer:
     def _results(self) -> Dict[str, Any]:
         cfg = self.config
         history: List[Dict[str, Any]] = self.state["history"]
-        final = history[-1]
-        final_entry = _accuracy_entry(final["test_correct"], final["n_test"])
+        final_entry = self.state["last"]
+        pre = self.state["pre_qat"]["per_image"].long()
+        fin = final_entry["per_image"].long()
+        fixed, broken = int(((pre == 0) & (fin == 1)).sum()), int(((pre == 1) & (fin == 0)).sum())
         best = max(history, key=lambda row: (row["test_acc"], -row["epoch"]))
         teacher, pre_qat = self.state["teacher"], self.state["pre_qat"]
         return {
@@ -561,6 +570,9 @@ class ZSQTrainer:
             "intervals": {"method": "Wilson score interval, 95%", "teacher": teacher["ci95"],
                           "pre_qat": pre_qat["ci95"], "final": final_entry["ci95"]},
             "correct": {"teacher": teacher["correct"], "pre_qat": pre_qat["correct"], "final": final_entry["correct"]},
+            "final_vs_pre_qat": {"fixed": fixed, "broken": broken, "mcnemar_exact_p": mcnemar_exact_p(fixed, broken),
+                                 "note": "same test images: fixed = wrong before QAT and right after, broken = "
+                                         "the reverse; exact two-sided McNemar test"},
             "best_on_test": {"acc": best["test_acc"], "epoch": best["epoch"],
                              "note": "max over epochs of the TEST accuracy: test-set selection, optimistic; "
                                      "the reported number is final_acc"},
