@@ -226,6 +226,8 @@ def main(argv=None) -> int:
             parser.error(str(error))
         if context.is_main:
             print(f"output   : {out}")
+            if args.preset == "paper" and context.device.type == "cpu":
+                print("warning  : --preset paper is 40,000 iterations: days on a CPU (meant for a GPU)")
         try:
             results = trainer.run()
         except KeyboardInterrupt:

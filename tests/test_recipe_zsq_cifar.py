@@ -165,16 +165,32 @@ def test_cli_errors(env, tmp_path, capsys):
     assert "no checkpoint" in _cli_error(recipe, ["--resume", "--out", str(tmp_path / "nothing")], capsys)
 
 
-def test_cli_resume_rejects_changed_flags(env, tmp_path, capsys):
+def test_ctrl_c_keeps_the_last_epoch_and_cli_resume(env, tmp_path, capsys, monkeypatch):
     recipe = load_recipe()
     out = tmp_path / "run"
-    assert recipe.main(TINY[:-1] + ["--epochs", "1", "--out", str(out), "--no-tensorboard"]) == 0
-    capsys.readouterr()
+    original = ZSQTrainer.train_step
+    calls = []
+
+    def interrupt_in_epoch_two(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 1 = calls 1, 2; Ctrl-C during epoch 2
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ZSQTrainer, "train_step", interrupt_in_epoch_two)
+    assert recipe.main(TINY + ["--out", str(out)]) == 130
+    monkeypatch.setattr(ZSQTrainer, "train_step", original)
+    err = capsys.readouterr().err
+    assert "interrupted during epoch 2" in err and "--resume --out" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1 and not (out / "results.json").exists()
     err = _cli_error(recipe, ["--resume", "--out", str(out), "--wbits", "3"], capsys)
     assert "--wbits 3" in err and "differ" in err
-    # same flags: allowed; --epochs may grow to extend the run
-    assert recipe.main(["--resume", "--out", str(out), "--epochs", "2", "--no-tensorboard"]) == 0
-    assert json.loads((out / "results.json").read_text())["epochs_completed"] == 2
+    # the run's own settings come from the checkpoint; --epochs may grow to extend the run
+    assert recipe.main(["--resume", "--out", str(out), "--epochs", "3", "--no-tensorboard"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs_completed"] == 3 and results["config"]["batch_size"] == 4
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 def test_presets():

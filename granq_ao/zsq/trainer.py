@@ -251,6 +251,30 @@ def format_accuracy(entry: Dict[str, Any]) -> str:
     return f"{100 * entry['acc']:.2f}% [{100 * low:.1f}, {100 * high:.1f}] (n={entry['n']})"
 
 
+class _NoBar:
+    """Stand-in for tqdm when it is not installed."""
+
+    def __init__(self, iterable, **kwargs):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(iterable, **kwargs):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar(iterable)
+    return tqdm(iterable, **kwargs)
+
+
 # ----------------------------------------------------------------------------- trainer
 class ZSQTrainer:
     """Builds teacher, student, generator and optimizers for ``config`` and runs the loop.
@@ -518,9 +542,7 @@ class ZSQTrainer:
         self.generator.train()
         self.student.eval()  # BN frozen; fake-quants on; as the official code
         show = self.progress if self.progress is not None else sys.stderr.isatty()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}" + (" warm-up" if warmup else ""),
+        bar = _progress_bar(range(cfg.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}" + (" warm-up" if warmup else ""),
                    disable=not (show and self.ctx.is_main), leave=False, dynamic_ncols=True)
         sums: Dict[str, float] = {}
         start = time.time()
