@@ -138,17 +138,20 @@ class GranQFakeQuantize(FakeQuantizeBase):
             if x.numel() == 0:
                 return x
             x_detached = x.detach()
-            x_min, x_max = F.reduce_min_max(x_detached, self.granularity)
-            F.check_finite_ranges(x_min, x_max)  # the one host sync; before the observer records
+            if quantize:  # ranges, qparams and fake-quant in one pass; NaN/inf checked inside,
+                # before the observer records anything
+                x_hat, x_min, x_max = F.fake_quantize_dynamic(x, self.bits, self.granularity,
+                                                              symmetric=self.symmetric, fused=self.fused)
+            else:
+                x_hat = x
+                x_min, x_max = F.reduce_min_max(x_detached, self.granularity)
+                F.check_finite_ranges(x_min, x_max)  # the one host sync; before the observer records
             if observe:
                 if self._observer_reuses_ranges(x.dim()):
                     self.activation_post_process.record_ranges(x_min, x_max)
                 else:  # e.g. (N, F) input: per-sample ranges, per-feature observer
                     self.activation_post_process(x_detached)
-            if not quantize:
-                return x
-            return F.fake_quantize_from_ranges(x, x_min, x_max, self.bits, self.symmetric,
-                                               self.fused, check_finite=False)
+            return x_hat
         except F.NonFiniteInputError as error:
             raise F.NonFiniteInputError(f"{self._where()}: {error}") from None
         except (ValueError, TypeError) as error:

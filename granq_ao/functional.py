@@ -35,6 +35,7 @@ Choose with the ``fused=`` argument (``None`` = auto, ``True`` = compiled or an 
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Optional, Tuple, Union
@@ -56,6 +57,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_with_qparams",
     "fake_quantize_from_ranges",
+    "fake_quantize_dynamic",
     "quantize",
     "dequantize",
     "fused_backend",
@@ -167,8 +169,10 @@ def compute_qparams(x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetr
     ``zero_point`` holds integers stored as float32 (0 there).
     """
     q_min, q_max = quant_range(bits, symmetric)
-    x_min = x_min.float()
-    x_max = x_max.float()
+    return _qparams(x_min.float(), x_max.float(), q_min, q_max, symmetric)
+
+
+def _qparams(x_min: torch.Tensor, x_max: torch.Tensor, q_min: int, q_max: int, symmetric: bool):
     if symmetric:
         scale = torch.maximum(x_min.abs(), x_max.abs()) / ((q_max - q_min) / 2)
         return scale, torch.zeros_like(scale)
@@ -196,8 +200,23 @@ def _fake_quantize_elementwise(x: torch.Tensor, scale: torch.Tensor, zero_point:
     return torch.where(has_range, x_hat, xf, out=x_hat).to(x.dtype)  # eager: no new allocation
 
 
-_compiled_elementwise = None
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _dynamic_fake_quantize(x: torch.Tensor, reduced: Tuple[int, ...], q_min: int, q_max: int,
+                           symmetric: bool):
+    """The whole dynamic step: ranges over ``reduced`` dims, qparams, elementwise fake-quant.
+    Returns ``(x_hat, x_min, x_max)``. One function for the eager and the compiled path."""
+    # min/max of fp16/bf16 values are exact: reduce in x's dtype, then cast.
+    x_min = x.amin(dim=reduced, keepdim=True).float()
+    x_max = x.amax(dim=reduced, keepdim=True).float()
+    scale, zero_point = _qparams(x_min, x_max, q_min, q_max, symmetric)
+    return _fake_quantize_elementwise(x, scale, zero_point, q_min, q_max), x_min, x_max
+
+
 _auto_backend: Optional[str] = None  # "compiled" | "eager", decided at the first auto call
+_compiled = {}
 
 
 def _env_fused() -> Optional[bool]:
@@ -211,11 +230,14 @@ def _env_fused() -> Optional[bool]:
     raise ValueError(f"GRANQ_FUSED must be auto, 1 or 0; got {value!r}")
 
 
-def _get_compiled():
-    global _compiled_elementwise
-    if _compiled_elementwise is None:
-        _compiled_elementwise = torch.compile(_fake_quantize_elementwise, dynamic=None)
-    return _compiled_elementwise
+def _get_compiled(fn):
+    # dynamic=True: one graph per rank/dtype/kept-dims pattern, not one per shape, so a real
+    # model (activations, conv/linear weights, several batch sizes) stays under torch.compile's
+    # recompile limit instead of silently falling back to eager.
+    if fn not in _compiled:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
 
 
 def fused_backend(fused: Optional[bool] = None) -> str:
@@ -229,19 +251,20 @@ def fused_backend(fused: Optional[bool] = None) -> str:
     return "compiled" if fused else "eager"
 
 
-def _run_elementwise(x, scale, zero_point, q_min, q_max, fused: Optional[bool]):
+def _run(fn, fused: Optional[bool], *args):
+    """Run ``fn(*args)`` eagerly or compiled (same Python function, same numbers)."""
     global _auto_backend
     if fused is None:
         fused = _env_fused()
     if fused is False or torch.compiler.is_compiling():
         # Inside a user's torch.compile region the eager ops are traced and fused anyway.
-        return _fake_quantize_elementwise(x, scale, zero_point, q_min, q_max)
+        return fn(*args)
     if fused is True:
-        return _get_compiled()(x, scale, zero_point, q_min, q_max)
+        return _get_compiled(fn)(*args)
     if _auto_backend == "eager":
-        return _fake_quantize_elementwise(x, scale, zero_point, q_min, q_max)
+        return fn(*args)
     try:
-        out = _get_compiled()(x, scale, zero_point, q_min, q_max)
+        out = _get_compiled(fn)(*args)
     except Exception as error:  # compiler missing, unsupported platform, ...
         if _auto_backend == "compiled":
             raise
@@ -252,7 +275,7 @@ def _run_elementwise(x, scale, zero_point, q_min, q_max, fused: Optional[bool]):
             RuntimeWarning,
             stacklevel=3,
         )
-        return _fake_quantize_elementwise(x, scale, zero_point, q_min, q_max)
+        return fn(*args)
     _auto_backend = "compiled"
     return out
 
@@ -262,10 +285,26 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, q_min, q_max, fused):
-        return _run_elementwise(x, scale, zero_point, q_min, q_max, fused)
+        return _run(_fake_quantize_elementwise, fused, x.detach(), scale, zero_point, q_min, q_max)
 
     @staticmethod
     def backward(ctx, grad_output):
+        return grad_output, None, None, None, None, None
+
+
+class _DynamicStraightThrough(torch.autograd.Function):
+    """Forward: ``_dynamic_fake_quantize`` -> (x_hat, x_min, x_max). Backward: ``grad_x =
+    grad_x_hat`` (STE); the ranges carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, reduced, q_min, q_max, symmetric, fused):
+        x_hat, x_min, x_max = _run(_dynamic_fake_quantize, fused, x.detach(), reduced, q_min, q_max,
+                                   symmetric)
+        ctx.mark_non_differentiable(x_min, x_max)
+        return x_hat, x_min, x_max
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_min, grad_max):
         return grad_output, None, None, None, None, None
 
 
@@ -297,12 +336,31 @@ def fake_quantize(x: torch.Tensor, bits: int = 4, granularity: GranularityLike =
     Returns ``x_hat`` with ``x``'s shape, dtype and memory format. Gradient: straight-through.
     An empty batch returns an empty tensor.
     """
-    quant_range(bits, symmetric)
+    return fake_quantize_dynamic(x, bits, granularity, axis, symmetric, fused, check_finite)[0]
+
+
+def fake_quantize_dynamic(x: torch.Tensor, bits: int = 4, granularity: GranularityLike = "granq",
+                          axis: int = 1, symmetric: bool = False, fused: Optional[bool] = None,
+                          check_finite: bool = True
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fake_quantize` that also returns the ranges it used: ``(x_hat, x_min, x_max)``
+    (float32, keepdim). Ranges, qparams and the elementwise step run as one (compiled) function;
+    the NaN/inf check reads the small range tensors afterwards."""
+    q_min, q_max = quant_range(bits, symmetric)
     granularity = check_input(x, granularity, axis)  # validates the axis even for empty input
-    if x.numel() == 0:
-        return x.clone()
-    x_min, x_max = reduce_min_max(x.detach(), granularity)
-    return fake_quantize_from_ranges(x, x_min, x_max, bits, symmetric, fused, check_finite)
+    kept = granularity.kept_dims(x.dim())
+    reduced = tuple(d for d in range(x.dim()) if d not in kept)
+    if x.numel() == 0:  # defined result for an empty batch: nothing to quantize, no ranges
+        no_range = x.new_empty(0, dtype=torch.float32)
+        return x.clone(), no_range, no_range
+    if not reduced or getattr(granularity, "iterative", False) or _tracing():
+        # Tracers (TorchScript ONNX export) record these plain ops; the fused Function is opaque to them.
+        x_min, x_max = reduce_min_max(x.detach(), granularity)
+        return fake_quantize_from_ranges(x, x_min, x_max, bits, symmetric, fused, check_finite), x_min, x_max
+    x_hat, x_min, x_max = _DynamicStraightThrough.apply(x, reduced, q_min, q_max, symmetric, fused)
+    if check_finite:
+        check_finite_ranges(x_min, x_max)
+    return x_hat, x_min, x_max
 
 
 def fake_quantize_from_ranges(x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: int,
