@@ -45,6 +45,15 @@ FLAG_FIELDS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: X)`` only for flags whose default is a value (None = preset decides)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def preset_values(preset: str, dataset: str) -> dict:
     """Config fields a preset sets (explicit flags override them)."""
     if preset == "paper":
@@ -105,7 +114,7 @@ def positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Zero-shot GranQ QAT of a CIFAR ResNet-20 teacher (AdaDFQ generator game, torch.ao QAT student).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     # Every training flag defaults to None = "the preset's value" (or the checkpoint's with --resume).
     add = parser.add_argument
     add("--preset", choices=("default", "paper"), default="default",
