@@ -40,6 +40,13 @@ class _GranQDefaults:
 
     default_quant_desc_input: GranQDescriptor = GranQDescriptor()
     default_quant_desc_weight: Union[QuantDescriptor, GranQDescriptor] = QuantDescriptor(num_bits=4, axis=(0,))
+    _has_weight = True  # pooling modules: False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """The wrapped torch.nn/quant_nn class's arguments; GranQ quantizers installed after."""
+        plan = _Plan(type(self), kwargs, has_weight=self._has_weight)
+        super().__init__(*args, **plan.nvidia_kwargs, **kwargs)
+        plan.install(self)
 
     @classmethod
     def set_default_quant_desc_input(cls, value: DescriptorLike) -> None:
@@ -91,64 +98,35 @@ class _Plan:
 class GranQConv1d(_GranQDefaults, quant_nn.QuantConv1d):
     """``QuantConv1d`` with a GranQ input quantizer (accepts ``torch.nn.Conv1d``'s arguments)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        plan = _Plan(type(self), kwargs, has_weight=True)
-        super().__init__(*args, **plan.nvidia_kwargs, **kwargs)
-        plan.install(self)
-
 
 class GranQConv2d(_GranQDefaults, quant_nn.QuantConv2d):
     """``QuantConv2d`` with a GranQ input quantizer (accepts ``torch.nn.Conv2d``'s arguments)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        plan = _Plan(type(self), kwargs, has_weight=True)
-        super().__init__(*args, **plan.nvidia_kwargs, **kwargs)
-        plan.install(self)
 
 
 class GranQConv3d(_GranQDefaults, quant_nn.QuantConv3d):
     """``QuantConv3d`` with a GranQ input quantizer (accepts ``torch.nn.Conv3d``'s arguments)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        plan = _Plan(type(self), kwargs, has_weight=True)
-        super().__init__(*args, **plan.nvidia_kwargs, **kwargs)
-        plan.install(self)
-
 
 class GranQLinear(_GranQDefaults, quant_nn.QuantLinear):
     """``QuantLinear`` with a GranQ input quantizer (rank-2 inputs: one range per sample)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        plan = _Plan(type(self), kwargs, has_weight=True)
-        super().__init__(*args, **plan.nvidia_kwargs, **kwargs)
-        plan.install(self)
 
 
 class GranQAvgPool2d(_GranQDefaults, quant_nn.QuantAvgPool2d):
     """``QuantAvgPool2d`` with a GranQ input quantizer."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        plan = _Plan(type(self), kwargs, has_weight=False)
-        super().__init__(*args, **plan.nvidia_kwargs, **kwargs)
-        plan.install(self)
+    _has_weight = False
 
 
 class GranQAdaptiveAvgPool2d(_GranQDefaults, quant_nn.QuantAdaptiveAvgPool2d):
     """``QuantAdaptiveAvgPool2d`` with a GranQ input quantizer."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        plan = _Plan(type(self), kwargs, has_weight=False)
-        super().__init__(*args, **plan.nvidia_kwargs, **kwargs)
-        plan.install(self)
+    _has_weight = False
 
 
 class GranQMaxPool2d(_GranQDefaults, quant_nn.QuantMaxPool2d):
     """``QuantMaxPool2d`` with a GranQ input quantizer."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        plan = _Plan(type(self), kwargs, has_weight=False)
-        super().__init__(*args, **plan.nvidia_kwargs, **kwargs)
-        plan.install(self)
+    _has_weight = False
 
 
 #: torch.nn name -> GranQ quant module that ``initialize(modules=...)`` can patch in.
