@@ -5,6 +5,7 @@ The reference loops over the slices that own a range (one per tensor, per channe
 to even, like ``torch.round``), so the eager path must match it bit for bit.
 """
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -307,3 +308,27 @@ def test_integer_tensors_are_rejected(dtype):
 def test_unknown_granularity_is_rejected():
     with pytest.raises(ValueError, match="unknown granularity"):
         F.fake_quantize(torch.randn(2, 3), 4, "per_token", fused=False)
+
+
+# ----------------------------------------------------------------------------- compile fallback
+def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    """Auto mode: a compiler failure warns once, switches to eager (same numbers) and says so;
+    fused=True never hides the failure."""
+    def broken_compile(fn):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    monkeypatch.delenv("GRANQ_FUSED", raising=False)
+    monkeypatch.setattr(F, "_get_compiled", broken_compile)
+    monkeypatch.setattr(F, "_auto_backend", None)
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.warns(RuntimeWarning, match="torch.compile is not usable here"):
+        out = F.fake_quantize(x, 3, fused=None)
+    assert F.fused_backend() == "eager"
+    assert torch.equal(out, F.fake_quantize(x, 3, fused=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        F.fake_quantize(x, 3, fused=None)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        F.fake_quantize(x, 3, fused=True)
