@@ -30,10 +30,11 @@ def _is_relu_output(node: Node, modules: dict) -> bool:
         module = modules[str(node.target)]
         if isinstance(module, _RELU_MODULES):
             return True
-        # fused torch.ao.nn.intrinsic(.qat) modules ending in ReLU: ConvReLU2d, ConvBnReLU2d,
-        # LinearReLU, BNReLU2d, ...
-        name = type(module).__name__
-        return "ReLU" in name and not name.startswith(("ReLU6",)) and name.rstrip("123d").endswith("ReLU")
+        # torch.ao's fused modules that end in a ReLU (ConvReLU2d, ConvBnReLU2d, LinearReLU,
+        # BNReLU2d, ...); not LeakyReLU / PReLU / RReLU, whose outputs are signed.
+        module_type = type(module)
+        return (module_type.__module__.startswith("torch.ao.nn.intrinsic")
+                and module_type.__name__.rstrip("123d").endswith("ReLU"))
     if node.op == "call_function":
         if node.target is torch.nn.functional.hardtanh:  # ReLU6 written as hardtanh(0, 6)
             low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)

@@ -271,3 +271,17 @@ def test_qconfig_bits_reach_the_modules():
     assert (weight.bits, weight.ch_axis, weight.dtype) == (3, 0, torch.qint8)
     assert weight.granularity == granq_ao.PerSampleChannel(axis=1)
     assert weight.qscheme == torch.per_channel_affine  # static export: per output channel
+
+
+@pytest.mark.parametrize("activation, kept", [
+    (nn.ReLU(), 1),        # conv-bn-relu fuses into ConvBnReLU2d: its output is a ReLU output
+    (nn.ReLU6(), 1),
+    (nn.LeakyReLU(0.1), 0),  # signed outputs: not a paper quantization point
+    (nn.PReLU(), 0),
+])
+def test_paper_placement_keeps_only_relu_outputs(activation, kept):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), activation, nn.Conv2d(8, 4, 1))
+    qmap = granq_ao.get_granq_qat_qconfig_mapping(4, 4, act_placement="paper", fused=False)
+    prepared = granq_ao.prepare_qat_fx(model.train(), qmap, (torch.randn(2, 3, 8, 8),))
+    assert count_activation_fake_quant_calls(prepared) == kept
+    prepared(torch.randn(2, 3, 8, 8)).sum().backward()
