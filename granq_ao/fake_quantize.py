@@ -134,15 +134,17 @@ class GranQFakeQuantize(FakeQuantizeBase):
         if not (observe or quantize):
             return x
         try:
-            F.check_input(x, self.granularity)
-            if x.numel() == 0:
-                return x
             x_detached = x.detach()
-            if quantize:  # ranges, qparams and fake-quant in one pass; NaN/inf checked inside,
-                # before the observer records anything
+            if quantize:  # validation, ranges, qparams and fake-quant in one call; NaN/inf
+                # checked inside, before the observer records anything
                 x_hat, x_min, x_max = F.fake_quantize_dynamic(x, self.bits, self.granularity,
                                                               symmetric=self.symmetric, fused=self.fused)
+                if x.numel() == 0:
+                    return x
             else:
+                F.check_input(x, self.granularity)
+                if x.numel() == 0:
+                    return x
                 x_hat = x
                 x_min, x_max = F.reduce_min_max(x_detached, self.granularity)
                 F.check_finite_ranges(x_min, x_max)  # the one host sync; before the observer records

@@ -24,10 +24,10 @@ min/max are exact in any float dtype, so ranges are reduced in the input's dtype
 Two code paths compute the same numbers:
 
 * ``eager``: plain PyTorch ops.
-* ``compiled``: the elementwise step fused by ``torch.compile`` (one read and one write of
-  ``x`` instead of seven passes). It runs the *same Python function* as eager, and the test
-  suite checks bit-identity. It is used when ``torch.compile`` works here; otherwise the eager
-  path is used and a warning says so once.
+* ``compiled``: the whole dynamic step (ranges, qparams, elementwise fake-quant) as one
+  ``torch.compile`` graph (two passes over ``x`` instead of about ten). It runs the *same Python
+  function* as eager, and the test suite checks bit-identity. It is used when ``torch.compile``
+  works here; otherwise the eager path is used and a warning says so once.
 
 Choose with the ``fused=`` argument (``None`` = auto, ``True`` = compiled or an error,
 ``False`` = eager) or the ``GRANQ_FUSED`` environment variable (``auto`` | ``1`` | ``0``);
@@ -132,15 +132,23 @@ def reduce_min_max(x: torch.Tensor, granularity: GranularityLike = "granq", axis
     indices: the slow reference of the paper's latency figure.
     """
     granularity = check_input(x, granularity, axis)
-    kept = granularity.kept_dims(x.dim())
-    reduced = [d for d in range(x.dim()) if d not in kept]
     if isinstance(granularity, PerSampleChannel) and granularity.iterative:
-        return _reduce_min_max_loop(x, kept)
+        return _reduce_min_max_loop(x, granularity.kept_dims(x.dim()))
+    reduced = _reduced_dims(granularity, x.dim())
     if not reduced:  # every dim kept: each element is its own range
         xf = x.float()
         return xf, xf
-    # min/max of fp16/bf16 values are exact: reduce in x's dtype (no float32 copy of x), then cast.
-    # NOTE: amin(dim=[]) would reduce over ALL dims; `reduced` is never empty here.
+    return _min_max_over(x, reduced)
+
+
+def _reduced_dims(granularity: Granularity, ndim: int) -> Tuple[int, ...]:
+    kept = granularity.kept_dims(ndim)
+    return tuple(d for d in range(ndim) if d not in kept)
+
+
+def _min_max_over(x: torch.Tensor, reduced: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Float32 keepdim min/max over ``reduced`` (never empty: ``amin(dim=())`` would reduce over
+    ALL dims). min/max of fp16/bf16 values are exact: reduced in x's dtype, then cast."""
     return x.amin(dim=reduced, keepdim=True).float(), x.amax(dim=reduced, keepdim=True).float()
 
 
@@ -208,9 +216,7 @@ def _dynamic_fake_quantize(x: torch.Tensor, reduced: Tuple[int, ...], q_min: int
                            symmetric: bool):
     """The whole dynamic step: ranges over ``reduced`` dims, qparams, elementwise fake-quant.
     Returns ``(x_hat, x_min, x_max)``. One function for the eager and the compiled path."""
-    # min/max of fp16/bf16 values are exact: reduce in x's dtype, then cast.
-    x_min = x.amin(dim=reduced, keepdim=True).float()
-    x_max = x.amax(dim=reduced, keepdim=True).float()
+    x_min, x_max = _min_max_over(x, reduced)
     scale, zero_point = _qparams(x_min, x_max, q_min, q_max, symmetric)
     return _fake_quantize_elementwise(x, scale, zero_point, q_min, q_max), x_min, x_max
 
@@ -348,8 +354,7 @@ def fake_quantize_dynamic(x: torch.Tensor, bits: int = 4, granularity: Granulari
     the NaN/inf check reads the small range tensors afterwards."""
     q_min, q_max = quant_range(bits, symmetric)
     granularity = check_input(x, granularity, axis)  # validates the axis even for empty input
-    kept = granularity.kept_dims(x.dim())
-    reduced = tuple(d for d in range(x.dim()) if d not in kept)
+    reduced = _reduced_dims(granularity, x.dim())
     if x.numel() == 0:  # defined result for an empty batch: nothing to quantize, no ranges
         no_range = x.new_empty(0, dtype=torch.float32)
         return x.clone(), no_range, no_range
