@@ -1,69 +1,92 @@
-"""Focused forward+backward timing at the issue's shape (200, 16, 32, 32), 3 bits, fp32.
+"""Focused timing of the issue's latency targets at (200, 16, 32, 32), fp32, ``--bits`` (3).
 
 Candidates: the ``torch.clone`` memory-copy floor, ``GranQFakeQuantize``, torch.ao's
-``FakeQuantize`` (per-tensor MovingAverageMinMaxObserver) and ``granq_iterative``. Calls are
-interleaved (one of each per round) and ``x.grad`` is reset before every call, so no
-13 MB gradient accumulation or allocator effect lands on one candidate only. Prints medians
-and the ratios the issue's targets name. Complements ``fake_quant_latency.py``; see
-docs/RESULTS.md.
+``FakeQuantize`` (per-tensor MovingAverageMinMaxObserver) and ``granq_iterative``; modes
+``fwd``, ``fwdgrad`` (autograd.grad: as inside a network) and ``fwdbwd`` (``.backward()`` into
+a leaf's ``.grad``: +1 gradient copy for everyone); see ``fake_quant_latency.py``, whose
+candidates, modes, interleaved timing and ``--warm-malloc`` this script reuses. More rounds
+than the full benchmark spends on one shape; prints median, quartiles and minimum, and the
+target ratios by median and by minimum. On a shared or virtual machine, interference (other
+processes, page faults of fresh 13 MB buffers, memory reclaim) only ever adds time, so the
+minimum is the estimate of a call's own cost that timeit's documentation recommends; the
+median says what a caller saw in this run.
 
-    python benchmarks/focus_fwd_bwd.py [--rounds 60] [--threads 2]
+    python benchmarks/focus_fwd_bwd.py [--rounds 60] [--threads 2] [--warm-malloc]
 """
 import argparse
+import importlib.util
+import statistics
+import sys
 import time
-import warnings
+from pathlib import Path
 
 import torch
-import torch.ao.quantization as tq
 
-from granq_ao.fake_quantize import GranQFakeQuantize
+_spec = importlib.util.spec_from_file_location("fake_quant_latency",
+                                               Path(__file__).with_name("fake_quant_latency.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
-
-def median_ms(times):
-    return sorted(times)[len(times) // 2] * 1e3
-
-
-def time_fwd_bwd(op, x, grad):
-    x.grad = None
-    start = time.perf_counter()
-    op(x).backward(grad)
-    return time.perf_counter() - start
+CANDIDATES = ("clone", "granq", "torchao_fq")
 
 
-def main():
+def quartiles_ms(times):
+    q1, q2, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+    return q1 * 1e3, q2 * 1e3, q3 * 1e3
+
+
+def warm_up(fns, seconds):
+    """Round-robin calls for ``seconds`` (at least 10 rounds): compilation, and the first few
+    hundred ms in which the process's heap grows to its steady size (times of every candidate
+    are 2-5x higher there on this machine), stay out of the timed rounds."""
+    start, rounds = time.perf_counter(), 0
+    while rounds < 10 or time.perf_counter() - start < seconds:
+        for fn in fns.values():
+            fn()
+        rounds += 1
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=60, help="interleaved rounds per mode")
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="untimed round-robin seconds per mode")
     parser.add_argument("--iterative-calls", type=int, default=5)
+    parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    parser.add_argument("--warm-malloc", action="store_true", help="see fake_quant_latency.py")
+    args = parser.parse_args(argv)
+    malloc = "warm (mallopt)" if args.warm_malloc and bench.warm_malloc() else "glibc default"
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    x = torch.relu(torch.randn(200, 16, 32, 32)).requires_grad_()
-    grad = torch.randn_like(x)
-    candidates = {
-        "clone": torch.clone,
-        "granq": GranQFakeQuantize(bits=3),
-        "torchao_fq": tq.FakeQuantize(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=7),
-    }
-    for _ in range(10):  # warm-up (includes GranQ's one-time compile)
-        for op in candidates.values():
-            time_fwd_bwd(op, x, grad)
-    times = {name: [] for name in candidates}
-    for _ in range(args.rounds):
-        for name, op in candidates.items():
-            times[name].append(time_fwd_bwd(op, x, grad))
-    medians = {name: median_ms(t) for name, t in times.items()}
-    iterative = GranQFakeQuantize(bits=3, granularity="granq_iterative")
-    medians["granq_iterative"] = median_ms([time_fwd_bwd(iterative, x, grad)
-                                            for _ in range(args.iterative_calls)])
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, shape {tuple(x.shape)}, 3 bits")
-    for name, value in medians.items():
-        print(f"{name:16s} fwd+bwd median {value:8.3f} ms")
-    print(f"granq / clone {medians['granq'] / medians['clone']:.2f}   "
-          f"granq / torchao_fq {medians['granq'] / medians['torchao_fq']:.3f}   "
-          f"granq_iterative / granq {medians['granq_iterative'] / medians['granq']:.1f}")
+    cpu = torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(bench.TARGET_SHAPE, generator=generator)
+    grad = torch.randn(bench.TARGET_SHAPE, generator=generator)
+    x_grad = x.clone().requires_grad_(True)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, malloc {malloc}, "
+          f"shape {bench.TARGET_SHAPE}, {args.bits} bits, {args.rounds} rounds")
+    medians, minima = {}, {}
+    for mode in bench.MODES:
+        inp = x if mode == "fwd" else x_grad
+        fns = {name: bench._step(bench.make_fake_quant(name, args.bits, cpu), inp, grad, mode)
+               for name in CANDIDATES}
+        warm_up(fns, args.warmup_s)
+        times = bench.time_interleaved(fns, cpu, reps=args.rounds, warmup=0)
+        iterative = bench._step(bench.make_fake_quant("granq_iterative", args.bits, cpu), inp, grad, mode)
+        times["granq_iterative"] = bench.time_calls(iterative, cpu, reps=args.iterative_calls, warmup=1)
+        print(f"\n{mode}: {bench.MODE_TITLES[mode]}")
+        for name, spent in times.items():
+            q1, q2, q3 = quartiles_ms(spent)
+            medians[mode, name] = q2
+            minima[mode, name] = min(spent) * 1e3
+            print(f"  {name:16s} median {q2:8.3f} ms   quartiles [{q1:.3f}, {q3:.3f}]   "
+                  f"min {minima[mode, name]:8.3f}   n={len(spent)}")
+        for label, table in (("median", medians), ("min", minima)):
+            print(f"  by {label:6s}: granq / clone {table[mode, 'granq'] / table[mode, 'clone']:.2f}   "
+                  f"granq / torchao_fq {table[mode, 'granq'] / table[mode, 'torchao_fq']:.3f}   "
+                  f"granq_iterative / granq {table[mode, 'granq_iterative'] / table[mode, 'granq']:.1f}")
+        sys.stdout.flush()
+    return medians, minima
 
 
 if __name__ == "__main__":

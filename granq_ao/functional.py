@@ -118,7 +118,16 @@ def _check_input(x: torch.Tensor, granularity: Granularity) -> None:
 def check_finite_ranges(x_min: torch.Tensor, x_max: torch.Tensor) -> None:
     """Raise :class:`NonFiniteInputError` unless every range is finite. min/max propagate NaN
     and +-inf, so checking the small range tensors checks all of ``x`` (one host sync)."""
-    if not bool(torch.isfinite(x_min).all() & torch.isfinite(x_max).all()):
+    _raise_unless_finite(_all_finite(x_min, x_max))
+
+
+def _all_finite(x_min: torch.Tensor, x_max: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: every range is finite (computed inside the compiled step too)."""
+    return torch.isfinite(x_min).all() & torch.isfinite(x_max).all()
+
+
+def _raise_unless_finite(all_finite: torch.Tensor) -> None:
+    if not bool(all_finite):
         raise NonFiniteInputError("input holds NaN or infinite values; GranQ cannot quantize them")
 
 
@@ -214,11 +223,13 @@ def _tracing() -> bool:
 
 def _dynamic_fake_quantize(x: torch.Tensor, reduced: Tuple[int, ...], q_min: int, q_max: int,
                            symmetric: bool):
-    """The whole dynamic step: ranges over ``reduced`` dims, qparams, elementwise fake-quant.
-    Returns ``(x_hat, x_min, x_max)``. One function for the eager and the compiled path."""
+    """The whole dynamic step: ranges over ``reduced`` dims, qparams, elementwise fake-quant,
+    and the finiteness flag of the ranges. Returns ``(x_hat, x_min, x_max, all_finite)``. One
+    function for the eager and the compiled path."""
     x_min, x_max = _min_max_over(x, reduced)
     scale, zero_point = _qparams(x_min, x_max, q_min, q_max, symmetric)
-    return _fake_quantize_elementwise(x, scale, zero_point, q_min, q_max), x_min, x_max
+    x_hat = _fake_quantize_elementwise(x, scale, zero_point, q_min, q_max)
+    return x_hat, x_min, x_max, _all_finite(x_min, x_max)
 
 
 _auto_backend: Optional[str] = None  # "compiled" | "eager", decided at the first auto call
@@ -299,18 +310,18 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class _DynamicStraightThrough(torch.autograd.Function):
-    """Forward: ``_dynamic_fake_quantize`` -> (x_hat, x_min, x_max). Backward: ``grad_x =
-    grad_x_hat`` (STE); the ranges carry no gradient."""
+    """Forward: ``_dynamic_fake_quantize`` -> (x_hat, x_min, x_max, all_finite). Backward:
+    ``grad_x = grad_x_hat`` (STE); the ranges and the flag carry no gradient."""
 
     @staticmethod
     def forward(ctx, x, reduced, q_min, q_max, symmetric, fused):
-        x_hat, x_min, x_max = _run(_dynamic_fake_quantize, fused, x.detach(), reduced, q_min, q_max,
-                                   symmetric)
-        ctx.mark_non_differentiable(x_min, x_max)
-        return x_hat, x_min, x_max
+        x_hat, x_min, x_max, all_finite = _run(_dynamic_fake_quantize, fused, x.detach(), reduced,
+                                               q_min, q_max, symmetric)
+        ctx.mark_non_differentiable(x_min, x_max, all_finite)
+        return x_hat, x_min, x_max, all_finite
 
     @staticmethod
-    def backward(ctx, grad_output, grad_min, grad_max):
+    def backward(ctx, grad_output, grad_min, grad_max, grad_flag):
         return grad_output, None, None, None, None, None
 
 
@@ -362,9 +373,10 @@ def fake_quantize_dynamic(x: torch.Tensor, bits: int = 4, granularity: Granulari
         # Tracers (TorchScript ONNX export) record these plain ops; the fused Function is opaque to them.
         x_min, x_max = reduce_min_max(x.detach(), granularity)
         return fake_quantize_from_ranges(x, x_min, x_max, bits, symmetric, fused, check_finite), x_min, x_max
-    x_hat, x_min, x_max = _DynamicStraightThrough.apply(x, reduced, q_min, q_max, symmetric, fused)
+    x_hat, x_min, x_max, all_finite = _DynamicStraightThrough.apply(x, reduced, q_min, q_max,
+                                                                    symmetric, fused)
     if check_finite:
-        check_finite_ranges(x_min, x_max)
+        _raise_unless_finite(all_finite)
     return x_hat, x_min, x_max
 
 

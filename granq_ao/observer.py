@@ -136,20 +136,17 @@ class GranQObserver(ObserverBase):
             self.max_val.resize_(channel_max.shape).copy_(channel_max)
         elif self.min_val.shape != channel_min.shape:
             self._channel_mismatch.fill_(True)
-        else:
-            a = self.averaging_constant
-            self.min_val.add_(a * (channel_min - self.min_val))
-            self.max_val.add_(a * (channel_max - self.max_val))
+        else:  # lerp_: min_val + a * (channel_min - min_val), one op per buffer
+            self.min_val.lerp_(channel_min, self.averaging_constant)
+            self.max_val.lerp_(channel_max, self.averaging_constant)
 
     def _record_tensor(self, tensor_min: torch.Tensor, tensor_max: torch.Tensor) -> None:
         # Branch-free (no host sync on GPU): the first batch (running range still +-inf) is taken
-        # as is, later ones are averaged in.
+        # as is, later ones are averaged in (lerp of an infinite start is NaN; where() drops it).
         first = torch.isinf(self.min_val_tensor)
         a = self.averaging_constant
-        self.min_val_tensor.copy_(torch.where(
-            first, tensor_min, self.min_val_tensor + a * (tensor_min - self.min_val_tensor)))
-        self.max_val_tensor.copy_(torch.where(
-            first, tensor_max, self.max_val_tensor + a * (tensor_max - self.max_val_tensor)))
+        self.min_val_tensor.copy_(torch.where(first, tensor_min, self.min_val_tensor.lerp(tensor_min, a)))
+        self.max_val_tensor.copy_(torch.where(first, tensor_max, self.max_val_tensor.lerp(tensor_max, a)))
 
     # -- static qparams
     @torch.jit.export

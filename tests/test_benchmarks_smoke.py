@@ -26,8 +26,9 @@ def eager(monkeypatch):
 # every candidate except the one that compiles unconditionally (fused=True)
 EAGER_CANDIDATES = ["clone", "torchao_fq", "torchao_fused", "tensor", "channel", "granq_iterative",
                     "granq", "granq_fn_eager"]
-ROW_KEYS = {"shape", "candidate", "fwd_ms", "fwdbwd_ms", "fwd_min_ms", "fwdbwd_min_ms", "fwd_reps",
-            "fwdbwd_reps", "fwd_x_clone", "fwdbwd_x_clone", "fwd_x_torchao_fq", "fwdbwd_x_torchao_fq"}
+MODES = ("fwd", "fwdgrad", "fwdbwd")
+ROW_KEYS = {"shape", "candidate"} | {f"{mode}_{key}" for mode in MODES
+                                     for key in ("ms", "min_ms", "reps", "x_clone", "x_torchao_fq")}
 
 
 def test_candidate_and_shape_vocabulary(bench):
@@ -45,9 +46,9 @@ def test_latency_rows_and_ratios(bench):
         (shape, name) for shape in [(1, 16, 32, 32), (1, 32, 16, 16), (1, 64, 8, 8)] for name in EAGER_CANDIDATES]
     for row in rows:
         assert set(row) == ROW_KEYS
-        assert row["fwd_reps"] == row["fwdbwd_reps"] == 1
-        assert row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0
-        for mode in ("fwd", "fwdbwd"):
+        assert row["fwd_reps"] == row["fwdgrad_reps"] == row["fwdbwd_reps"] == 1
+        assert row["fwd_ms"] > 0 and row["fwdgrad_ms"] > 0 and row["fwdbwd_ms"] > 0
+        for mode in MODES:
             assert row[f"{mode}_x_clone"] == pytest.approx(
                 row[f"{mode}_ms"] / next(r for r in rows if r["shape"] == row["shape"]
                                          and r["candidate"] == "clone")[f"{mode}_ms"])
@@ -66,6 +67,24 @@ def test_iterative_only_at_target_and_missing_reference(bench):
     assert all(r["fwd_x_clone"] is None and r["fwdbwd_x_torchao_fq"] is None for r in rows)
     with pytest.raises(ValueError, match="unknown candidates"):
         bench.run_latency(batches=[1], candidates=["nope"])
+
+
+def test_modes_compute_the_input_gradient(bench):
+    """fwdgrad hands back d(out)/dx without touching x.grad; fwdbwd accumulates into x.grad."""
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    grad = torch.randn(2, 16, 4, 4)
+    op = bench.make_fake_quant("granq", 3, torch.device("cpu"))
+    assert bench._step(op, x, grad, "fwd")().shape == x.shape
+    (dx,) = bench._step(op, x, grad, "fwdgrad")()
+    assert torch.equal(dx, grad) and x.grad is None  # straight-through
+    assert bench._step(op, x, grad, "fwdbwd")() is None
+    assert torch.equal(x.grad, grad) and x.grad is not grad  # AccumulateGrad stored a copy
+    assert list(bench.MODE_TITLES) == list(MODES)
+
+
+def test_warm_malloc_is_safe_to_call(bench):
+    assert bench.warm_malloc() in (True, False)
+    assert torch.ones(3).sum() == 3  # the allocator still works
 
 
 def test_candidates_fake_quantize(bench):
@@ -119,13 +138,17 @@ def test_torchao_mapping_ranges(bench):
 
 def test_targets_pass_fail(bench):
     shape = list(bench.TARGET_SHAPE)
-    latency = [{"shape": shape, "candidate": name, "fwdbwd_ms": ms}
-               for name, ms in (("clone", 1.0), ("torchao_fq", 10.0), ("granq", 3.0), ("granq_iterative", 120.0))]
+    times = {"clone": (1.0, 1.0), "torchao_fq": (10.0, 10.0), "granq": (2.0, 3.0), "granq_iterative": (110.0, 120.0)}
+    latency = [{"shape": shape, "candidate": name, "fwd_ms": fwdgrad / 2, "fwdgrad_ms": fwdgrad, "fwdbwd_ms": fwdbwd}
+               for name, (fwdgrad, fwdbwd) in times.items()]
     qat = [{"config": "torchao_fq", "step_ms": 100.0, "peak_mib": 50.0},
            {"config": "granq_all", "step_ms": 105.0, "peak_mib": 55.0}]
     targets = bench.evaluate_targets(latency, qat)
     assert [(t["status"], round(t["value"], 3) if t["value"] is not None else None) for t in targets] == [
-        ("PASS", 3.0), ("FAIL", 0.3), ("FAIL", 40.0), ("PASS", 1.05), ("n/a", None), ("FAIL", 1.1), ("n/a", None)]
+        ("PASS", 2.0), ("PASS", 0.2), ("PASS", 55.0),   # fwd+bwd via autograd.grad
+        ("PASS", 3.0), ("FAIL", 0.3), ("FAIL", 40.0),   # fwd+bwd into a leaf
+        ("PASS", 55.0),                                  # forward speed-up over granq_iterative
+        ("PASS", 1.05), ("n/a", None), ("FAIL", 1.1), ("n/a", None)]
     assert "[FAIL]" in bench.format_targets(targets)
 
 
