@@ -61,7 +61,7 @@ be. Both count the limit hits and print them.
 CPU allocator: glibc returns large freed blocks to the OS (mmap threshold / heap trimming), so
 a 13 MB output may be page-faulted in afresh on one call and reused on the next, depending on
 what the previous candidate freed: times of every candidate then swing by 2-3x from run to run.
-``--warm-malloc`` sets glibc's ``M_MMAP_THRESHOLD`` (256 MiB) and ``M_TRIM_THRESHOLD`` (4 GiB)
+``--warm-malloc`` sets glibc's ``M_MMAP_THRESHOLD`` (256 MiB) and ``M_TRIM_THRESHOLD`` (1 GiB)
 with ``mallopt`` at start, so freed blocks are reused as a caching allocator (jemalloc,
 tcmalloc, CUDA's caching allocator) would; the run header says which allocator setting was used.
 
@@ -135,15 +135,16 @@ def cpu_name() -> str:
 
 def warm_malloc() -> bool:
     """glibc: keep freed blocks for reuse (no mmap for blocks < 256 MiB, no heap trimming below
-    4 GiB). Returns False where glibc's ``mallopt`` is not available (nothing changes)."""
+    1 GiB). Returns False where glibc's ``mallopt`` is not available (nothing changes)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, 256 * 2**20)) and bool(mallopt(m_trim_threshold, 4 * 2**30))
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h; values are C ints
+    return bool(mallopt(m_mmap_threshold, 256 * 2**20)) and bool(mallopt(m_trim_threshold, 2**30))
 
 
 def environment(device: torch.device) -> Dict[str, object]:
@@ -628,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     F.quant_range(args.bits)
     malloc = "glibc default"
     if args.warm_malloc:
-        malloc = ("warm (mallopt M_MMAP_THRESHOLD 256 MiB, M_TRIM_THRESHOLD 4 GiB)" if warm_malloc()
+        malloc = ("warm (mallopt M_MMAP_THRESHOLD 256 MiB, M_TRIM_THRESHOLD 1 GiB)" if warm_malloc()
                   else "default (mallopt not available here; --warm-malloc had no effect)")
     reps = args.reps or (5 if args.quick else 20)
     settings = {

@@ -9,7 +9,9 @@ than the full benchmark spends on one shape; prints median, quartiles and minimu
 target ratios by median and by minimum. On a shared or virtual machine, interference (other
 processes, page faults of fresh 13 MB buffers, memory reclaim) only ever adds time, so the
 minimum is the estimate of a call's own cost that timeit's documentation recommends; the
-median says what a caller saw in this run.
+median says what a caller saw in this run. Page faults per call are printed beside: with
+glibc's default allocator a fresh 13 MB buffer may be page-faulted in (~3,200 faults, several
+ms on this VM) on some calls and reused on others; ``--warm-malloc`` removes that.
 
     python benchmarks/focus_fwd_bwd.py [--rounds 60] [--threads 2] [--warm-malloc]
 """
@@ -46,6 +48,25 @@ def warm_up(fns, seconds):
         rounds += 1
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def counting_faults(fn, counts, name):
+    """``fn`` that also adds the page faults of each call to ``counts[name]`` (a fresh, untouched
+    13 MB buffer costs ~3,200 faults; a reused one none)."""
+    def call():
+        before = minor_faults()
+        fn()
+        counts[name] = counts.get(name, 0) + minor_faults() - before
+    return call
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=60, help="interleaved rounds per mode")
@@ -71,16 +92,21 @@ def main(argv=None):
         fns = {name: bench._step(bench.make_fake_quant(name, args.bits, cpu), inp, grad, mode)
                for name in CANDIDATES}
         warm_up(fns, args.warmup_s)
+        faults = {}
+        fns = {name: counting_faults(fn, faults, name) for name, fn in fns.items()}
         times = bench.time_interleaved(fns, cpu, reps=args.rounds, warmup=0)
         iterative = bench._step(bench.make_fake_quant("granq_iterative", args.bits, cpu), inp, grad, mode)
-        times["granq_iterative"] = bench.time_calls(iterative, cpu, reps=args.iterative_calls, warmup=1)
+        iterative()  # warm-up, uncounted
+        times["granq_iterative"] = bench.time_calls(counting_faults(iterative, faults, "granq_iterative"),
+                                                    cpu, reps=args.iterative_calls, warmup=0)
         print(f"\n{mode}: {bench.MODE_TITLES[mode]}")
         for name, spent in times.items():
             q1, q2, q3 = quartiles_ms(spent)
             medians[mode, name] = q2
             minima[mode, name] = min(spent) * 1e3
             print(f"  {name:16s} median {q2:8.3f} ms   quartiles [{q1:.3f}, {q3:.3f}]   "
-                  f"min {minima[mode, name]:8.3f}   n={len(spent)}")
+                  f"min {minima[mode, name]:8.3f}   n={len(spent)}   "
+                  f"page faults/call {faults.get(name, 0) / len(spent):6.0f}")
         for label, table in (("median", medians), ("min", minima)):
             print(f"  by {label:6s}: granq / clone {table[mode, 'granq'] / table[mode, 'clone']:.2f}   "
                   f"granq / torchao_fq {table[mode, 'granq'] / table[mode, 'torchao_fq']:.3f}   "

@@ -25,7 +25,8 @@ Two code paths compute the same numbers:
 
 * ``eager``: plain PyTorch ops.
 * ``compiled``: the whole dynamic step (ranges, qparams, elementwise fake-quant) as one
-  ``torch.compile`` graph (two passes over ``x`` instead of about ten). It runs the *same Python
+  ``torch.compile`` graph (one kernel: each (n, c) row is reduced and quantized while it is
+  in cache, instead of about ten eager passes over ``x``). It runs the *same Python
   function* as eager, and the test suite checks bit-identity. It is used when ``torch.compile``
   works here; otherwise the eager path is used and a warning says so once.
 
@@ -126,9 +127,18 @@ def _all_finite(x_min: torch.Tensor, x_max: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x_min).all() & torch.isfinite(x_max).all()
 
 
+_NON_FINITE_MESSAGE = "input holds NaN or infinite values; GranQ cannot quantize them"
+
+
 def _raise_unless_finite(all_finite: torch.Tensor) -> None:
+    """Eager: one host read of the flag, :class:`NonFiniteInputError` if it is False. Inside a
+    user's ``torch.compile`` region: a device-side assert instead (no graph break; it fails the
+    call with a ``RuntimeError`` carrying the same message)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(all_finite, _NON_FINITE_MESSAGE)
+        return
     if not bool(all_finite):
-        raise NonFiniteInputError("input holds NaN or infinite values; GranQ cannot quantize them")
+        raise NonFiniteInputError(_NON_FINITE_MESSAGE)
 
 
 # ----------------------------------------------------------------------------- ranges
