@@ -98,7 +98,8 @@ def insert_dynamic_quant_dequant(model: GraphModule, node: Node,
     name, axis = _granularity_args(fake_quant)
     bits, symmetric = fake_quant.bits, fake_quant.symmetric
     with graph.inserting_before(node):
-        ranges = graph.call_function(F.reduce_min_max, (x, name, axis))
+        ranges = graph.call_function(F.reduce_min_max, (x, name, axis),
+                                     {"check_finite": getattr(fake_quant, "check_finite", True)})
         x_min = graph.call_function(operator.getitem, (ranges, 0))
         x_max = graph.call_function(operator.getitem, (ranges, 1))
         qparams = graph.call_function(F.compute_qparams, (x_min, x_max, bits, symmetric))

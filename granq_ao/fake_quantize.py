@@ -57,6 +57,9 @@ class GranQFakeQuantize(FakeQuantizeBase):
         ch_axis: channel axis (1 for activations, 0 for weights).
         symmetric: symmetric grid (zero point 0) instead of the paper's asymmetric one.
         fused: ``None`` auto, ``True`` torch.compile'd, ``False`` eager (same numbers).
+        check_finite: refuse NaN/inf input (default). ``False`` skips the check and its one
+            host read per call (on a GPU, a sync); NaN/inf then propagate (a slice whose range
+            is NaN passes through unquantized, one with an infinite range becomes NaN).
         dtype: ``torch.quint8`` (activations; unsigned grid) or ``torch.qint8`` (weights; signed
             grid), the label torch.ao's backend checks. Default: ``qint8`` when ``quant_min < 0``
             is given, else ``quint8``.
@@ -72,7 +75,8 @@ class GranQFakeQuantize(FakeQuantizeBase):
                  granularity: Union[str, Granularity] = "granq", ch_axis: int = 1,
                  symmetric: bool = False, fused: Optional[bool] = None,
                  quant_min: Optional[int] = None, quant_max: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, **observer_kwargs) -> None:
+                 dtype: Optional[torch.dtype] = None, check_finite: bool = True,
+                 **observer_kwargs) -> None:
         super().__init__()
         if bits is None:
             bits = bits_from_quant_range(quant_min, quant_max) if quant_min is not None else 8
@@ -84,6 +88,7 @@ class GranQFakeQuantize(FakeQuantizeBase):
         self.granularity = as_granularity(granularity, ch_axis)
         self.ch_axis = ch_axis
         self.fused = fused
+        self.check_finite = bool(check_finite)
         self.dtype = dtype
         self.is_dynamic = False
         if isinstance(observer, type) and issubclass(observer, GranQObserver):
@@ -139,7 +144,8 @@ class GranQFakeQuantize(FakeQuantizeBase):
             if quantize:  # validation, ranges, qparams and fake-quant in one call; NaN/inf
                 # checked inside, before the observer records anything
                 x_hat, x_min, x_max = F.fake_quantize_dynamic(x, self.bits, self.granularity,
-                                                              symmetric=self.symmetric, fused=self.fused)
+                                                              symmetric=self.symmetric, fused=self.fused,
+                                                              check_finite=self.check_finite)
                 if x.numel() == 0:
                     return x
             else:
@@ -148,7 +154,8 @@ class GranQFakeQuantize(FakeQuantizeBase):
                     return x
                 x_hat = x
                 x_min, x_max = F.reduce_min_max(x_detached, self.granularity)
-                F.check_finite_ranges(x_min, x_max)  # the one host sync; before the observer records
+                if self.check_finite:  # the one host read; before the observer records
+                    F.check_finite_ranges(x_min, x_max)
             if observe:
                 if self._observer_reuses_ranges(x.dim()):
                     self.activation_post_process.record_ranges(x_min, x_max)
@@ -180,7 +187,8 @@ class GranQFakeQuantize(FakeQuantizeBase):
             granularity += f"(axis={axis})"
         return (f"bits={self.bits}, granularity={granularity}, ch_axis={self.ch_axis}, "
                 f"symmetric={self.symmetric}, fake_quant_enabled={self._fake_quant_on}, "
-                f"observer_enabled={self._observer_on}, backend={F.fused_backend(self.fused)}")
+                f"observer_enabled={self._observer_on}, backend={F.fused_backend(self.fused)}"
+                + ("" if self.check_finite else ", check_finite=False"))
 
     def _where(self) -> str:
         """This module's qualified name in the outermost module on the call stack that holds it

@@ -142,22 +142,33 @@ def _raise_unless_finite(all_finite: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- ranges
-def reduce_min_max(x: torch.Tensor, granularity: GranularityLike = "granq", axis: int = 1
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+def reduce_min_max(x: torch.Tensor, granularity: GranularityLike = "granq", axis: int = 1,
+                   check_finite: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Float32 ``(x_min, x_max)`` reduced over every dim the granularity does not keep.
 
     The result has ``x``'s rank with size 1 on reduced dims (it broadcasts against ``x``).
     ``granq_iterative`` computes the very same numbers with a Python loop over the kept
-    indices: the slow reference of the paper's latency figure.
+    indices: the slow reference of the paper's latency figure. An empty ``x`` gives zero
+    (empty) ranges: nothing is quantized. ``check_finite``: raise
+    :class:`NonFiniteInputError` on NaN/inf (used by converted reference graphs).
     """
     granularity = check_input(x, granularity, axis)
+    kept = granularity.kept_dims(x.dim())
+    if x.numel() == 0:
+        shape = [x.shape[d] if d in kept else 1 for d in range(x.dim())]
+        no_range = x.new_zeros(shape, dtype=torch.float32)
+        return no_range, no_range
     if isinstance(granularity, PerSampleChannel) and granularity.iterative:
-        return _reduce_min_max_loop(x, granularity.kept_dims(x.dim()))
-    reduced = _reduced_dims(granularity, x.dim())
-    if not reduced:  # every dim kept: each element is its own range
-        xf = x.float()
-        return xf, xf
-    return _min_max_over(x, reduced)
+        x_min, x_max = _reduce_min_max_loop(x, kept)
+    else:
+        reduced = _reduced_dims(granularity, x.dim())
+        if reduced:
+            x_min, x_max = _min_max_over(x, reduced)
+        else:  # every dim kept: each element is its own range
+            x_min = x_max = x.float()
+    if check_finite:
+        check_finite_ranges(x_min, x_max)
+    return x_min, x_max
 
 
 def _reduced_dims(granularity: Granularity, ndim: int) -> Tuple[int, ...]:
@@ -175,8 +186,6 @@ def _reduce_min_max_loop(x: torch.Tensor, kept: Tuple[int, ...]):
     shape = [x.shape[d] if d in kept else 1 for d in range(x.dim())]
     x_min = x.new_empty(shape, dtype=torch.float32)
     x_max = x.new_empty(shape, dtype=torch.float32)
-    if x.numel() == 0:
-        return x_min, x_max
     moved = x.movedim(kept, tuple(range(len(kept))))
     for index in torch.cartesian_prod(*[torch.arange(x.shape[d]) for d in kept]).reshape(-1, len(kept)).tolist():
         block = moved[tuple(index)]
@@ -204,24 +213,34 @@ def _qparams(x_min: torch.Tensor, x_max: torch.Tensor, q_min: int, q_max: int, s
         scale = torch.maximum(x_min.abs(), x_max.abs()) / ((q_max - q_min) / 2)
         return scale, torch.zeros_like(scale)
     scale = (x_max - x_min) / (q_max - q_min)
-    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero_point = torch.where(scale > 0, torch.round(-x_min / safe_scale), torch.zeros_like(scale))
+    zero_point = torch.where(scale > 0, torch.round(-x_min / _safe_scale(scale)), torch.zeros_like(scale))
     return scale, zero_point
 
 
 # ----------------------------------------------------------------------------- elementwise step
+def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with 1 where it is 0 (empty ranges), so dividing by it is always defined."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _codes(xf: torch.Tensor, safe_scale: torch.Tensor, zero_point: torch.Tensor, q_min: int,
+           q_max: int) -> torch.Tensor:
+    """``clamp(round(x / s + z), q_min, q_max)`` as a new float32 tensor: the one rounding
+    expression of the package (fake-quant, integer codes, conversion). One new tensor, then in
+    place: eager ~2.5x faster than a fresh tensor per op; compiled, fused either way. ``xf`` is
+    never written (it may alias the caller's input)."""
+    return (xf / safe_scale).add_(zero_point).round_().clamp_(q_min, q_max)
+
+
 def _fake_quantize_elementwise(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                                q_min: int, q_max: int) -> torch.Tensor:
     """``(clamp(round(x / s + z), q_min, q_max) - z) * s`` in float32; ``x`` itself where s == 0."""
     xf = x.float()
     has_range = scale > 0
-    safe_scale = torch.where(has_range, scale, torch.ones_like(scale))
-    # One new tensor, then in place (eager: ~2.5x faster than a fresh tensor per op; compiled:
-    # fused either way). ``xf`` may alias ``x`` and is never written.
+    safe_scale = _safe_scale(scale)
     # q_min/q_max are Python ints: torch.compile guards a float argument on its value (one
     # recompile per bit width), an int becomes a dynamic symbol after the first change.
-    x_hat = (xf / safe_scale).add_(zero_point).round_().clamp_(q_min, q_max)
-    x_hat.sub_(zero_point).mul_(safe_scale)
+    x_hat = _codes(xf, safe_scale, zero_point, q_min, q_max).sub_(zero_point).mul_(safe_scale)
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return torch.where(has_range, x_hat, xf).to(x.dtype)  # traced graphs: no out= aliasing
     return torch.where(has_range, x_hat, xf, out=x_hat).to(x.dtype)  # eager: no new allocation
@@ -410,9 +429,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bit
     int8 (symmetric). Where ``s == 0`` the code is ``z`` (``dequantize`` then restores nothing:
     use :func:`fake_quantize` semantics via ``dequantize(..., passthrough=x)``)."""
     q_min, q_max = quant_range(bits, symmetric)
-    scale = scale.float()
-    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    x_q = torch.clamp(torch.round(x.float() / safe_scale + zero_point.float()), q_min, q_max)
+    x_q = _codes(x.float(), _safe_scale(scale.float()), zero_point.float(), q_min, q_max)
     return x_q.to(torch.int8 if symmetric else torch.uint8)
 
 
@@ -422,7 +439,7 @@ def dequantize(x_q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
     """``x_hat = (x_q - z) * s``; where ``s == 0`` the value of ``passthrough`` (the original
     input) is returned, which makes ``dequantize(quantize(x))`` equal ``fake_quantize(x)``."""
     scale = scale.float()
-    x_hat = (x_q.float() - zero_point.float()) * torch.where(scale > 0, scale, torch.ones_like(scale))
+    x_hat = (x_q.float() - zero_point.float()) * _safe_scale(scale)
     if passthrough is not None:
         x_hat = torch.where(scale > 0, x_hat, passthrough.float())
     return x_hat.to(dtype)

@@ -55,8 +55,9 @@ class GranQQConfigMapping(QConfigMapping):
 def get_granq_qconfig(weight_bits: int = 4, act_bits: int = 4, act_granularity: str = "granq",
                       weight_granularity: str = "channel", symmetric_weights: bool = False,
                       symmetric_acts: bool = False, fused: Optional[bool] = None,
-                      averaging_constant: float = 0.01) -> QConfig:
-    """A QAT ``QConfig``: GranQ fake-quant for activations and weights (see module doc)."""
+                      averaging_constant: float = 0.01, check_finite: bool = True) -> QConfig:
+    """A QAT ``QConfig``: GranQ fake-quant for activations and weights (see module doc).
+    ``check_finite=False`` drops the per-call NaN/inf check (and its host read: a sync on GPU)."""
     if act_granularity not in GRANULARITY_NAMES:
         raise ValueError(f"act_granularity must be one of {GRANULARITY_NAMES}, got {act_granularity!r}")
     if weight_granularity not in WEIGHT_GRANULARITIES:
@@ -66,10 +67,12 @@ def get_granq_qconfig(weight_bits: int = 4, act_bits: int = 4, act_granularity: 
     activation = GranQFakeQuantize.with_args(
         bits=act_bits, granularity=act_granularity, ch_axis=1, symmetric=symmetric_acts,
         fused=fused, dtype=torch.quint8, averaging_constant=averaging_constant,
+        check_finite=check_finite,
     )
     weight = GranQFakeQuantize.with_args(
         bits=weight_bits, granularity=_WEIGHT_GRANULARITY[weight_granularity], ch_axis=0,
         symmetric=symmetric_weights, fused=fused, dtype=torch.qint8, averaging_constant=1.0,
+        check_finite=check_finite,
     )
     # Validate now (bits, ...) rather than deep inside prepare_qat_fx.
     activation()
@@ -91,7 +94,8 @@ def get_granq_qat_qconfig_mapping(weight_bits: int = 4, act_bits: int = 4,
                                   act_granularity: str = "granq", weight_granularity: str = "channel",
                                   act_placement: str = "all", backend: str = "x86",
                                   symmetric_weights: bool = False, symmetric_acts: bool = False,
-                                  fused: Optional[bool] = None) -> GranQQConfigMapping:
+                                  fused: Optional[bool] = None, check_finite: bool = True
+                                  ) -> GranQQConfigMapping:
     """torch.ao's default QAT mapping for ``backend`` with GranQ in place of its default qconfig.
 
     Ops with fixed output ranges (sigmoid, tanh, softmax, ...) and ``reshape`` keep torch.ao's
@@ -99,9 +103,10 @@ def get_granq_qat_qconfig_mapping(weight_bits: int = 4, act_bits: int = 4,
     channels are on dim 1). ``act_placement="paper"``: see :class:`GranQQConfigMapping`.
     """
     qconfig = get_granq_qconfig(weight_bits, act_bits, act_granularity, weight_granularity,
-                                symmetric_weights, symmetric_acts, fused)
+                                symmetric_weights, symmetric_acts, fused, check_finite=check_finite)
     transpose_qconfig = get_granq_qconfig(weight_bits, act_bits, act_granularity, "tensor",
-                                          symmetric_weights, symmetric_acts, fused)
+                                          symmetric_weights, symmetric_acts, fused,
+                                          check_finite=check_finite)
     torch_default = get_default_qat_qconfig_mapping(backend)
     mapping = GranQQConfigMapping(act_placement)
     mapping.set_global(qconfig)

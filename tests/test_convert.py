@@ -181,6 +181,29 @@ def test_disabled_fake_quant_is_removed():
             assert torch.allclose(ref(x), qat(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("act", ["granq", "channel", "tensor", "granq_iterative"])
+def test_dynamic_reference_refuses_nan_and_passes_empty_batch(act):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    qat = granq_qat(model, torch.randn(2, 3, 8, 8), act_granularity=act)
+    qat(torch.randn(2, 3, 8, 8))
+    ref = granq_ao.convert_to_reference_fx(copy.deepcopy(qat).eval())
+    x = torch.randn(2, 3, 8, 8)
+    x[1, 2, 3, 4] = float("nan")
+    with pytest.raises(F.NonFiniteInputError, match="NaN or infinite"):
+        ref(x)
+    empty = torch.randn(0, 3, 8, 8)
+    assert ref(empty).shape == (0, 5) and qat.eval()(empty).shape == (0, 5)
+
+
+def test_dynamic_reference_follows_check_finite_off():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    qat = granq_qat(model, torch.randn(2, 3, 8, 8), check_finite=False)
+    ref = granq_ao.convert_to_reference_fx(copy.deepcopy(qat).eval())
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(ref(x)).any() and torch.isnan(qat.eval()(x)).any()  # opted out: NaN in, NaN out
+
+
 def test_mode_is_validated():
     qat = granq_qat(nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="mode must be one of"):

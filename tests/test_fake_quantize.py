@@ -362,6 +362,18 @@ def test_non_finite_error_names_the_module(bad):
         make(bits=4)(x)  # called directly: at least the class
 
 
+def test_check_finite_off_lets_nan_through():
+    fq = make(bits=4, check_finite=False)
+    x = torch.randn(2, 3, 4, 4)
+    x[1, 1, 2, 2] = float("nan")
+    y = fq(x)
+    assert torch.isnan(y[1, 1, 2, 2])  # no error: the NaN propagates
+    assert torch.equal(y[0], make(bits=4)(x[:1])[0])  # other samples: quantized as usual
+    assert "check_finite=False" in repr(fq) and "check_finite" not in repr(make(bits=4))
+    qconfig = granq_ao.get_granq_qconfig(4, 4, check_finite=False)
+    assert qconfig.activation().check_finite is False and qconfig.weight().check_finite is False
+
+
 def test_non_finite_error_names_the_fx_fake_quant():
     model = prepared_small(0)
     x = torch.randn(2, 3, 8, 8)

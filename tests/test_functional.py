@@ -241,6 +241,23 @@ def test_empty_batch(granularity):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_reduce_min_max_of_empty_batch_is_zero_ranges(granularity):
+    x_min, x_max = F.reduce_min_max(torch.empty(0, 3, 4, 4), granularity)
+    want = (1, 1, 1, 1) if granularity == "tensor" else (0, 3, 1, 1) if "granq" in granularity else (1, 3, 1, 1)
+    assert x_min.shape == x_max.shape == want and x_min.dtype == torch.float32
+    assert not x_min.any() and not x_max.any()
+
+
+def test_reduce_min_max_check_finite():
+    x = sample((2, 3, 4, 5))
+    assert all(torch.equal(a, b) for a, b in zip(F.reduce_min_max(x, check_finite=True), F.reduce_min_max(x)))
+    x[1, 0, 0, 0] = float("inf")
+    F.reduce_min_max(x)  # off by default: ranges hold inf
+    with pytest.raises(NonFiniteInputError):
+        F.reduce_min_max(x, check_finite=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_half_precision_computed_in_fp32(dtype, granularity):
