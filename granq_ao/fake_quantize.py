@@ -17,8 +17,8 @@ reuses the per-(n, c) ranges already reduced, so observing costs no extra pass o
 Hot path: one min/max reduction of ``x`` (reused by the observer whenever its channel axis is a
 kept dim of the granularity, or it is per tensor), one fused elementwise pass, and one host
 read of a finiteness flag computed with the ranges (inside a user's ``torch.compile`` region a
-device-side assert instead, so a compiled QAT model stays one graph). The enable flags are mirrored in Python so
-``forward`` never reads a device tensor for them: toggle them with ``enable_fake_quant`` /
+device-side assert instead, so a compiled QAT model stays one graph). The enable flags are
+mirrored in Python so ``forward`` never reads a device tensor for them: toggle them with ``enable_fake_quant`` /
 ``disable_fake_quant`` / ``enable_observer`` / ``disable_observer`` (or torch.ao's
 ``enable_fake_quant`` etc. through ``model.apply``) or ``load_state_dict``; writing into the
 ``fake_quant_enabled`` / ``observer_enabled`` buffers by hand is not seen by ``forward``.
