@@ -51,12 +51,12 @@ step = forward + cross-entropy + backward + SGD step (median after warm-up). Pea
   the compiler's own memory make it noisy.
 * CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocated bytes before the step.
 
-torch.compile: GranQ's compiled step gets one graph per input pattern (rank, broadcast shape of
-the ranges, ``requires_grad``, static then dynamic sizes). Past torch._dynamo's recompile limit
-(8 by default) further patterns silently run eager. The latency part raises the limit
-(``--latency-recompile-limit``, default 64) so each row measures the path it names; the QAT part
-keeps torch's default and resets compiled graphs before each config, as a user's process would
-be. Both count the limit hits and print them.
+torch.compile: GranQ compiles one copy of its step per input pattern (rank, dtype, reduced
+dims, bit width), each with its own torch._dynamo recompile budget (8 by default), so the limit
+should never be hit. The latency part still raises it (``--latency-recompile-limit``, default
+64: the torch.ao candidates and the user's own code share torch's default); the QAT part keeps
+torch's default and resets compiled graphs before each config, as a user's process would be.
+Both count the limit hits and print them: a hit means some compiled calls ran eager.
 
 CPU allocator: glibc returns large freed blocks to the OS (mmap threshold / heap trimming), so
 a 13 MB output may be page-faulted in afresh on one call and reused on the next, depending on

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 import warnings
 from typing import Optional, Tuple, Union
 
@@ -276,14 +277,21 @@ def _env_fused() -> Optional[bool]:
     raise ValueError(f"GRANQ_FUSED must be auto, 1 or 0; got {value!r}")
 
 
-def _get_compiled(fn):
-    # dynamic=True: one graph per rank/dtype/kept-dims pattern, not one per shape, so a real
-    # model (activations, conv/linear weights, several batch sizes) stays under torch.compile's
-    # recompile limit instead of silently falling back to eager.
-    if fn not in _compiled:
+def _get_compiled(fn, args):
+    """The torch.compile'd ``fn`` for the pattern of ``args`` (per tensor: rank, dtype, device
+    type; other arguments by value). Each pattern compiles a copy of ``fn``'s code object:
+    torch._dynamo keeps its graphs, and its recompile limit (8), per code object, so a process
+    that mixes many patterns (ranks, granularities, dtypes, bit widths) never exceeds the limit
+    and silently falls back to eager. ``dynamic=True``: one graph per pattern, not per shape."""
+    key = (fn,) + tuple((a.dim(), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else a
+                        for a in args)
+    compiled = _compiled.get(key)
+    if compiled is None:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise
-        _compiled[fn] = torch.compile(fn, dynamic=True)
-    return _compiled[fn]
+        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                  fn.__defaults__, fn.__closure__)
+        compiled = _compiled[key] = torch.compile(copy, dynamic=True)
+    return compiled
 
 
 def fused_backend(fused: Optional[bool] = None) -> str:
@@ -306,11 +314,11 @@ def _run(fn, fused: Optional[bool], *args):
         # Inside a user's torch.compile region the eager ops are traced and fused anyway.
         return fn(*args)
     if fused is True:
-        return _get_compiled(fn)(*args)
+        return _get_compiled(fn, args)(*args)
     if _auto_backend == "eager":
         return fn(*args)
     try:
-        out = _get_compiled(fn)(*args)
+        out = _get_compiled(fn, args)(*args)
     except Exception as error:  # compiler missing, unsupported platform, ...
         if _auto_backend == "compiled":
             raise

@@ -327,11 +327,35 @@ def test_unknown_granularity_is_rejected():
         F.fake_quantize(torch.randn(2, 3), 4, "per_token", fused=False)
 
 
+def test_each_input_pattern_compiles_its_own_code_object(monkeypatch):
+    """torch._dynamo's recompile limit (8) counts per code object: every pattern gets a copy of
+    the function's code, so many patterns in one process never push later ones to eager."""
+    compiled = []
+
+    def fake_compile(fn, dynamic):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(F, "_compiled", {})
+    fn = F._dynamic_fake_quantize
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(5, 3, 6, 6)  # same pattern, other sizes
+    patterns = [(a, (2, 3), 0, 15, False), (b, (2, 3), 0, 15, False), (a, (2, 3), 0, 7, False),
+                (a.double(), (2, 3), 0, 15, False), (torch.randn(2, 3), (1,), 0, 15, False)]
+    for args in patterns:
+        out = F._get_compiled(fn, args)(*args)
+        assert torch.equal(out[0], fn(*args)[0])  # the copy computes what the original does
+    assert len(compiled) == 4  # a and b share one
+    codes = [c.__code__ for c in compiled]
+    assert len({id(code) for code in codes}) == 4 and all(code is not fn.__code__ for code in codes)
+    assert all(code == fn.__code__ for code in codes)  # copies, not other code
+
+
 # ----------------------------------------------------------------------------- compile fallback
 def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
     """Auto mode: a compiler failure warns once, switches to eager (same numbers) and says so;
     fused=True never hides the failure."""
-    def broken_compile(fn):
+    def broken_compile(fn, args):
         def call(*args):
             raise RuntimeError("no C++ compiler")
         return call
