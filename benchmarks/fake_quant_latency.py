@@ -379,19 +379,16 @@ def torchao_qat_mapping(bits: int, fused: bool = False):
 
 def count_fake_quants(model: torch.nn.Module) -> Dict[str, int]:
     """Fake-quants in a prepared model: weight ones (``*.weight_fake_quant`` modules),
-    activation ones (distinct modules called by the FX graph) and activation call sites."""
+    activation call sites in the FX graph (a shared instance once per call) and the distinct
+    activation modules behind them."""
     from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-    modules = dict(model.named_modules())
-    weight = sum(1 for name, m in modules.items()
+    from granq_ao.placement import activation_fake_quant_calls
+
+    weight = sum(1 for name, m in model.named_modules()
                  if isinstance(m, FakeQuantizeBase) and name.split(".")[-1] == "weight_fake_quant")
-    act_targets = []
-    graph = getattr(model, "graph", None)
-    if graph is not None:
-        for node in graph.nodes:
-            if node.op == "call_module" and isinstance(modules.get(str(node.target)), FakeQuantizeBase):
-                act_targets.append(str(node.target))
-    return {"weight_fq": weight, "act_fq_modules": len(set(act_targets)), "act_fq_calls": len(act_targets)}
+    calls = activation_fake_quant_calls(model, FakeQuantizeBase) if hasattr(model, "graph") else []
+    return {"weight_fq": weight, "act_fq_modules": len({id(m) for m in calls}), "act_fq_calls": len(calls)}
 
 
 def build_qat_model(config: str, bits: int, batch: int, device: torch.device) -> torch.nn.Module:

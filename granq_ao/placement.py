@@ -78,11 +78,15 @@ def apply_paper_placement(model: GraphModule) -> int:
     return removed
 
 
+def activation_fake_quant_calls(model: GraphModule, cls: type = GranQFakeQuantize) -> list:
+    """The activation fake-quant modules of class ``cls`` in a prepared graph, one entry per
+    call site (a shared instance appears once per call, under each name FX calls it by)."""
+    modules = _modules_by_name(model)
+    return [modules[str(node.target)] for node in model.graph.nodes
+            if node.op == "call_module" and isinstance(modules.get(str(node.target)), cls)]
+
+
 def count_activation_fake_quant_calls(model: GraphModule) -> int:
     """Number of GranQ activation fake-quant call sites in a prepared graph (a shared instance
     counts once per call)."""
-    modules = _modules_by_name(model)
-    return sum(
-        1 for node in model.graph.nodes
-        if node.op == "call_module" and isinstance(modules.get(str(node.target)), GranQFakeQuantize)
-    )
+    return len(activation_fake_quant_calls(model))
