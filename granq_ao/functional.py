@@ -128,13 +128,21 @@ def _all_finite(x_min: torch.Tensor, x_max: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x_min).all() & torch.isfinite(x_max).all()
 
 
+def _tracing() -> bool:
+    """Whether a TorchScript tracer (``torch.jit.trace``, the TorchScript ONNX exporter) is recording."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 _NON_FINITE_MESSAGE = "input holds NaN or infinite values; GranQ cannot quantize them"
 
 
 def _raise_unless_finite(all_finite: torch.Tensor) -> None:
     """Eager: one host read of the flag, :class:`NonFiniteInputError` if it is False. Inside a
     user's ``torch.compile`` region: a device-side assert instead (no graph break; it fails the
-    call with a ``RuntimeError`` carrying the same message)."""
+    call with a ``RuntimeError`` carrying the same message). While tracing for export: nothing
+    (a traced ``bool()`` is not recorded in the graph; it would only warn)."""
+    if _tracing():
+        return
     if torch.compiler.is_compiling():
         torch._assert_async(all_finite, _NON_FINITE_MESSAGE)
         return
@@ -156,8 +164,7 @@ def reduce_min_max(x: torch.Tensor, granularity: GranularityLike = "granq", axis
     granularity = check_input(x, granularity, axis)
     kept = granularity.kept_dims(x.dim())
     if x.numel() == 0:
-        shape = [x.shape[d] if d in kept else 1 for d in range(x.dim())]
-        no_range = x.new_zeros(shape, dtype=torch.float32)
+        no_range = x.new_zeros(_kept_shape(x, kept), dtype=torch.float32)
         return no_range, no_range
     if isinstance(granularity, PerSampleChannel) and granularity.iterative:
         x_min, x_max = _reduce_min_max_loop(x, kept)
@@ -183,10 +190,14 @@ def _min_max_over(x: torch.Tensor, reduced: Tuple[int, ...]) -> Tuple[torch.Tens
     return x.amin(dim=reduced, keepdim=True).float(), x.amax(dim=reduced, keepdim=True).float()
 
 
+def _kept_shape(x: torch.Tensor, kept: Tuple[int, ...]) -> list:
+    """``x``'s shape with size 1 on every dim not in ``kept`` (the keepdim shape of ranges)."""
+    return [x.shape[d] if d in kept else 1 for d in range(x.dim())]
+
+
 def _reduce_min_max_loop(x: torch.Tensor, kept: Tuple[int, ...]):
-    shape = [x.shape[d] if d in kept else 1 for d in range(x.dim())]
-    x_min = x.new_empty(shape, dtype=torch.float32)
-    x_max = x.new_empty(shape, dtype=torch.float32)
+    x_min = x.new_empty(_kept_shape(x, kept), dtype=torch.float32)
+    x_max = x.new_empty(_kept_shape(x, kept), dtype=torch.float32)
     moved = x.movedim(kept, tuple(range(len(kept))))
     for index in torch.cartesian_prod(*[torch.arange(x.shape[d]) for d in kept]).reshape(-1, len(kept)).tolist():
         block = moved[tuple(index)]
@@ -239,16 +250,10 @@ def _fake_quantize_elementwise(x: torch.Tensor, scale: torch.Tensor, zero_point:
     xf = x.float()
     has_range = scale > 0
     safe_scale = _safe_scale(scale)
-    # q_min/q_max are Python ints: torch.compile guards a float argument on its value (one
-    # recompile per bit width), an int becomes a dynamic symbol after the first change.
     x_hat = _codes(xf, safe_scale, zero_point, q_min, q_max).sub_(zero_point).mul_(safe_scale)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_compiling() or _tracing():
         return torch.where(has_range, x_hat, xf).to(x.dtype)  # traced graphs: no out= aliasing
     return torch.where(has_range, x_hat, xf, out=x_hat).to(x.dtype)  # eager: no new allocation
-
-
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _dynamic_fake_quantize(x: torch.Tensor, reduced: Tuple[int, ...], q_min: int, q_max: int,
@@ -315,8 +320,9 @@ def _run(fn, fused: Optional[bool], *args):
     global _auto_backend
     if fused is None:
         fused = _env_fused()
-    if fused is False or torch.compiler.is_compiling():
-        # Inside a user's torch.compile region the eager ops are traced and fused anyway.
+    if fused is False or torch.compiler.is_compiling() or _tracing():
+        # Inside a user's torch.compile region the eager ops are traced and fused anyway; an
+        # exporting tracer records the eager ops (compiling under it fails).
         return fn(*args)
     if fused is True:
         return _get_compiled(fn, args)(*args)

@@ -351,6 +351,30 @@ def test_each_input_pattern_compiles_its_own_code_object(monkeypatch):
     assert all(code == fn.__code__ for code in codes)  # copies, not other code
 
 
+def test_tracing_records_the_eager_ops_without_compiling_or_warning(monkeypatch):
+    """Under an exporting tracer (torch.jit.trace, the TorchScript ONNX exporter) the auto path
+    does not try torch.compile, and the host-side finite check (not part of a traced graph) is
+    not applied."""
+    def no_compile(fn, args):
+        raise AssertionError("torch.compile attempted under a tracer")
+
+    monkeypatch.delenv("GRANQ_FUSED", raising=False)
+    monkeypatch.setattr(F, "_get_compiled", no_compile)
+    monkeypatch.setattr(F, "_auto_backend", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks such as numel()
+        traced = torch.jit.trace(lambda x: F.fake_quantize(x, 4), sample((2, 3, 4, 5)),
+                                 check_trace=False)  # (the check re-runs it untraced)
+        nan = torch.tensor([[float("nan"), 1.0]])
+        torch.jit.trace(lambda x: (F.check_finite_ranges(x, x), x + 1)[1], nan,
+                        check_trace=False)  # no error while tracing
+    with pytest.raises(NonFiniteInputError):
+        F.check_finite_ranges(nan, nan)  # eager: still refused
+    assert F._auto_backend is None  # nothing decided by the trace
+    other = sample((3, 3, 4, 5), seed=7)  # ranges are traced ops: recomputed from the new input
+    assert torch.equal(traced(other), reference(other, 4, "granq"))
+
+
 # ----------------------------------------------------------------------------- compile fallback
 def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
     """Auto mode: a compiler failure warns once, switches to eager (same numbers) and says so;

@@ -246,11 +246,8 @@ class GranQTensorQuantizer(TensorQuantizer):
 
     def _quant_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         desc = self._granq_desc
-        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
-            # Export: the eager ops only (no torch.compile, no data-dependent finite check), so
-            # the graph holds ReduceMin/ReduceMax -> scale/zero-point -> Round/Clip from its input.
-            return F.fake_quantize(inputs, desc.num_bits, self.granularity, desc.axis, desc.symmetric,
-                                   fused=False, check_finite=False)
+        # Under an exporting tracer granq_ao.functional records its eager ops (no torch.compile,
+        # no finite check): ReduceMin/ReduceMax -> scale/zero-point -> Round/Clip from the input.
         try:
             return F.fake_quantize(inputs, desc.num_bits, self.granularity, desc.axis, desc.symmetric,
                                    fused=desc.fused)
