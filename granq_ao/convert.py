@@ -81,6 +81,14 @@ def _granularity_args(fake_quant: GranQFakeQuantize) -> Tuple[str, int]:
     raise TypeError(f"unknown granularity {granularity!r}")
 
 
+def _bypass(graph: torch.fx.Graph, node: Node) -> Node:
+    """Remove the call ``node`` (a disabled fake-quant): its users read its input instead."""
+    source = node.args[0]
+    node.replace_all_uses_with(source)
+    graph.erase_node(node)
+    return source
+
+
 def insert_dynamic_quant_dequant(model: GraphModule, node: Node,
                                  fake_quant: Optional[GranQFakeQuantize] = None) -> Node:
     """Replace the call ``node`` of a ``GranQFakeQuantize`` in ``model.graph`` by the dynamic
@@ -92,9 +100,7 @@ def insert_dynamic_quant_dequant(model: GraphModule, node: Node,
         fake_quant = model.get_submodule(str(node.target))
     x = node.args[0]
     if not _fake_quant_on(fake_quant):
-        node.replace_all_uses_with(x)
-        graph.erase_node(node)
-        return x
+        return _bypass(graph, node)
     name, axis = _granularity_args(fake_quant)
     bits, symmetric = fake_quant.bits, fake_quant.symmetric
     with graph.inserting_before(node):
@@ -260,8 +266,7 @@ def convert_to_reference_fx(graph_module: GraphModule,
             if mode == "dynamic":
                 insert_dynamic_quant_dequant(graph_module, node, module)
             elif not _fake_quant_on(module):
-                node.replace_all_uses_with(node.args[0])
-                graph_module.graph.erase_node(node)
+                _bypass(graph_module.graph, node)
         elif isinstance(getattr(module, "weight_fake_quant", None), GranQFakeQuantize):
             _set_module(graph_module, str(node.target), bake_weight_module(module, fold_bn=fold_bn))
     graph_module.graph.lint()

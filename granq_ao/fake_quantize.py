@@ -141,21 +141,18 @@ class GranQFakeQuantize(FakeQuantizeBase):
             return x
         try:
             x_detached = x.detach()
-            if quantize:  # validation, ranges, qparams and fake-quant in one call; NaN/inf
-                # checked inside, before the observer records anything
+            # Validation, ranges (and fake-quant) in one call; NaN/inf refused there, before the
+            # observer records anything.
+            if quantize:
                 x_hat, x_min, x_max = F.fake_quantize_dynamic(x, self.bits, self.granularity,
                                                               symmetric=self.symmetric, fused=self.fused,
                                                               check_finite=self.check_finite)
-                if x.numel() == 0:
-                    return x
             else:
-                F.check_input(x, self.granularity)
-                if x.numel() == 0:
-                    return x
                 x_hat = x
-                x_min, x_max = F.reduce_min_max(x_detached, self.granularity)
-                if self.check_finite:  # the one host read; before the observer records
-                    F.check_finite_ranges(x_min, x_max)
+                x_min, x_max = F.reduce_min_max(x_detached, self.granularity,
+                                                check_finite=self.check_finite)
+            if x.numel() == 0:
+                return x
             if observe:
                 if self._observer_reuses_ranges(x.dim()):
                     self.activation_post_process.record_ranges(x_min, x_max)
