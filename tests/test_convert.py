@@ -107,13 +107,15 @@ def test_dynamic_nodes_compute_integer_codes_and_match_fake_quantize():
     quantize_nodes = [n for n in ref.graph.nodes if n.op == "call_function" and n.target is F.quantize]
     dequantize_nodes = [n for n in ref.graph.nodes if n.op == "call_function" and n.target is F.dequantize]
     assert len(quantize_nodes) == len(dequantize_nodes) == 2  # input and conv-relu output
-    codes = {}
+    codes, dequantized = {}, {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, node):
             out = super().run_node(node)
             if node in quantize_nodes:
                 codes[node.name] = out
+            if node in dequantize_nodes:
+                dequantized[node.name] = out
             return out
 
     x = torch.randn(5, 3, 8, 8)
@@ -125,7 +127,11 @@ def test_dynamic_nodes_compute_integer_codes_and_match_fake_quantize():
     x_min, x_max = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
     s = (x_max - x_min) / 15
     z = torch.round(-x_min / s)
-    x_hat = (torch.clamp(torch.round(x / s + z), 0, 15) - z) * s
+    x_codes = torch.clamp(torch.round(x / s + z), 0, 15)
+    x_hat = (x_codes - z) * s
+    first_q, first_dq = quantize_nodes[0].name, dequantize_nodes[0].name  # graph order: the input's
+    assert torch.equal(codes[first_q], x_codes.to(torch.uint8))
+    assert torch.allclose(dequantized[first_dq], x_hat, rtol=0, atol=1e-6)
     with torch.no_grad():
         first_conv = ref.get_submodule("0")
         expected_out = qat.get_submodule("0")(x_hat)  # the QAT module on the formula's input

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from granq_ao.data import shared_data_dir
+from granq_ao.models import build_cifar_teacher
 from granq_ao.zsq import ZSQConfig, ZSQTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,9 +86,15 @@ def test_tiny_run_writes_results_and_metrics(env, tmp_path, capsys):
         for key in ("loss_g", "loss_s", "loss_g_bns", "loss_g_margin", "loss_g_ce_ds", "loss_g_ce_as"):
             assert np.isfinite(row[key]), key
     assert results["final_acc"] == rows[-1]["test_acc"]
-    # the student's weights after a warm-up epoch are untouched, after a QAT epoch they moved
+    # after the QAT epoch the student's conv weights have moved away from the teacher's
     student = torch.load(out / "student_final.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in student.values() if v.is_floating_point())
+    teacher, _ = build_cifar_teacher("cifar10", str(env / "weights" / "resnet20_cifar10.pth"),
+                                     allow_download=False)
+    shared = [k for k, v in teacher.state_dict().items()
+              if k.endswith("conv.weight") and k in student and student[k].shape == v.shape]
+    assert len(shared) == 21  # every conv of ResNet-20: init block, 18 in the 9 units, 2 shortcuts
+    assert any(not torch.equal(student[k], teacher.state_dict()[k]) for k in shared)
 
 
 def _state(trainer):
