@@ -28,10 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from granq_ao.data import DataNotFoundError  # noqa: E402
+from granq_ao.data import DATASETS, DataNotFoundError  # noqa: E402
+from granq_ao.functional import MAX_BITS, MIN_BITS  # noqa: E402
 from granq_ao.granularity import GRANULARITY_NAMES  # noqa: E402
 from granq_ao.models import TeacherError  # noqa: E402
-from granq_ao.zsq.trainer import (CHECKPOINT_NAME, RESUMABLE_CHANGES, WEIGHT_GRANULARITIES,  # noqa: E402
+from granq_ao.qconfig import ACT_PLACEMENTS, WEIGHT_GRANULARITIES  # noqa: E402
+from granq_ao.zsq.losses import STUDENT_LOSSES  # noqa: E402
+from granq_ao.zsq.trainer import (CHECKPOINT_NAME, RESUMABLE_CHANGES,  # noqa: E402
                                   DistributedContext, ZSQConfig, ZSQTrainer, format_accuracy)
 
 # CLI flag -> ZSQConfig field
@@ -81,9 +84,10 @@ def bits(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be an integer in [2, 8], got {text!r}") from None
-    if not 2 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"bits must be in [2, 8], got {value}")
+        raise argparse.ArgumentTypeError(
+            f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {text!r}") from None
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise argparse.ArgumentTypeError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {value}")
     return value
 
 
@@ -119,13 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--preset", choices=("default", "paper"), default="default",
         help="default: short CPU run (~10 min on 2 cores); paper: the paper's 200x200 schedule (GPU)")
-    add("--dataset", choices=("cifar10", "cifar100"), default=None, help="(default cifar10)")
+    add("--dataset", choices=DATASETS, default=None, help="(default cifar10)")
     add("--wbits", type=bits, default=None, help="weight bits, 2..8 (default 4)")
     add("--abits", type=bits, default=None, help="activation bits, 2..8 (default 4)")
     add("--act-granularity", choices=GRANULARITY_NAMES, default=None, help="activation ranges (default granq)")
     add("--weight-granularity", choices=WEIGHT_GRANULARITIES, default=None,
         help="weight ranges: channel = per output channel (default); kernel = per (out, in) slice (official code)")
-    add("--act-placement", choices=("paper", "all"), default=None,
+    add("--act-placement", choices=ACT_PLACEMENTS, default=None,
         help="paper: activations quantized after ReLU only (default); all: torch.ao's placement")
     add("--epochs", type=positive_int, default=None)
     add("--iters", type=positive_int, default=None, help="iterations per epoch")
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr-milestones", type=non_negative_int, nargs="*", default=None,
         help="epochs (0-based) at which both learning rates are multiplied by 0.1")
     add("--temperature", type=positive_float, default=None, help="student-loss temperature (default 20)")
-    add("--loss", choices=("entropy", "kl"), default=None,
+    add("--loss", choices=STUDENT_LOSSES, default=None,
         help="student loss: entropy = GranQ/AdaDFQ -T^2 H(softmax((t-s)/T)); kl = T^2 KL distillation")
     add("--seed", type=int, default=None, help="(default 0)")
     add("--device", default="auto", help="auto | cpu | cuda | cuda:N")

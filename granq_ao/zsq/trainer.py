@@ -41,8 +41,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import DATASETS, NUM_CLASSES, EvalSet, load_cifar_test, mcnemar_exact_p, per_image_correct, wilson_interval
+from ..functional import MAX_BITS, MIN_BITS
 from ..granularity import GRANULARITY_NAMES
 from ..models import build_cifar_teacher
+from ..qconfig import ACT_PLACEMENTS, WEIGHT_GRANULARITIES
 from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, rng_state, set_rng_state
 from .generator import GDFQGenerator
 from .losses import STUDENT_LOSSES, generator_loss, record_batchnorm_inputs, student_loss
@@ -53,7 +55,6 @@ __all__ = ["ZSQConfig", "DistributedContext", "ZSQTrainer", "lr_at_epoch", "seed
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-WEIGHT_GRANULARITIES = ("channel", "kernel", "tensor")
 # Config fields that may differ between a checkpoint and the run that resumes it.
 RESUMABLE_CHANGES = ("epochs", "data_root", "download", "teacher_weights")
 
@@ -101,15 +102,15 @@ class ZSQConfig:
             problems.append(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         for name in ("weight_bits", "act_bits"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-                problems.append(f"{name} must be an integer in [2, 8], got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+                problems.append(f"{name} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {value!r}")
         if self.act_granularity not in GRANULARITY_NAMES:
             problems.append(f"act_granularity must be one of {GRANULARITY_NAMES}, got {self.act_granularity!r}")
         if self.weight_granularity not in WEIGHT_GRANULARITIES:
             problems.append(f"weight_granularity must be one of {WEIGHT_GRANULARITIES}, "
                             f"got {self.weight_granularity!r}")
-        if self.act_placement not in ("paper", "all"):
-            problems.append(f"act_placement must be 'paper' or 'all', got {self.act_placement!r}")
+        if self.act_placement not in ACT_PLACEMENTS:
+            problems.append(f"act_placement must be one of {ACT_PLACEMENTS}, got {self.act_placement!r}")
         for name in ("epochs", "iters_per_epoch", "batch_size", "eval_batch_size", "latent_dim"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -599,8 +600,8 @@ class ZSQTrainer:
                              "note": "max over epochs of the TEST accuracy: test-set selection, optimistic; "
                                      "the reported number is final_acc"},
             "epochs_completed": self.state["epoch"],
-            "eval_source": self.state.get("eval_source", self.evalset.source),
-            "teacher_source": self.state.get("teacher_source", self.teacher_source),
+            "eval_source": self.state["eval_source"],
+            "teacher_source": self.state["teacher_source"],
             "fake_quants": self.fake_quants,
             "config": cfg.to_dict(),
             "world_size": self.ctx.world_size,
