@@ -28,7 +28,7 @@ __all__ = ["export_onnx", "baked_weight_quantizers"]
 def baked_weight_quantizers(model: torch.nn.Module) -> Iterator[int]:
     """Within the block, every enabled ``_weight_quantizer`` is applied to its weight once and
     disabled; yields how many were baked. Weights and quantizer states are restored after."""
-    saved: List[Tuple[torch.nn.Module, torch.Tensor, bool]] = []
+    saved: List[Tuple[torch.nn.Module, torch.Tensor]] = []  # only enabled quantizers are baked
     try:
         with torch.no_grad():
             for module in model.modules():
@@ -36,15 +36,15 @@ def baked_weight_quantizers(model: torch.nn.Module) -> Iterator[int]:
                 weight = getattr(module, "weight", None)
                 if quantizer is None or weight is None or quantizer._disabled:
                     continue
-                saved.append((module, weight.detach().clone(), quantizer._disabled))
+                saved.append((module, weight.detach().clone()))
                 weight.copy_(quantizer(weight))
                 quantizer.disable()
         yield len(saved)
     finally:
         with torch.no_grad():
-            for module, original, disabled in saved:
+            for module, original in saved:
                 module.weight.copy_(original)
-                module._weight_quantizer._disabled = disabled
+                module._weight_quantizer._disabled = False
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Any, f: Union[str, io.BytesIO, None] = None, *,

@@ -135,9 +135,10 @@ def replace_input_quantizers(model: torch.nn.Module, quant_desc: Any = None, *,
     Returns the names of the modules whose input quantizer was replaced, in model order.
     """
     desc = as_granq_descriptor(quant_desc)
-    candidates = quant_modules_with_input_quantizer(model)
+    quant_modules = quant_modules_with_input_quantizer(model)
+    candidates = quant_modules
     if module_filter is not None:
-        candidates = {name: module for name, module in candidates.items() if module_filter(name, module)}
+        candidates = {name: module for name, module in quant_modules.items() if module_filter(name, module)}
     if only_after_relu:
         if example_inputs is None:
             raise ValueError("only_after_relu=True needs example_inputs to follow the data flow")
@@ -145,7 +146,7 @@ def replace_input_quantizers(model: torch.nn.Module, quant_desc: Any = None, *,
     else:
         selected = set(candidates)
     replaced = []
-    for name, module in quant_modules_with_input_quantizer(model).items():
+    for name, module in quant_modules.items():
         if name in selected:
             quantizer = GranQTensorQuantizer(desc)
             quantizer._granq_location = f"{name}._input_quantizer" if name else "_input_quantizer"
