@@ -34,13 +34,13 @@ Attributes read by torch.ao FX: ``activation_post_process``, ``dtype``, ``qschem
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional, Union
 
 import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from . import functional as F
+from ._locate import locate_in_caller
 from .granularity import Granularity, PerTensor, as_granularity
 from .observer import GranQObserver, bits_from_quant_range
 
@@ -190,14 +190,8 @@ class GranQFakeQuantize(FakeQuantizeBase):
     def _where(self) -> str:
         """This module's qualified name in the outermost module on the call stack that holds it
         (searched only on error)."""
-        found = type(self).__name__
-        frame = sys._getframe(1)
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, torch.nn.Module) and owner is not self:
-                for name, module in owner.named_modules(remove_duplicate=False):
-                    if module is self:
-                        found = f"{type(self).__name__} '{name}' (in {type(owner).__name__})"
-                        break
-            frame = frame.f_back
-        return found
+        location = locate_in_caller(self)
+        if location is None:
+            return type(self).__name__
+        name, owner = location
+        return f"{type(self).__name__} '{name}' (in {type(owner).__name__})"

@@ -15,7 +15,6 @@ and a checkpoint ``_amax`` is dropped on load (no ``.cuda()`` call, works on CPU
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
 from typing import Any, Mapping, Optional, Union
 
@@ -24,6 +23,7 @@ from pytorch_quantization.nn import TensorQuantizer
 from pytorch_quantization.tensor_quant import QuantDescriptor
 
 from granq_ao import functional as F
+from granq_ao._locate import locate_in_caller
 from granq_ao.granularity import Granularity, as_granularity
 
 __all__ = ["GranQDescriptor", "GranQTensorQuantizer", "GranQCalibrationWarning", "as_granq_descriptor"]
@@ -268,19 +268,10 @@ class GranQTensorQuantizer(TensorQuantizer):
     def _label(self, find: bool = False) -> str:
         """``GranQTensorQuantizer 'path.in.model'``; with ``find`` (error paths only) the path is
         looked up in the calling model when the helpers did not record it."""
-        location = self._granq_location or (self._find_location() if find else "")
+        location = self._granq_location
+        if not location and find:
+            location = (locate_in_caller(self) or ("", None))[0]
         return f"{type(self).__name__}" + (f" '{location}'" if location else "")
-
-    def _find_location(self) -> str:
-        """Path of this quantizer in the outermost module on the call stack that holds it."""
-        location = ""
-        frame = sys._getframe(1)
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, torch.nn.Module) and owner is not self:
-                location = next((name for name, module in owner.named_modules() if module is self), location)
-            frame = frame.f_back
-        return location
 
     def extra_repr(self) -> str:
         if self._disabled:
