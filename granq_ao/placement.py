@@ -21,8 +21,18 @@ from torch.fx import GraphModule, Node
 from .fake_quantize import GranQFakeQuantize
 
 _RELU_MODULES = (torch.nn.ReLU, torch.nn.ReLU6)
-_RELU_FUNCTIONS = {nnF.relu, nnF.relu6, torch.relu, torch.relu_, nnF.relu_, torch.nn.functional.hardtanh}
+_RELU_FUNCTIONS = {nnF.relu, nnF.relu_, nnF.relu6, torch.relu, torch.relu_, torch.Tensor.relu,
+                   torch.Tensor.relu_}
 _RELU_METHODS = {"relu", "relu_"}
+
+
+def is_relu_call(func, args, kwargs) -> bool:
+    """Whether calling ``func(*args, **kwargs)`` returns a ReLU/ReLU6 output (non-negative):
+    the relu functions, or ``hardtanh`` with ``min_val == 0`` (how ``nn.ReLU6`` is written)."""
+    if func is nnF.hardtanh:
+        min_val = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+        return min_val == 0.0
+    return func in _RELU_FUNCTIONS
 
 
 def _is_relu_output(node: Node, modules: dict) -> bool:
@@ -36,10 +46,7 @@ def _is_relu_output(node: Node, modules: dict) -> bool:
         return (module_type.__module__.startswith("torch.ao.nn.intrinsic")
                 and module_type.__name__.rstrip("123d").endswith("ReLU"))
     if node.op == "call_function":
-        if node.target is torch.nn.functional.hardtanh:  # ReLU6 written as hardtanh(0, 6)
-            low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-            return low == 0.0
-        return node.target in _RELU_FUNCTIONS
+        return is_relu_call(node.target, node.args, node.kwargs)
     if node.op == "call_method":
         return node.target in _RELU_METHODS
     return False

@@ -19,26 +19,14 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F_nn
 from pytorch_quantization.nn import TensorQuantizer
 from torch.overrides import TorchFunctionMode
 
+from ...placement import is_relu_call
 from ._quantizer import GranQTensorQuantizer, as_granq_descriptor
 
 __all__ = ["quant_modules_with_input_quantizer", "find_relu_fed_modules", "replace_input_quantizers",
            "load_quant_state_dict"]
-
-_RELU_FUNCTIONS = {F_nn.relu, F_nn.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_,
-                   F_nn.relu6}
-
-
-def _is_relu_call(func: Callable, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
-    if func in _RELU_FUNCTIONS:
-        return True
-    if func is F_nn.hardtanh:  # nn.ReLU6 calls F.hardtanh(x, 0.0, 6.0)
-        min_val = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
-        return min_val == 0.0
-    return False
 
 
 class _ReluOutputTracker(TorchFunctionMode):
@@ -52,7 +40,7 @@ class _ReluOutputTracker(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
-            if _is_relu_call(func, args, kwargs):
+            if is_relu_call(func, args, kwargs):
                 self.relu_outputs[id(out)] = out
             elif id(out) in self.relu_outputs and self.relu_outputs[id(out)] is out:
                 del self.relu_outputs[id(out)]  # an in-place op changed a ReLU output
