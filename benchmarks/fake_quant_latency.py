@@ -13,11 +13,11 @@ tensor              ``GranQFakeQuantize(granularity="tensor")``   (paper: layer-
 channel             ``GranQFakeQuantize(granularity="channel")``  (paper: channel-wise)
 granq_iterative     ``GranQFakeQuantize(granularity="granq_iterative")`` (paper: iterative; slow)
 granq               ``GranQFakeQuantize(granularity="granq")``    (paper: GranQ; what users run)
-granq_fn_eager      ``functional.fake_quantize(x, b, "granq", fused=False)``
-granq_fn_compiled   ``functional.fake_quantize(x, b, "granq", fused=True)``
+granq_fn_eager      ``functional.fake_quantize(x, b, "granq", fused="eager")``
+granq_fn_compiled   ``functional.fake_quantize(x, b, "granq", fused="compiled")``
 ==================  ==========================================================================
 
-Modules run in training mode (observers on), with the default ``fused=None`` (auto) backend.
+Modules run in training mode (observers on), with the default ``fused="auto"`` backend.
 Three modes, each with a preallocated upstream gradient ``grad``:
 
 * ``fwd``: ``y = op(x)`` with ``x.requires_grad=False``.
@@ -109,8 +109,8 @@ CANDIDATES: Dict[str, str] = {
     "channel": "GranQFakeQuantize granularity=channel (channel-wise)",
     "granq_iterative": "GranQFakeQuantize granularity=granq_iterative (Python loop)",
     "granq": "GranQFakeQuantize granularity=granq (module, auto backend)",
-    "granq_fn_eager": "functional.fake_quantize granq, fused=False (eager)",
-    "granq_fn_compiled": "functional.fake_quantize granq, fused=True (torch.compile)",
+    "granq_fn_eager": "functional.fake_quantize granq, fused='eager'",
+    "granq_fn_compiled": "functional.fake_quantize granq, fused='compiled' (torch.compile)",
 }
 QAT_CONFIGS: Dict[str, str] = {
     "float": "no quantization",
@@ -250,9 +250,9 @@ def make_fake_quant(name: str, bits: int, device: torch.device) -> Callable[[tor
     if name in ("tensor", "channel", "granq_iterative", "granq"):
         return GranQFakeQuantize(bits=bits, granularity=name).to(device).train()
     if name == "granq_fn_eager":
-        return lambda x: F.fake_quantize(x, bits, "granq", fused=False)
+        return lambda x: F.fake_quantize(x, bits, "granq", fused="eager")
     if name == "granq_fn_compiled":
-        return lambda x: F.fake_quantize(x, bits, "granq", fused=True)
+        return lambda x: F.fake_quantize(x, bits, "granq", fused="compiled")
     raise ValueError(f"unknown candidate {name!r}; expected one of {', '.join(CANDIDATES)}")
 
 
@@ -383,7 +383,7 @@ def count_fake_quants(model: torch.nn.Module) -> Dict[str, int]:
     activation modules behind them."""
     from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-    from granq_ao.placement import activation_fake_quant_calls
+    from granq_ao.integrations.torch_ao import activation_fake_quant_calls
 
     weight = sum(1 for name, m in model.named_modules()
                  if isinstance(m, FakeQuantizeBase) and name.split(".")[-1] == "weight_fake_quant")
@@ -666,8 +666,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         dynamo_config.recompile_limit = default_limit
     env["latency_recompile_limit"] = max(default_limit, args.latency_recompile_limit)
     env["latency_compile_fallbacks"] = len(fallbacks.hits)
-    env["granq_backend"] = F.fused_backend(None)
-    print(f"  {'granq backend':16s} {env['granq_backend']} (GranQFakeQuantize fused=None resolved to this)")
+    env["granq_backend"] = F.fused_backend("auto")
+    print(f"  {'granq backend':16s} {env['granq_backend']} (GranQFakeQuantize fused='auto' resolved to this)")
     print("\nfake-quant latency, median ms per call; ratios vs clone and vs torch.ao FakeQuantize (same run)")
     print(format_latency_table(latency))
     print(f"(torch._dynamo recompile limit {env['latency_recompile_limit']} here; hits: "

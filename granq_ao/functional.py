@@ -30,9 +30,14 @@ Two code paths compute the same numbers:
   function* as eager, and the test suite checks bit-identity. It is used when ``torch.compile``
   works here; otherwise the eager path is used and a warning says so once.
 
-Choose with the ``fused=`` argument (``None`` = auto, ``True`` = compiled or an error,
-``False`` = eager) or the ``GRANQ_FUSED`` environment variable (``auto`` | ``1`` | ``0``);
+Choose with ``fused=`` (:data:`granq_ao.config.FUSED_MODES`: ``"auto"``, ``"compiled"`` (or
+an error), ``"eager"``; legacy ``None``/``True``/``False`` mean the same) or, for ``"auto"``, the
+``GRANQ_FUSED`` environment variable (``auto`` | ``compiled`` | ``eager``; ``1``/``0`` also read);
 ``fused_backend()`` tells which path the auto choice took.
+
+Every function here takes its options either as keywords (``bits=3, granularity="granq"``) or
+as one :class:`granq_ao.config.GranQConfig` in place of ``bits``:
+``fake_quantize(x, GranQConfig(bits=3))``. Options are validated there, once.
 """
 from __future__ import annotations
 
@@ -40,17 +45,12 @@ import logging
 import os
 import types
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from .granularity import (
-    Granularity,
-    PerChannel,
-    PerSampleChannel,
-    PerTensor,
-    as_granularity,
-)
+from .config import MAX_BITS, MIN_BITS, GranQConfig, as_granularity, normalize_fused, quant_range
+from .granularity import Granularity, PerTensor
 
 __all__ = [
     "quant_range",
@@ -70,9 +70,6 @@ __all__ = [
     "MAX_BITS",
 ]
 
-MIN_BITS = 2
-MAX_BITS = 8
-
 GranularityLike = Union[str, Granularity]
 
 
@@ -81,15 +78,6 @@ class NonFiniteInputError(ValueError):
 
 
 # ----------------------------------------------------------------------------- validation
-def quant_range(bits: int, symmetric: bool = False) -> Tuple[int, int]:
-    """Integer grid ``(q_min, q_max)``: ``[0, 2^b - 1]`` or ``[-2^(b-1), 2^(b-1) - 1]``."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
-    if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
 def check_input(x: torch.Tensor, granularity: GranularityLike = "granq", axis: int = 1) -> Granularity:
     """Validate ``x`` for ``granularity`` and return the granularity object.
 
@@ -152,21 +140,22 @@ def _raise_unless_finite(all_finite: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------- ranges
 def reduce_min_max(x: torch.Tensor, granularity: GranularityLike = "granq", axis: int = 1,
-                   check_finite: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                   check_finite: bool = False, iterative: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Float32 ``(x_min, x_max)`` reduced over every dim the granularity does not keep.
 
     The result has ``x``'s rank with size 1 on reduced dims (it broadcasts against ``x``).
-    ``granq_iterative`` computes the very same numbers with a Python loop over the kept
-    indices: the slow reference of the paper's latency figure. An empty ``x`` gives zero
+    ``iterative=True`` (or the name ``"granq_iterative"``) computes the very same numbers with a
+    Python loop over the kept indices: the slow reference of the paper's latency figure. An empty ``x`` gives zero
     (empty) ranges: nothing is quantized. ``check_finite``: raise
     :class:`NonFiniteInputError` on NaN/inf (used by converted reference graphs).
     """
+    iterative = iterative or granularity == "granq_iterative"
     granularity = check_input(x, granularity, axis)
     kept = granularity.kept_dims(x.dim())
     if x.numel() == 0:
         no_range = x.new_zeros(_kept_shape(x, kept), dtype=torch.float32)
         return no_range, no_range
-    if isinstance(granularity, PerSampleChannel) and granularity.iterative:
+    if iterative:
         x_min, x_max = _reduce_min_max_loop(x, kept)
     else:
         reduced = _reduced_dims(granularity, x.dim())
@@ -276,15 +265,11 @@ _auto_backend: Optional[str] = None  # "compiled" | "eager", decided at the firs
 _compiled = {}
 
 
-def _env_fused() -> Optional[bool]:
+def _env_fused() -> str:
+    """The ``"auto"`` choice as ``GRANQ_FUSED`` refines it: auto | compiled | eager (1/0 read too)."""
     value = os.environ.get("GRANQ_FUSED", "auto").strip().lower()
-    if value in ("", "auto"):
-        return None
-    if value in ("1", "true", "yes", "on", "compiled"):
-        return True
-    if value in ("0", "false", "no", "off", "eager"):
-        return False
-    raise ValueError(f"GRANQ_FUSED must be auto, 1 or 0; got {value!r}")
+    value = {"": "auto", "1": "compiled", "0": "eager"}.get(value, value)
+    return normalize_fused(value, "GRANQ_FUSED")
 
 
 def _get_compiled(fn, args):
@@ -304,27 +289,29 @@ def _get_compiled(fn, args):
     return compiled
 
 
-def fused_backend(fused: Optional[bool] = None) -> str:
+def fused_backend(fused: Any = "auto") -> str:
     """Which path ``fake_quantize`` takes for this ``fused`` argument: ``"compiled"`` or
-    ``"eager"``. With auto (``None`` and no ``GRANQ_FUSED``) it is ``"compiled"`` unless
-    compiling failed here (or was never tried yet, which returns ``"auto"``)."""
-    if fused is None:
+    ``"eager"``. With ``"auto"`` (and no ``GRANQ_FUSED``) it is ``"compiled"`` unless compiling
+    failed here (or was never tried yet, which returns ``"auto"``)."""
+    fused = normalize_fused(fused)
+    if fused == "auto":
         fused = _env_fused()
-    if fused is None:
+    if fused == "auto":
         return _auto_backend or "auto"
-    return "compiled" if fused else "eager"
+    return fused
 
 
-def _run(fn, fused: Optional[bool], *args):
-    """Run ``fn(*args)`` eagerly or compiled (same Python function, same numbers)."""
+def _run(fn, fused: str, *args):
+    """Run ``fn(*args)`` eagerly or compiled (same Python function, same numbers); ``fused`` is
+    already normalized (one of ``FUSED_MODES``)."""
     global _auto_backend
-    if fused is None:
+    if fused == "auto":
         fused = _env_fused()
-    if fused is False or torch.compiler.is_compiling() or _tracing():
+    if fused == "eager" or torch.compiler.is_compiling() or _tracing():
         # Inside a user's torch.compile region the eager ops are traced and fused anyway; an
         # exporting tracer records the eager ops (compiling under it fails).
         return fn(*args)
-    if fused is True:
+    if fused == "compiled":
         return _get_compiled(fn, args)(*args)
     if _auto_backend == "eager":
         return fn(*args)
@@ -336,7 +323,7 @@ def _run(fn, fused: Optional[bool], *args):
         _auto_backend = "eager"
         warnings.warn(
             f"granq_ao: torch.compile is not usable here ({type(error).__name__}: {error}); "
-            "using the eager fake-quant path (same numbers, slower). Set GRANQ_FUSED=0 to silence.",
+            "using the eager fake-quant path (same numbers, slower). Set GRANQ_FUSED=eager to silence.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -375,26 +362,37 @@ class _DynamicStraightThrough(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public ops
 def fake_quantize_with_qparams(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                               q_min: int, q_max: int, fused: Optional[bool] = None) -> torch.Tensor:
+                               q_min: int, q_max: int, fused: Any = "auto") -> torch.Tensor:
     """Fake-quantize ``x`` with given (broadcastable) qparams; straight-through gradient."""
     if x.numel() == 0:
         return x.clone()
-    return _StraightThrough.apply(x, scale.float(), zero_point.float(), int(q_min), int(q_max), fused)
+    return _StraightThrough.apply(x, scale.float(), zero_point.float(), int(q_min), int(q_max),
+                                  normalize_fused(fused))
 
 
-def fake_quantize(x: torch.Tensor, bits: int = 4, granularity: GranularityLike = "granq",
-                  axis: int = 1, symmetric: bool = False, fused: Optional[bool] = None,
+def _config(bits: Union[int, GranQConfig], granularity: GranularityLike, axis: int, symmetric: bool,
+            fused: Any, check_finite: bool) -> GranQConfig:
+    """``bits`` itself when it is a GranQConfig (the other arguments are then not used), else
+    the config the keywords describe (validated there)."""
+    if isinstance(bits, GranQConfig):
+        return bits
+    return GranQConfig(bits=bits, granularity=granularity, axis=axis, symmetric=symmetric, fused=fused,
+                       check_finite=check_finite)
+
+
+def fake_quantize(x: torch.Tensor, bits: Union[int, GranQConfig] = 4, granularity: GranularityLike = "granq",
+                  axis: int = 1, symmetric: bool = False, fused: Any = "auto",
                   check_finite: bool = True) -> torch.Tensor:
     """Dynamic fake-quantization of ``x``: ranges from ``x`` itself (see the module docstring).
 
     Args:
         x: floating-point tensor, rank >= 2 (rank >= 1 for ``"tensor"``), any layout.
-        bits: 2..8.
+        bits: 2..8, or a :class:`~granq_ao.config.GranQConfig` holding every option below.
         granularity: ``"granq"`` (per (sample, channel), default), ``"channel"``, ``"tensor"``,
             ``"granq_iterative"`` or a granularity object.
         axis: the channel axis (default 1, NCHW).
         symmetric: symmetric signed grid instead of the paper's asymmetric one.
-        fused: ``None`` auto, ``True`` compiled, ``False`` eager (same numbers).
+        fused: ``"auto"``, ``"compiled"`` or ``"eager"`` (same numbers).
         check_finite: raise :class:`NonFiniteInputError` on NaN/inf input (one check on the
             small range tensor, not on ``x``).
 
@@ -404,32 +402,34 @@ def fake_quantize(x: torch.Tensor, bits: int = 4, granularity: GranularityLike =
     return fake_quantize_dynamic(x, bits, granularity, axis, symmetric, fused, check_finite)[0]
 
 
-def fake_quantize_dynamic(x: torch.Tensor, bits: int = 4, granularity: GranularityLike = "granq",
-                          axis: int = 1, symmetric: bool = False, fused: Optional[bool] = None,
-                          check_finite: bool = True
+def fake_quantize_dynamic(x: torch.Tensor, bits: Union[int, GranQConfig] = 4,
+                          granularity: GranularityLike = "granq", axis: int = 1, symmetric: bool = False,
+                          fused: Any = "auto", check_finite: bool = True
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fake_quantize` that also returns the ranges it used: ``(x_hat, x_min, x_max)``
     (float32, keepdim). Ranges, qparams and the elementwise step run as one (compiled) function;
     the NaN/inf check reads the small range tensors afterwards."""
-    q_min, q_max = quant_range(bits, symmetric)
-    granularity = check_input(x, granularity, axis)  # validates the axis even for empty input
-    reduced = _reduced_dims(granularity, x.dim())
+    config = _config(bits, granularity, axis, symmetric, fused, check_finite)
+    granularity = config.granularity
+    _check_input(x, granularity)
+    reduced = _reduced_dims(granularity, x.dim())  # validates the axis even for empty input
     if x.numel() == 0:  # defined result for an empty batch: nothing to quantize, no ranges
         no_range = x.new_empty(0, dtype=torch.float32)
         return x.clone(), no_range, no_range
-    if not reduced or getattr(granularity, "iterative", False) or _tracing():
+    if not reduced or config.iterative or _tracing():
         # Tracers (TorchScript ONNX export) record these plain ops; the fused Function is opaque to them.
-        x_min, x_max = reduce_min_max(x.detach(), granularity)
-        return fake_quantize_from_ranges(x, x_min, x_max, bits, symmetric, fused, check_finite), x_min, x_max
-    x_hat, x_min, x_max, all_finite = _DynamicStraightThrough.apply(x, reduced, q_min, q_max,
-                                                                    symmetric, fused)
-    if check_finite:
+        x_min, x_max = reduce_min_max(x.detach(), granularity, iterative=config.iterative)
+        return (fake_quantize_from_ranges(x, x_min, x_max, config.bits, config.symmetric, config.fused,
+                                          config.check_finite), x_min, x_max)
+    x_hat, x_min, x_max, all_finite = _DynamicStraightThrough.apply(x, reduced, config.quant_min, config.quant_max,
+                                                                    config.symmetric, config.fused)
+    if config.check_finite:
         _raise_unless_finite(all_finite)
     return x_hat, x_min, x_max
 
 
 def fake_quantize_from_ranges(x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: int,
-                              symmetric: bool = False, fused: Optional[bool] = None,
+                              symmetric: bool = False, fused: Any = "auto",
                               check_finite: bool = True) -> torch.Tensor:
     """Fake-quantize ``x`` with ranges already reduced from it (by :func:`reduce_min_max`):
     ``compute_qparams`` then the elementwise step. Straight-through gradient."""

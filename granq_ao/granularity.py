@@ -3,17 +3,20 @@
 A granularity says which dimensions of a tensor keep their own range; the range (min, max)
 is reduced over every other dimension:
 
-=====================  ======================  =========================================
-name                   class                   one range per
-=====================  ======================  =========================================
-``"tensor"``           ``PerTensor()``         tensor (the whole batch)
-``"channel"``          ``PerChannel(axis)``    channel ``axis`` (over the batch and space)
-``"granq"``            ``PerSampleChannel()``  (sample, channel) pair: GranQ
-``"granq_iterative"``  ``PerSampleChannel(iterative=True)``  same ranges, computed by a Python loop
-=====================  ======================  =========================================
+=============  ======================  =========================================
+name           class                   one range per
+=============  ======================  =========================================
+``"tensor"``   ``PerTensor()``         tensor (the whole batch)
+``"channel"``  ``PerChannel(axis)``    channel ``axis`` (over the batch and space)
+``"granq"``    ``PerSampleChannel()``  (sample, channel) pair: GranQ
+=============  ======================  =========================================
 
 For rank-2 inputs ``(N, F)``, ``PerSampleChannel`` keeps one range per sample (reduced over
-``F``), as the official GranQ code does.
+``F``), as the official GranQ code does. On a weight ``(out, in, *k)``,
+``PerSampleChannel(axis=1, batch_axis=0)`` is one range per (out, in) kernel slice (the official
+code's weight ranges, called ``kernel`` in :mod:`granq_ao.config`). Names are resolved by
+:func:`granq_ao.config.as_granularity`; how the ranges are computed (vectorized or the paper's
+Python loop) is an option of :class:`granq_ao.config.GranQConfig`, not a granularity.
 """
 from __future__ import annotations
 
@@ -44,19 +47,11 @@ class PerChannel:
 
 @dataclass(frozen=True)
 class PerSampleChannel:
-    """One range per (sample, channel): GranQ. Batch is dim ``batch_axis``, channels ``axis``.
-
-    ``iterative=True`` computes the same ranges with a Python loop over (n, c): the slow
-    reference of the paper's latency figure; numbers are identical.
-    """
+    """One range per (sample, channel): GranQ. Batch is dim ``batch_axis``, channels ``axis``."""
 
     axis: int = 1
     batch_axis: int = 0
-    iterative: bool = False
-
-    @property
-    def name(self) -> str:
-        return "granq_iterative" if self.iterative else "granq"
+    name = "granq"
 
     def kept_dims(self, ndim: int) -> Tuple[int, ...]:
         batch = _normalize_axis(self.batch_axis, ndim)
@@ -73,26 +68,9 @@ class PerSampleChannel:
 
 Granularity = Union[PerTensor, PerChannel, PerSampleChannel]
 
-GRANULARITY_NAMES = ("tensor", "channel", "granq", "granq_iterative")
-
 
 def _normalize_axis(axis: int, ndim: int) -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(f"channel axis {axis} is out of range for a rank-{ndim} input")
     return axis % ndim
 
-
-def as_granularity(value: Union[str, Granularity], axis: int = 1) -> Granularity:
-    """Turn a name (``"tensor"``, ``"channel"``, ``"granq"``, ``"granq_iterative"``) into a
-    granularity object; granularity objects pass through unchanged."""
-    if isinstance(value, (PerTensor, PerChannel, PerSampleChannel)):
-        return value
-    if value == "tensor":
-        return PerTensor()
-    if value == "channel":
-        return PerChannel(axis)
-    if value == "granq":
-        return PerSampleChannel(axis)
-    if value == "granq_iterative":
-        return PerSampleChannel(axis, iterative=True)
-    raise ValueError(f"unknown granularity {value!r}; expected one of {', '.join(GRANULARITY_NAMES)}")

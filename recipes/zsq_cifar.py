@@ -28,12 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from granq_ao.data import DATASETS, DataNotFoundError  # noqa: E402
-from granq_ao.functional import MAX_BITS, MIN_BITS  # noqa: E402
-from granq_ao.granularity import GRANULARITY_NAMES  # noqa: E402
-from granq_ao.models import TeacherError  # noqa: E402
-from granq_ao.qconfig import ACT_PLACEMENTS, WEIGHT_GRANULARITIES  # noqa: E402
+from granq_ao.config import (ACT_GRANULARITIES, FUSED_MODES, MAX_BITS, MIN_BITS, PLACEMENTS,  # noqa: E402
+                             WEIGHT_GRANULARITIES)
+from granq_ao.zsq.data import DATASETS, DataNotFoundError  # noqa: E402
 from granq_ao.zsq.losses import STUDENT_LOSSES  # noqa: E402
+from granq_ao.zsq.teachers import TeacherError  # noqa: E402
 from granq_ao.zsq.trainer import (CHECKPOINT_NAME, RESUMABLE_CHANGES,  # noqa: E402
                                   DistributedContext, ZSQConfig, ZSQTrainer, format_accuracy)
 
@@ -126,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", choices=DATASETS, default=None, help="(default cifar10)")
     add("--wbits", type=bits, default=None, help="weight bits, 2..8 (default 4)")
     add("--abits", type=bits, default=None, help="activation bits, 2..8 (default 4)")
-    add("--act-granularity", choices=GRANULARITY_NAMES, default=None, help="activation ranges (default granq)")
+    add("--act-granularity", choices=ACT_GRANULARITIES, default=None, help="activation ranges (default granq)")
     add("--weight-granularity", choices=WEIGHT_GRANULARITIES, default=None,
         help="weight ranges: channel = per output channel (default); kernel = per (out, in) slice (official code)")
-    add("--act-placement", choices=ACT_PLACEMENTS, default=None,
+    add("--act-placement", choices=PLACEMENTS, default=None,
         help="paper: activations quantized after ReLU only (default); all: torch.ao's placement")
     add("--epochs", type=positive_int, default=None)
     add("--iters", type=positive_int, default=None, help="iterations per epoch")
@@ -152,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--teacher-weights", default=None,
         help="teacher state dict (default ../shared/data/weights/resnet20_<dataset>.pth, else pytorchcv download)")
     add("--eval-batch-size", type=positive_int, default=None, help="(default 256)")
-    add("--fused", choices=("auto", "on", "off"), default="auto",
-        help="fake-quant elementwise path: on = torch.compile'd, off = eager (same numbers); auto = compiled "
-             "on CUDA, eager on CPU (compiling costs more than it saves for ResNet-20 on CPU)")
+    add("--fused", choices=FUSED_MODES, default=None,
+        help="fake-quant path: compiled = torch.compile'd, eager = plain ops (same numbers), auto = compiled "
+             "where torch.compile works. Default: compiled on CUDA, eager on CPU (compiling costs more than it "
+             "saves for a short ResNet-20 run on CPU)")
     add("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     return parser
 
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         parser.error(f"--device {args.device}: {error}")
     try:
         try:
-            fused = {"on": True, "off": False}.get(args.fused, context.device.type == "cuda")
+            fused = args.fused or ("compiled" if context.device.type == "cuda" else "eager")
             trainer = ZSQTrainer(config, out, context=context, resume=args.resume,
                                  tensorboard=not args.no_tensorboard, fused=fused)
         except (TeacherError, DataNotFoundError, FileExistsError, FileNotFoundError, ValueError) as error:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from granq_ao.placement import count_activation_fake_quant_calls
+from granq_ao.integrations.torch_ao.placement import count_activation_fake_quant_calls
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fake_quant_latency.py"
 

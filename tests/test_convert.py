@@ -16,8 +16,8 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx as torch_prepare_qa
 
 import granq_ao
 from granq_ao import functional as F
-from granq_ao.convert import ConvBnEval, weight_codes
-from granq_ao.data import shared_data_dir
+from granq_ao.integrations.torch_ao.convert import ConvBnEval, weight_codes
+from granq_ao.zsq.data import shared_data_dir
 
 pytorchcv = pytest.importorskip("pytorchcv.model_provider")
 

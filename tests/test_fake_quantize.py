@@ -12,9 +12,9 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx as torch_prepare_qa
 
 import granq_ao
 from granq_ao import functional as F
-from granq_ao.fake_quantize import GranQFakeQuantize
+from granq_ao.integrations.torch_ao.fake_quantize import GranQFakeQuantize
 from granq_ao.functional import NonFiniteInputError
-from granq_ao.observer import GranQObserver
+from granq_ao.integrations.torch_ao.observer import GranQObserver
 
 
 def make(**kwargs):
@@ -120,7 +120,9 @@ def test_extra_repr():
                  "fake_quant_enabled=True", "observer_enabled=True", "backend=eager", "GranQObserver"):
         assert part in text
     kernel = make(bits=3, granularity=granq_ao.PerSampleChannel(axis=1), ch_axis=0)
-    assert "granularity=granq(axis=1), ch_axis=0" in repr(kernel)
+    assert "granularity=kernel, ch_axis=0" in repr(kernel)  # per (out, in) slice of a weight
+    other_axis = make(bits=3, granularity=granq_ao.PerSampleChannel(axis=2), ch_axis=1)
+    assert "granularity=granq(axis=2), ch_axis=1" in repr(other_axis)
 
 
 # ----------------------------------------------------------------------------- forward numbers

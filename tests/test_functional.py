@@ -182,15 +182,23 @@ def test_compiled_equals_eager_bit_identical():
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("", None), ("auto", None), ("AUTO", None), ("1", True), ("true", True), ("on", True),
-    ("compiled", True), ("0", False), (" false ", False), ("off", False), ("eager", False),
+    ("", "auto"), ("auto", "auto"), ("AUTO", "auto"), ("1", "compiled"), ("compiled", "compiled"),
+    (" compiled ", "compiled"), ("0", "eager"), ("eager", "eager"),
 ])
 def test_granq_fused_env_parsing(monkeypatch, value, expected):
     monkeypatch.setenv("GRANQ_FUSED", value)
-    assert F._env_fused() is expected
-    if expected is not None:
-        assert F.fused_backend() == ("compiled" if expected else "eager")
-    assert F.fused_backend(False) == "eager"  # the argument wins over the environment
+    assert F._env_fused() == expected
+    if expected != "auto":
+        assert F.fused_backend() == expected
+    assert F.fused_backend("eager") == "eager"  # the argument wins over the environment
+    assert F.fused_backend(False) == "eager"  # legacy spelling of the argument
+
+
+@pytest.mark.parametrize("value", ["true", "on", "off", "yes"])
+def test_granq_fused_env_has_one_vocabulary(monkeypatch, value):
+    monkeypatch.setenv("GRANQ_FUSED", value)
+    with pytest.raises(ValueError, match="GRANQ_FUSED must be one of auto, compiled, eager"):
+        F.fused_backend()
 
 
 def test_granq_fused_env_bad_value(monkeypatch):
@@ -323,7 +331,7 @@ def test_integer_tensors_are_rejected(dtype):
 
 
 def test_unknown_granularity_is_rejected():
-    with pytest.raises(ValueError, match="unknown granularity"):
+    with pytest.raises(ValueError, match="granularity must be one of granq, channel, tensor, granq_iterative"):
         F.fake_quantize(torch.randn(2, 3), 4, "per_token", fused=False)
 
 

@@ -21,7 +21,7 @@ from pytorch_quantization.nn.modules import _utils as quant_nn_utils  # noqa: E4
 from pytorch_quantization.tensor_quant import QuantDescriptor  # noqa: E402
 
 import granq_ao  # noqa: E402
-from granq_ao.fake_quantize import GranQFakeQuantize  # noqa: E402
+from granq_ao.integrations.torch_ao.fake_quantize import GranQFakeQuantize  # noqa: E402
 from granq_ao.functional import NonFiniteInputError  # noqa: E402
 from granq_ao.integrations.pytorch_quantization import (  # noqa: E402
     GranQCalibrationWarning,
@@ -186,7 +186,7 @@ def test_bad_inputs_give_clear_errors():
         quantizer(torch.randn(7))
     with pytest.raises(ValueError, match="out of range"):
         GranQTensorQuantizer(GranQDescriptor(axis=5, **EAGER))(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError, match="unknown granularity"):
+    with pytest.raises(ValueError, match="granularity must be one of granq, channel, tensor, granq_iterative"):
         GranQDescriptor(granularity="per_pixel")
 
 

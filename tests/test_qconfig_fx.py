@@ -16,8 +16,8 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx as torch_prepare_qa
 
 import granq_ao
 from granq_ao import functional as F
-from granq_ao.fake_quantize import GranQFakeQuantize
-from granq_ao.placement import apply_paper_placement, count_activation_fake_quant_calls
+from granq_ao.integrations.torch_ao.fake_quantize import GranQFakeQuantize
+from granq_ao.integrations.torch_ao.placement import apply_paper_placement, count_activation_fake_quant_calls
 
 
 def mapping(placement="all", **kwargs):
@@ -104,7 +104,7 @@ def test_every_act_granularity_trains(granularity):
     model = granq_ao.prepare_qat_fx(resnet20().train(), mapping("paper", act_granularity=granularity),
                                     (CIFAR,))
     assert counts(model) == RESNET20_PAPER
-    assert {m.granularity.name for n, m in model.named_modules()
+    assert {m.config.name for n, m in model.named_modules()
             if isinstance(m, GranQFakeQuantize) and not n.endswith("weight_fake_quant")} == {granularity}
     forward_backward(model, CIFAR)
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from granq_ao.data import shared_data_dir
-from granq_ao.models import build_cifar_teacher
+from granq_ao.zsq.data import shared_data_dir
+from granq_ao.zsq.teachers import build_cifar_teacher
 from granq_ao.zsq import ZSQConfig, ZSQTrainer
 
 REPO = Path(__file__).resolve().parents[1]

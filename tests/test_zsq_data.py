@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from granq_ao import data as D
+from granq_ao.zsq import data as D
 
 
 def test_wilson_interval_matches_formula_and_known_value():

@@ -1,7 +1,8 @@
 """The quantized student: a torch.ao FX QAT copy of the teacher with GranQ fake-quants.
 
-``prepare_student(teacher, ...)`` deep-copies the teacher and runs
-``granq_ao.prepare_qat_fx(copy, get_granq_qat_qconfig_mapping(...), example_inputs)``. torch.ao
+``prepare_student(teacher, scheme)`` deep-copies the teacher and runs
+``prepare_qat_fx(copy, get_granq_qat_qconfig_mapping(scheme), example_inputs)`` (the torch.ao
+integration). torch.ao
 fuses every conv + BN (+ ReLU) into ``torch.ao.nn.intrinsic.qat.ConvBn(ReLU)2d``, whose forward
 folds the BN scale into the weight before the weight fake-quant::
 
@@ -22,6 +23,9 @@ import torch
 from torch import nn
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 
+from granq_ao.config import GranQScheme
+from granq_ao.integrations.torch_ao import GranQFakeQuantize, get_granq_qat_qconfig_mapping, prepare_qat_fx
+
 __all__ = ["prepare_student", "freeze_student_batchnorm", "count_fake_quants"]
 
 
@@ -35,24 +39,15 @@ def freeze_student_batchnorm(student: nn.Module) -> nn.Module:
     return student
 
 
-def prepare_student(teacher: nn.Module, weight_bits: int = 4, act_bits: int = 4,
-                    act_granularity: str = "granq", weight_granularity: str = "channel",
-                    act_placement: str = "paper", image_size: int = 32, fused=None) -> torch.fx.GraphModule:
-    """A trainable fake-quantized copy of ``teacher`` (module docstring); the teacher is untouched.
-
-    The returned GraphModule is in eval mode with BN statistics frozen; all its parameters
-    require gradients.
-    """
-    from granq_ao import get_granq_qat_qconfig_mapping, prepare_qat_fx
-
+def prepare_student(teacher: nn.Module, scheme: GranQScheme, example_inputs) -> torch.fx.GraphModule:
+    """A trainable fake-quantized copy of ``teacher`` (module docstring) for ``scheme``, traced
+    with ``example_inputs`` (a tuple, e.g. ``(torch.zeros(1, 3, 32, 32),)``); the teacher is
+    untouched. The returned GraphModule is in eval mode with BN statistics frozen; all its
+    parameters require gradients."""
     student = copy.deepcopy(teacher).train()
     for parameter in student.parameters():
         parameter.requires_grad_(True)
-    mapping = get_granq_qat_qconfig_mapping(weight_bits, act_bits, act_granularity=act_granularity,
-                                            weight_granularity=weight_granularity,
-                                            act_placement=act_placement, fused=fused)
-    example_inputs = (torch.zeros(1, 3, image_size, image_size),)
-    student = prepare_qat_fx(student, mapping, example_inputs)
+    student = prepare_qat_fx(student, get_granq_qat_qconfig_mapping(scheme), example_inputs)
     freeze_student_batchnorm(student)
     student.eval()
     return student
@@ -61,8 +56,6 @@ def prepare_student(teacher: nn.Module, weight_bits: int = 4, act_bits: int = 4,
 def count_fake_quants(student: nn.Module) -> Dict[str, int]:
     """``{"weight": n, "activation": m}``: GranQ fake-quant modules in a prepared student
     (weight ones live inside QAT conv/linear modules as ``weight_fake_quant``)."""
-    from granq_ao.fake_quantize import GranQFakeQuantize
-
     counts = {"weight": 0, "activation": 0}
     for name, module in student.named_modules():
         if isinstance(module, GranQFakeQuantize):

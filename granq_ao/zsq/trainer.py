@@ -25,6 +25,7 @@ Only process 0 writes files.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -40,11 +41,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data import DATASETS, NUM_CLASSES, EvalSet, load_cifar_test, mcnemar_exact_p, per_image_correct, wilson_interval
-from ..functional import MAX_BITS, MIN_BITS
-from ..granularity import GRANULARITY_NAMES
-from ..models import build_cifar_teacher
-from ..qconfig import ACT_PLACEMENTS, WEIGHT_GRANULARITIES
+from granq_ao.config import GranQScheme
+
+from .data import DATASETS, NUM_CLASSES, EvalSet, load_cifar_test, mcnemar_exact_p, per_image_correct, wilson_interval
+from .teachers import build_cifar_teacher
 from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, rng_state, set_rng_state
 from .generator import GDFQGenerator
 from .losses import STUDENT_LOSSES, generator_loss, record_batchnorm_inputs, student_loss
@@ -100,17 +100,10 @@ class ZSQConfig:
         problems = []
         if self.dataset not in DATASETS:
             problems.append(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        for name in ("weight_bits", "act_bits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-                problems.append(f"{name} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {value!r}")
-        if self.act_granularity not in GRANULARITY_NAMES:
-            problems.append(f"act_granularity must be one of {GRANULARITY_NAMES}, got {self.act_granularity!r}")
-        if self.weight_granularity not in WEIGHT_GRANULARITIES:
-            problems.append(f"weight_granularity must be one of {WEIGHT_GRANULARITIES}, "
-                            f"got {self.weight_granularity!r}")
-        if self.act_placement not in ACT_PLACEMENTS:
-            problems.append(f"act_placement must be one of {ACT_PLACEMENTS}, got {self.act_placement!r}")
+        try:
+            self.scheme()
+        except (TypeError, ValueError) as error:
+            problems.append(str(error))
         for name in ("epochs", "iters_per_epoch", "batch_size", "eval_batch_size", "latent_dim"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -126,6 +119,12 @@ class ZSQConfig:
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def scheme(self, fused: Any = "auto") -> GranQScheme:
+        """The student's :class:`~granq_ao.config.GranQScheme` (validated there). ``fused`` is a
+        run-time choice (same numbers), not part of the saved config."""
+        return GranQScheme.from_kwargs(self.weight_bits, self.act_bits, self.act_granularity,
+                                       self.weight_granularity, self.act_placement, fused=fused)
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -228,10 +227,8 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 def _versions() -> Dict[str, str]:
-    import granq_ao
-
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "granq_ao": granq_ao.__version__}
+           "granq_ao": _distribution_version("granq-ao")}
     for name in ("torchvision", "pytorchcv"):
         try:
             module = __import__(name)
@@ -239,6 +236,13 @@ def _versions() -> Dict[str, str]:
         except Exception:  # pragma: no cover - optional
             out[name] = "not installed"
     return out
+
+
+def _distribution_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _accuracy_entry(correct: int, total: int) -> Dict[str, Any]:
@@ -284,13 +288,13 @@ class ZSQTrainer:
     atomic), ``metrics.jsonl`` (one JSON line per epoch), ``tb/`` (TensorBoard, when installed and
     ``tensorboard=True``), ``student_final.pt`` and ``results.json`` at the end.
 
-    ``fused`` picks the fake-quant path (``None`` auto, ``True`` torch.compile'd, ``False``
-    eager); the numbers are the same, so it is a run-time choice, not part of the config.
+    ``fused`` picks the fake-quant path (``"auto"``, ``"compiled"``, ``"eager"``); the numbers
+    are the same, so it is a run-time choice, not part of the config.
     """
 
     def __init__(self, config: ZSQConfig, out_dir: os.PathLike, context: Optional[DistributedContext] = None,
                  resume: bool = False, tensorboard: bool = True, progress: Optional[bool] = None,
-                 log: Callable[[str], None] = print, fused: Optional[bool] = None) -> None:
+                 log: Callable[[str], None] = print, fused: Any = "auto") -> None:
         self.config = config.validate()
         self.out_dir = Path(out_dir)
         self.ctx = context or DistributedContext()
@@ -322,8 +326,8 @@ class ZSQTrainer:
         self.teacher, self.teacher_source = build_cifar_teacher(cfg.dataset, cfg.teacher_weights)
         self.teacher.to(self.device)
         self.evalset: EvalSet = load_cifar_test(cfg.dataset, cfg.data_root, cfg.download)
-        self.student = prepare_student(self.teacher, cfg.weight_bits, cfg.act_bits, cfg.act_granularity,
-                                       cfg.weight_granularity, cfg.act_placement, fused=fused).to(self.device)
+        self.student = prepare_student(self.teacher, cfg.scheme(fused),
+                                       (torch.zeros(1, 3, 32, 32),)).to(self.device)
         self.fake_quants = count_fake_quants(self.student)
         self.generator = GDFQGenerator(NUM_CLASSES[cfg.dataset], cfg.latent_dim).to(self.device)
         self.generator.train()

@@ -22,7 +22,7 @@ import torch
 from pytorch_quantization.nn import TensorQuantizer
 from torch.overrides import TorchFunctionMode
 
-from ...placement import is_relu_call
+from granq_ao.relu import is_relu_call
 from ._quantizer import GranQTensorQuantizer, as_granq_descriptor
 
 __all__ = ["quant_modules_with_input_quantizer", "find_relu_fed_modules", "replace_input_quantizers",

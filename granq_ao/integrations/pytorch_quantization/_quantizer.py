@@ -23,8 +23,9 @@ from pytorch_quantization.nn import TensorQuantizer
 from pytorch_quantization.tensor_quant import QuantDescriptor
 
 from granq_ao import functional as F
-from granq_ao._locate import locate_in_caller
-from granq_ao.granularity import Granularity, as_granularity
+from granq_ao.config import GranQConfig, as_granularity, normalize_fused
+from granq_ao.diagnostics import module_label
+from granq_ao.granularity import Granularity
 
 __all__ = ["GranQDescriptor", "GranQTensorQuantizer", "GranQCalibrationWarning", "as_granq_descriptor"]
 
@@ -268,10 +269,9 @@ class GranQTensorQuantizer(TensorQuantizer):
     def _label(self, find: bool = False) -> str:
         """``GranQTensorQuantizer 'path.in.model'``; with ``find`` (error paths only) the path is
         looked up in the calling model when the helpers did not record it."""
-        location = self._granq_location
-        if not location and find:
-            location = (locate_in_caller(self) or ("", None))[0]
-        return f"{type(self).__name__}" + (f" '{location}'" if location else "")
+        if self._granq_location or find:
+            return module_label(self, self._granq_location)
+        return type(self).__name__
 
     def extra_repr(self) -> str:
         if self._disabled:

@@ -1,20 +1,14 @@
 """Converting a GranQ QAT model (torch.ao FX) to a reference model.
 
-``granq_ao.convert_to_reference_fx`` is torch's ``convert_to_reference_fx`` (same signature,
-same in-place behaviour) plus ``mode``:
+``granq_ao.convert_to_reference_fx`` is torch's ``convert_to_reference_fx`` (same signature)
+plus ``mode``, and it leaves the QAT model it is given as it was (torch's converts in place):
 
 ``mode="dynamic"`` (default): the reference model computes the numbers of the QAT model in eval.
 
-* Every :class:`~granq_ao.fake_quantize.GranQFakeQuantize` call in the graph becomes the
-  dynamic quantize/dequantize of ``granq_ao.functional`` as ``call_function`` nodes::
-
-      x_min, x_max = reduce_min_max(x, granularity, axis)    # per (n, c) for GranQ
-      scale, zero_point = compute_qparams(x_min, x_max, bits, symmetric)
-      x_q = quantize(x, scale, zero_point, bits, symmetric)  # integer codes (uint8 / int8)
-      x_hat = dequantize(x_q, scale, zero_point, passthrough=x, dtype=x.dtype)
-
-  which is, op for op, what the fake-quant computes (``x_hat = (x_q - z) * s``; ``x`` itself
-  where ``s == 0``).
+* Every :class:`~granq_ao.integrations.torch_ao.GranQFakeQuantize` call in the graph becomes
+  the dynamic quantize/dequantize nodes of :mod:`~granq_ao.integrations.torch_ao.dynamic_qdq`
+  (ranges, qparams, integer codes, dequantize), which compute, op for op, what the fake-quant
+  computes (``x_hat = (x_q - z) * s``; ``x`` itself where ``s == 0``).
 * Every QAT module whose ``weight_fake_quant`` is a ``GranQFakeQuantize`` becomes its float
   module holding the *fake-quantized* weight (float values on the b-bit grid: exactly the
   tensor the QAT module uses in eval). Fused Conv/Linear-BN modules become :class:`ConvBnEval`
@@ -29,7 +23,7 @@ same in-place behaviour) plus ``mode``:
 
 ``mode="static"``: activations through torch's converter with the observers' running qparams:
 ``torch.quantize_per_channel(x, scale, zero_point, axis=1, quint8)`` (``quantize_per_tensor``
-after a channel mismatch, see :class:`~granq_ao.observer.GranQObserver`) then ``dequantize``.
+after a channel mismatch, see :class:`~granq_ao.integrations.torch_ao.GranQObserver`) then ``dequantize``.
 Weights as in dynamic mode. Caveat of torch's representation (it does the same with its own
 sub-8-bit observers): ``quantize_per_channel/per_tensor`` clamp codes to the dtype's [0, 255],
 not to [0, 2^b - 1].
@@ -40,84 +34,22 @@ the QAT model computes them. See docs/CONVERSION.md.
 from __future__ import annotations
 
 import copy
-import operator
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.quantize_fx import convert_to_reference_fx as _torch_convert_to_reference_fx
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
-from . import functional as F
+from granq_ao import functional as granq_functional
+
+from .dynamic_qdq import bypass_node, fake_quant_on, granularity_args, insert_dynamic_quant_dequant
 from .fake_quantize import GranQFakeQuantize
-from .granularity import PerChannel, PerSampleChannel, PerTensor
 
 __all__ = ["MODES", "convert_to_reference_fx", "insert_dynamic_quant_dequant", "bake_weight_module",
            "weight_codes"]
 
 MODES = ("dynamic", "static")
-
-
-# ----------------------------------------------------------------------------- activations
-def _fake_quant_on(fake_quant: torch.nn.Module) -> bool:
-    """Whether the fake-quant quantizes in forward (the Python mirror its forward reads, else
-    torch.ao's buffer)."""
-    return bool(getattr(fake_quant, "_fake_quant_on", fake_quant.fake_quant_enabled[0]))
-
-
-def _granularity_args(fake_quant: GranQFakeQuantize) -> Tuple[str, int]:
-    """``(name, axis)`` for ``functional.reduce_min_max`` (plain literals: the graph stays
-    printable). ``granq_iterative`` is exported as ``granq``: the same ranges, vectorized."""
-    granularity = fake_quant.granularity
-    if isinstance(granularity, PerTensor):
-        return "tensor", fake_quant.ch_axis
-    if isinstance(granularity, PerChannel):
-        return "channel", granularity.axis
-    if isinstance(granularity, PerSampleChannel):
-        if granularity.batch_axis != 0:
-            raise NotImplementedError(
-                f"dynamic export supports batch_axis=0 only, got {granularity.batch_axis}")
-        return "granq", granularity.axis
-    raise TypeError(f"unknown granularity {granularity!r}")
-
-
-def _bypass(graph: torch.fx.Graph, node: Node) -> Node:
-    """Remove the call ``node`` (a disabled fake-quant): its users read its input instead."""
-    source = node.args[0]
-    node.replace_all_uses_with(source)
-    graph.erase_node(node)
-    return source
-
-
-def insert_dynamic_quant_dequant(model: GraphModule, node: Node,
-                                 fake_quant: Optional[GranQFakeQuantize] = None) -> Node:
-    """Replace the call ``node`` of a ``GranQFakeQuantize`` in ``model.graph`` by the dynamic
-    ``reduce_min_max -> compute_qparams -> quantize -> dequantize`` nodes (module docstring);
-    return the node that now holds its value. A fake-quant with ``fake_quant_enabled`` off is
-    removed (its input is returned). ``model.recompile()`` is left to the caller."""
-    graph = model.graph
-    if fake_quant is None:
-        fake_quant = model.get_submodule(str(node.target))
-    x = node.args[0]
-    if not _fake_quant_on(fake_quant):
-        return _bypass(graph, node)
-    name, axis = _granularity_args(fake_quant)
-    bits, symmetric = fake_quant.bits, fake_quant.symmetric
-    with graph.inserting_before(node):
-        ranges = graph.call_function(F.reduce_min_max, (x, name, axis),
-                                     {"check_finite": getattr(fake_quant, "check_finite", True)})
-        x_min = graph.call_function(operator.getitem, (ranges, 0))
-        x_max = graph.call_function(operator.getitem, (ranges, 1))
-        qparams = graph.call_function(F.compute_qparams, (x_min, x_max, bits, symmetric))
-        scale = graph.call_function(operator.getitem, (qparams, 0))
-        zero_point = graph.call_function(operator.getitem, (qparams, 1))
-        codes = graph.call_function(F.quantize, (x, scale, zero_point, bits, symmetric))
-        dtype = graph.call_function(getattr, (x, "dtype"))
-        x_hat = graph.call_function(F.dequantize, (codes, scale, zero_point),
-                                    {"passthrough": x, "dtype": dtype})
-    node.replace_all_uses_with(x_hat)
-    graph.erase_node(node)
-    return x_hat
 
 
 # ----------------------------------------------------------------------------- weights
@@ -195,9 +127,9 @@ def bake_weight_module(qat_module: torch.nn.Module, fold_bn: bool = False) -> to
     relu = isinstance(float_module, torch.nn.Sequential)
     layer = float_module[0] if relu else float_module
     layer.weight = torch.nn.Parameter(weight_q.detach().clone(), requires_grad=False)
-    if isinstance(weight_fake_quant, GranQFakeQuantize) and _fake_quant_on(weight_fake_quant):
-        name, axis = _granularity_args(weight_fake_quant)
-        scale, zero_point = F.compute_qparams(*F.reduce_min_max(weight, name, axis),
+    if isinstance(weight_fake_quant, GranQFakeQuantize) and fake_quant_on(weight_fake_quant):
+        name, axis = granularity_args(weight_fake_quant)
+        scale, zero_point = granq_functional.compute_qparams(*granq_functional.reduce_min_max(weight, name, axis),
                                               weight_fake_quant.bits, weight_fake_quant.symmetric)
         layer.register_buffer("weight_scale", scale)
         layer.register_buffer("weight_zero_point", zero_point)
@@ -226,7 +158,7 @@ def weight_codes(module: torch.nn.Module) -> torch.Tensor:
     target = _weight_layer(module)
     if not hasattr(target, "weight_scale"):
         raise ValueError(f"{type(module).__name__} holds no baked quantized weight")
-    return F.quantize(target.weight, target.weight_scale, target.weight_zero_point,
+    return granq_functional.quantize(target.weight, target.weight_scale, target.weight_zero_point,
                       target.weight_bits, target.weight_symmetric)
 
 
@@ -250,13 +182,14 @@ def convert_to_reference_fx(graph_module: GraphModule,
     In both modes GranQ-quantized weights are the QAT model's fake-quantized weights.
     ``fold_bn``: fold BatchNorm into the conv/linear bias (torch's deployment form; equal to QAT
     up to float rounding) instead of keeping QAT's exact arithmetic (:class:`ConvBnEval`).
-    Like torch's, it modifies ``graph_module`` in place (deep-copy it first to keep the QAT
-    model) and returns the converted model. See the module docstring.
+    Unlike torch's, it converts a copy: ``graph_module`` (the QAT model) stays as it was and can
+    go on training or be converted again. See the module docstring.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(graph_module, GraphModule):
         raise TypeError(f"expected a GraphModule from prepare_qat_fx/prepare_fx, got {type(graph_module).__name__}")
+    graph_module = copy.deepcopy(graph_module)
     modules = dict(graph_module.named_modules(remove_duplicate=False))
     for node in list(graph_module.graph.nodes):
         if node.op != "call_module":
@@ -265,8 +198,8 @@ def convert_to_reference_fx(graph_module: GraphModule,
         if isinstance(module, GranQFakeQuantize):
             if mode == "dynamic":
                 insert_dynamic_quant_dequant(graph_module, node, module)
-            elif not _fake_quant_on(module):
-                _bypass(graph_module.graph, node)
+            elif not fake_quant_on(module):
+                bypass_node(graph_module.graph, node)
         elif isinstance(getattr(module, "weight_fake_quant", None), GranQFakeQuantize):
             _set_module(graph_module, str(node.target), bake_weight_module(module, fold_bn=fold_bn))
     graph_module.graph.lint()

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch.ao.quantization.observer import ObserverBase
 
-from . import functional as F
+from granq_ao import functional as granq_functional
 
 
 class GranQObserver(ObserverBase):
@@ -61,7 +61,7 @@ class GranQObserver(ObserverBase):
             bits = bits_from_quant_range(quant_min, quant_max)
         # The stored integer grid follows the dtype label: qint8 -> signed, quint8 -> unsigned
         # (torch's converters check quant_min/quant_max against the dtype's range).
-        q_min, q_max = F.quant_range(bits, symmetric=dtype == torch.qint8)
+        q_min, q_max = granq_functional.quant_range(bits, symmetric=dtype == torch.qint8)
         if (quant_min is not None or quant_max is not None) and (quant_min, quant_max) != (q_min, q_max):
             raise ValueError(
                 f"quant_min/quant_max ({quant_min}, {quant_max}) do not match {bits} bits on the "
@@ -112,7 +112,7 @@ class GranQObserver(ObserverBase):
             if not self.per_tensor:
                 self._channel_mismatch.fill_(True)
             return x
-        batch_min, batch_max = F.reduce_min_max(x.detach(), "channel", axis=self.ch_axis)
+        batch_min, batch_max = granq_functional.reduce_min_max(x.detach(), "channel", axis=self.ch_axis)
         self.record_channel_ranges(batch_min.flatten(), batch_max.flatten())
         return x
 
@@ -163,10 +163,10 @@ class GranQObserver(ObserverBase):
                 return torch.tensor(1.0), torch.tensor(0, dtype=torch.int64)
         x_min = torch.clamp(x_min, max=0.0)
         x_max = torch.clamp(x_max, min=0.0)
-        scale, zero_point = F.compute_qparams(x_min, x_max, self.bits, self.symmetric)
+        scale, zero_point = granq_functional.compute_qparams(x_min, x_max, self.bits, self.symmetric)
         # compute_qparams' grid is [0, 2^b - 1] (asymmetric) or signed (symmetric); shifting
         # the zero point onto the stored grid gives the same dequantized values.
-        zero_point = zero_point + (self.quant_min - F.quant_range(self.bits, self.symmetric)[0])
+        zero_point = zero_point + (self.quant_min - granq_functional.quant_range(self.bits, self.symmetric)[0])
         scale = torch.maximum(scale, self.eps.to(scale.device))
         return scale, zero_point.to(torch.int64)
 

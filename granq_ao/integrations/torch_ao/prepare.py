@@ -1,5 +1,5 @@
 """``granq_ao.prepare_qat_fx``: torch.ao's ``prepare_qat_fx`` (same signature) plus the
-activation placement that a :class:`~granq_ao.qconfig.GranQQConfigMapping` asks for."""
+activation placement that a :class:`~.qconfig.GranQQConfigMapping` asks for."""
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple, Union

@@ -60,11 +60,12 @@ def _check_dataset(dataset: str) -> None:
 
 
 def shared_data_dir() -> Path:
-    """``$GRANQ_DATA_DIR`` if set, else ``<repo>/../shared/data`` (repo = this package's parent)."""
+    """``$GRANQ_DATA_DIR`` if set, else ``<repo>/../shared/data`` (repo = the folder holding the
+    ``granq_ao`` package)."""
     env = os.environ.get("GRANQ_DATA_DIR")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def normalize_uint8_images(x_uint8_nhwc: np.ndarray, dataset: str) -> torch.Tensor:

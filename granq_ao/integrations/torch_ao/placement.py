@@ -12,43 +12,21 @@ ReLU. Weight fake-quants (inside QAT modules) are untouched.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
-import torch.nn.functional as nnF
 from torch.fx import GraphModule, Node
+
+from granq_ao.relu import RELU_METHOD_NAMES, is_relu_call, is_relu_module
 
 from .fake_quantize import GranQFakeQuantize
 
-_RELU_MODULES = (torch.nn.ReLU, torch.nn.ReLU6)
-_RELU_FUNCTIONS = {nnF.relu, nnF.relu_, nnF.relu6, torch.relu, torch.relu_, torch.Tensor.relu,
-                   torch.Tensor.relu_}
-_RELU_METHODS = {"relu", "relu_"}
-
-
-def is_relu_call(func, args, kwargs) -> bool:
-    """Whether calling ``func(*args, **kwargs)`` returns a ReLU/ReLU6 output (non-negative):
-    the relu functions, or ``hardtanh`` with ``min_val == 0`` (how ``nn.ReLU6`` is written)."""
-    if func is nnF.hardtanh:
-        min_val = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-        return min_val == 0.0
-    return func in _RELU_FUNCTIONS
-
-
 def _is_relu_output(node: Node, modules: dict) -> bool:
+    """Whether the value of ``node`` is a ReLU/ReLU6 output (``granq_ao.relu`` decides)."""
     if node.op == "call_module":
-        module = modules[str(node.target)]
-        if isinstance(module, _RELU_MODULES):
-            return True
-        # torch.ao's fused modules that end in a ReLU (ConvReLU2d, ConvBnReLU2d, LinearReLU,
-        # BNReLU2d, ...); not LeakyReLU / PReLU / RReLU, whose outputs are signed.
-        module_type = type(module)
-        return (module_type.__module__.startswith("torch.ao.nn.intrinsic")
-                and module_type.__name__.rstrip("123d").endswith("ReLU"))
+        return is_relu_module(modules[str(node.target)])
     if node.op == "call_function":
         return is_relu_call(node.target, node.args, node.kwargs)
     if node.op == "call_method":
-        return node.target in _RELU_METHODS
+        return node.target in RELU_METHOD_NAMES
     return False
 
 
@@ -85,15 +63,24 @@ def apply_paper_placement(model: GraphModule) -> int:
     return removed
 
 
-def activation_fake_quant_calls(model: GraphModule, cls: type = GranQFakeQuantize) -> list:
-    """The activation fake-quant modules of class ``cls`` in a prepared graph, one entry per
-    call site (a shared instance appears once per call, under each name FX calls it by)."""
-    modules = _modules_by_name(model)
-    return [modules[str(node.target)] for node in model.graph.nodes
-            if node.op == "call_module" and isinstance(modules.get(str(node.target)), cls)]
+def activation_fake_quant_calls(model: torch.nn.Module, cls: type = GranQFakeQuantize) -> list:
+    """The activation fake-quant modules of class ``cls`` in a prepared model, one entry per
+    call site.
+
+    FX (a ``GraphModule``): one entry per call in the graph (a shared instance appears once per
+    call, under each name FX calls it by). Eager mode (``torch.ao.quantization.prepare_qat``):
+    one entry per module carrying it as ``activation_post_process`` (its forward hook calls it
+    once per call of that module). Weight fake-quants are never counted."""
+    if isinstance(model, GraphModule):
+        modules = _modules_by_name(model)
+        return [modules[str(node.target)] for node in model.graph.nodes
+                if node.op == "call_module" and isinstance(modules.get(str(node.target)), cls)]
+    return [module.activation_post_process for module in model.modules()
+            if isinstance(getattr(module, "activation_post_process", None), cls)
+            and not isinstance(module, cls)]
 
 
-def count_activation_fake_quant_calls(model: GraphModule) -> int:
-    """Number of GranQ activation fake-quant call sites in a prepared graph (a shared instance
-    counts once per call)."""
+def count_activation_fake_quant_calls(model: torch.nn.Module) -> int:
+    """Number of GranQ activation fake-quant call sites in a prepared model, FX or eager (see
+    :func:`activation_fake_quant_calls`)."""
     return len(activation_fake_quant_calls(model))

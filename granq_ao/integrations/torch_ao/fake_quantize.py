@@ -39,9 +39,13 @@ from typing import Optional, Union
 import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from . import functional as F
-from ._locate import locate_in_caller
-from .granularity import Granularity, PerTensor, as_granularity
+from granq_ao import functional as granq_functional
+from granq_ao.config import GranQConfig
+from granq_ao.diagnostics import module_label
+from granq_ao.functional import NonFiniteInputError, fused_backend
+from granq_ao.granularity import Granularity, PerTensor
+
+from .dynamic_qdq import insert_dynamic_quant_dequant
 from .observer import GranQObserver, bits_from_quant_range
 
 
@@ -56,44 +60,50 @@ class GranQFakeQuantize(FakeQuantizeBase):
             output channel and ``"granq"`` is per (out, in) kernel slice (the official code).
         ch_axis: channel axis (1 for activations, 0 for weights).
         symmetric: symmetric grid (zero point 0) instead of the paper's asymmetric one.
-        fused: ``None`` auto, ``True`` torch.compile'd, ``False`` eager (same numbers).
+        fused: ``"auto"``, ``"compiled"`` or ``"eager"`` (same numbers; ``None``/``True``/``False`` too).
         check_finite: refuse NaN/inf input (default). ``False`` skips the check and its one
             host read per call (on a GPU, a sync); NaN/inf then propagate (a slice whose range
             is NaN passes through unquantized, one with an infinite range becomes NaN).
         dtype: ``torch.quint8`` (activations; unsigned grid) or ``torch.qint8`` (weights; signed
             grid), the label torch.ao's backend checks. Default: ``qint8`` when ``quant_min < 0``
             is given, else ``quint8``.
+        config: a :class:`~granq_ao.config.GranQConfig` giving bits, granularity, ch_axis,
+            symmetric, fused and check_finite at once (those arguments are then not used).
         observer_kwargs: passed to ``observer`` (e.g. ``averaging_constant``).
+
+    ``config`` holds the validated options; ``bits``, ``granularity``, ``symmetric``, ``fused``
+    and ``check_finite`` read it.
 
     Example::
 
         >>> fq = GranQFakeQuantize.with_args(bits=3)()
+        >>> fq = GranQFakeQuantize(config=GranQConfig.for_activation(3, "granq"))
         >>> y = fq(torch.randn(8, 16, 32, 32))
     """
 
     def __init__(self, observer=GranQObserver, bits: Optional[int] = None,
                  granularity: Union[str, Granularity] = "granq", ch_axis: int = 1,
-                 symmetric: bool = False, fused: Optional[bool] = None,
+                 symmetric: bool = False, fused=None,
                  quant_min: Optional[int] = None, quant_max: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, check_finite: bool = True,
-                 **observer_kwargs) -> None:
+                 config: Optional[GranQConfig] = None, **observer_kwargs) -> None:
         super().__init__()
-        if bits is None:
-            bits = bits_from_quant_range(quant_min, quant_max) if quant_min is not None else 8
+        if config is None:
+            if bits is None:
+                bits = bits_from_quant_range(quant_min, quant_max) if quant_min is not None else 8
+            config = GranQConfig(bits=bits, granularity=granularity, axis=ch_axis, symmetric=symmetric,
+                                 fused=fused, check_finite=check_finite)
+        elif not isinstance(config, GranQConfig):
+            raise TypeError(f"config must be a GranQConfig, got {config!r}")
         if dtype is None:  # a signed torch.ao-style range implies the signed label
             dtype = torch.qint8 if quant_min is not None and quant_min < 0 else torch.quint8
-        F.quant_range(bits, symmetric)  # validates bits
-        self.bits = bits
-        self.symmetric = symmetric
-        self.granularity = as_granularity(granularity, ch_axis)
-        self.ch_axis = ch_axis
-        self.fused = fused
-        self.check_finite = bool(check_finite)
+        self.config = config
+        self.ch_axis = config.axis
         self.dtype = dtype
         self.is_dynamic = False
         if isinstance(observer, type) and issubclass(observer, GranQObserver):
-            observer_kwargs.setdefault("per_tensor", isinstance(self.granularity, PerTensor))
-        self.activation_post_process = observer(bits=bits, ch_axis=ch_axis, symmetric=symmetric,
+            observer_kwargs.setdefault("per_tensor", isinstance(config.granularity, PerTensor))
+        self.activation_post_process = observer(bits=config.bits, ch_axis=config.axis, symmetric=config.symmetric,
                                                 dtype=dtype, quant_min=quant_min, quant_max=quant_max,
                                                 **observer_kwargs)
         # Python mirrors of the fake_quant_enabled / observer_enabled buffers (no device read).
@@ -101,6 +111,32 @@ class GranQFakeQuantize(FakeQuantizeBase):
         self._observer_on = True
         self.quant_min = self.activation_post_process.quant_min
         self.quant_max = self.activation_post_process.quant_max
+
+    # -- the options, read from the config (replace ``config`` to change them)
+    @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @property
+    def granularity(self) -> Granularity:
+        return self.config.granularity
+
+    @property
+    def symmetric(self) -> bool:
+        return self.config.symmetric
+
+    @property
+    def fused(self) -> str:
+        return self.config.fused
+
+    @property
+    def check_finite(self) -> bool:
+        return self.config.check_finite
+
+    @property
+    def fake_quant_on(self) -> bool:
+        """Whether ``forward`` quantizes (the Python mirror of ``fake_quant_enabled``)."""
+        return self._fake_quant_on
 
     @property
     def qscheme(self) -> torch.qscheme:
@@ -144,13 +180,12 @@ class GranQFakeQuantize(FakeQuantizeBase):
             # Validation, ranges (and fake-quant) in one call; NaN/inf refused there, before the
             # observer records anything.
             if quantize:
-                x_hat, x_min, x_max = F.fake_quantize_dynamic(x, self.bits, self.granularity,
-                                                              symmetric=self.symmetric, fused=self.fused,
-                                                              check_finite=self.check_finite)
+                x_hat, x_min, x_max = granq_functional.fake_quantize_dynamic(x, self.config)
             else:
                 x_hat = x
-                x_min, x_max = F.reduce_min_max(x_detached, self.granularity,
-                                                check_finite=self.check_finite)
+                x_min, x_max = granq_functional.reduce_min_max(x_detached, self.granularity,
+                                                               check_finite=self.check_finite,
+                                                               iterative=self.config.iterative)
             if x.numel() == 0:
                 return x
             if observe:
@@ -159,10 +194,10 @@ class GranQFakeQuantize(FakeQuantizeBase):
                 else:  # e.g. (N, F) input: per-sample ranges, per-feature observer
                     self.activation_post_process(x_detached)
             return x_hat
-        except F.NonFiniteInputError as error:
-            raise F.NonFiniteInputError(f"{self._where()}: {error}") from None
+        except NonFiniteInputError as error:
+            raise NonFiniteInputError(f"{module_label(self)}: {error}") from None
         except (ValueError, TypeError) as error:
-            raise type(error)(f"{self._where()}: {error}") from None
+            raise type(error)(f"{module_label(self)}: {error}") from None
 
     @torch.jit.export
     def calculate_qparams(self):
@@ -172,26 +207,15 @@ class GranQFakeQuantize(FakeQuantizeBase):
     def convert(self, model: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         """torch.ao's conversion hook (called by its decomposed converter): replace this
         module's call ``node`` by dynamic quantize/dequantize nodes that give the fake-quant's
-        numbers (see ``granq_ao.convert.insert_dynamic_quant_dequant``)."""
-        from .convert import insert_dynamic_quant_dequant
-
+        numbers (see :func:`~granq_ao.integrations.torch_ao.dynamic_qdq.insert_dynamic_quant_dequant`)."""
         insert_dynamic_quant_dequant(model, node, self)
 
     def extra_repr(self) -> str:
-        granularity = self.granularity.name
+        granularity = self.config.name
         axis = getattr(self.granularity, "axis", self.ch_axis)
-        if axis != self.ch_axis:
+        if axis != self.ch_axis and granularity != "kernel":
             granularity += f"(axis={axis})"
         return (f"bits={self.bits}, granularity={granularity}, ch_axis={self.ch_axis}, "
                 f"symmetric={self.symmetric}, fake_quant_enabled={self._fake_quant_on}, "
-                f"observer_enabled={self._observer_on}, backend={F.fused_backend(self.fused)}"
+                f"observer_enabled={self._observer_on}, backend={fused_backend(self.fused)}"
                 + ("" if self.check_finite else ", check_finite=False"))
-
-    def _where(self) -> str:
-        """This module's qualified name in the outermost module on the call stack that holds it
-        (searched only on error)."""
-        location = locate_in_caller(self)
-        if location is None:
-            return type(self).__name__
-        name, owner = location
-        return f"{type(self).__name__} '{name}' (in {type(owner).__name__})"

@@ -6,6 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 
+__all__ = ["locate_in_caller", "module_label"]
+
 
 def locate_in_caller(module: torch.nn.Module) -> Optional[Tuple[str, torch.nn.Module]]:
     """``(qualified name, owner)`` of ``module`` in the outermost module on the call stack that
@@ -22,3 +24,17 @@ def locate_in_caller(module: torch.nn.Module) -> Optional[Tuple[str, torch.nn.Mo
                 found = (name, owner)
         frame = frame.f_back
     return found
+
+
+def module_label(module: torch.nn.Module, known_name: str = "") -> str:
+    """``ClassName 'path.in.model' (in OwnerClass)`` for an error message: ``known_name`` when the
+    caller recorded it, else looked up on the call stack (:func:`locate_in_caller`); the class
+    name alone when the module is found nowhere."""
+    label = type(module).__name__
+    if known_name:
+        return f"{label} '{known_name}'"
+    location = locate_in_caller(module)
+    if location is None:
+        return label
+    name, owner = location
+    return f"{label} '{name}' (in {type(owner).__name__})"

@@ -1,0 +1,87 @@
+"""Dynamic quantize/dequantize nodes for a GranQ fake-quant call in a torch.fx graph.
+
+:func:`insert_dynamic_quant_dequant` replaces the call of a GranQ fake-quant module by
+``granq_ao.functional`` call nodes that compute, op for op, what the module computes in eval::
+
+    x_min, x_max = reduce_min_max(x, granularity, axis)    # per (n, c) for GranQ
+    scale, zero_point = compute_qparams(x_min, x_max, bits, symmetric)
+    x_q = quantize(x, scale, zero_point, bits, symmetric)  # integer codes (uint8 / int8)
+    x_hat = dequantize(x_q, scale, zero_point, passthrough=x, dtype=x.dtype)
+
+It is used by :func:`granq_ao.convert_to_reference_fx` and by the fake-quant's own ``convert``
+hook (torch.ao's decomposed converters call it). It reads the module's public attributes only
+(``fake_quant_on``, ``config``), so it does not import the module's class.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional, Tuple
+
+import torch
+from torch.fx import GraphModule, Node
+
+from granq_ao import functional as granq_functional
+from granq_ao.granularity import PerChannel, PerSampleChannel, PerTensor
+
+__all__ = ["insert_dynamic_quant_dequant", "fake_quant_on", "granularity_args", "bypass_node"]
+
+
+def fake_quant_on(fake_quant: torch.nn.Module) -> bool:
+    """Whether the fake-quant quantizes in forward (the Python mirror its forward reads, else
+    torch.ao's buffer)."""
+    return bool(getattr(fake_quant, "fake_quant_on", fake_quant.fake_quant_enabled[0]))
+
+
+def granularity_args(fake_quant: torch.nn.Module) -> Tuple[str, int]:
+    """``(name, axis)`` for ``functional.reduce_min_max`` (plain literals: the graph stays
+    printable). ``granq_iterative`` is exported as ``granq``: the same ranges, vectorized."""
+    granularity = fake_quant.granularity
+    if isinstance(granularity, PerTensor):
+        return "tensor", fake_quant.ch_axis
+    if isinstance(granularity, PerChannel):
+        return "channel", granularity.axis
+    if isinstance(granularity, PerSampleChannel):
+        if granularity.batch_axis != 0:
+            raise NotImplementedError(
+                f"dynamic export supports batch_axis=0 only, got {granularity.batch_axis}")
+        return "granq", granularity.axis
+    raise TypeError(f"unknown granularity {granularity!r}")
+
+
+def bypass_node(graph: torch.fx.Graph, node: Node) -> Node:
+    """Remove the call ``node`` (a disabled fake-quant): its users read its input instead."""
+    source = node.args[0]
+    node.replace_all_uses_with(source)
+    graph.erase_node(node)
+    return source
+
+
+def insert_dynamic_quant_dequant(model: GraphModule, node: Node,
+                                 fake_quant: Optional[torch.nn.Module] = None) -> Node:
+    """Replace the call ``node`` of a ``GranQFakeQuantize`` in ``model.graph`` by the dynamic
+    ``reduce_min_max -> compute_qparams -> quantize -> dequantize`` nodes (module docstring);
+    return the node that now holds its value. A fake-quant with ``fake_quant_enabled`` off is
+    removed (its input is returned). ``model.recompile()`` is left to the caller."""
+    graph = model.graph
+    if fake_quant is None:
+        fake_quant = model.get_submodule(str(node.target))
+    x = node.args[0]
+    if not fake_quant_on(fake_quant):
+        return bypass_node(graph, node)
+    name, axis = granularity_args(fake_quant)
+    bits, symmetric = fake_quant.bits, fake_quant.symmetric
+    with graph.inserting_before(node):
+        ranges = graph.call_function(granq_functional.reduce_min_max, (x, name, axis),
+                                     {"check_finite": getattr(fake_quant, "check_finite", True)})
+        x_min = graph.call_function(operator.getitem, (ranges, 0))
+        x_max = graph.call_function(operator.getitem, (ranges, 1))
+        qparams = graph.call_function(granq_functional.compute_qparams, (x_min, x_max, bits, symmetric))
+        scale = graph.call_function(operator.getitem, (qparams, 0))
+        zero_point = graph.call_function(operator.getitem, (qparams, 1))
+        codes = graph.call_function(granq_functional.quantize, (x, scale, zero_point, bits, symmetric))
+        dtype = graph.call_function(getattr, (x, "dtype"))
+        x_hat = graph.call_function(granq_functional.dequantize, (codes, scale, zero_point),
+                                    {"passthrough": x, "dtype": dtype})
+    node.replace_all_uses_with(x_hat)
+    graph.erase_node(node)
+    return x_hat
