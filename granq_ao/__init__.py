@@ -9,7 +9,7 @@ Layers (arrows point down): ``granq_ao.zsq`` (zero-shot QAT) -> ``granq_ao.integ
 torch.ao integration (torch.ao ships with torch); the other toolchains are imported explicitly
 (``granq_ao.integrations.pytorch_quantization`` ...). See docs/ARCHITECTURE.md.
 """
-from . import functional
+from . import functional, ops
 from .config import (ACT_GRANULARITIES, FUSED_MODES, PLACEMENTS, WEIGHT_GRANULARITIES, GranQConfig, GranQScheme,
                      as_granularity)
 from .functional import NonFiniteInputError, fake_quantize
@@ -21,7 +21,7 @@ from .integrations.torch_ao import (GranQFakeQuantize, GranQObserver, GranQQConf
 __version__ = "0.2.0"
 
 __all__ = [
-    "functional", "fake_quantize", "NonFiniteInputError", "GranQConfig", "GranQScheme", "ACT_GRANULARITIES",
+    "functional", "ops", "fake_quantize", "NonFiniteInputError", "GranQConfig", "GranQScheme", "ACT_GRANULARITIES",
     "WEIGHT_GRANULARITIES", "PLACEMENTS", "FUSED_MODES", "PerChannel", "PerSampleChannel", "PerTensor",
     "as_granularity", "GranQFakeQuantize", "GranQObserver", "GranQQConfigMapping", "PlacementWarning",
     "apply_paper_placement", "count_activation_fake_quant_calls", "prepare_qat_fx", "get_granq_qat_qconfig_mapping",

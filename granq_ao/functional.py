@@ -55,6 +55,7 @@ from .granularity import Granularity, PerTensor
 __all__ = [
     "quant_range",
     "reduce_min_max",
+    "ranges_shape",
     "compute_qparams",
     "fake_quantize",
     "fake_quantize_with_qparams",
@@ -177,6 +178,12 @@ def _min_max_over(x: torch.Tensor, reduced: Tuple[int, ...]) -> Tuple[torch.Tens
     """Float32 keepdim min/max over ``reduced`` (never empty: ``amin(dim=())`` would reduce over
     ALL dims). min/max of fp16/bf16 values are exact: reduced in x's dtype, then cast."""
     return x.amin(dim=reduced, keepdim=True).float(), x.amax(dim=reduced, keepdim=True).float()
+
+
+def ranges_shape(x: torch.Tensor, granularity: GranularityLike = "granq", axis: int = 1) -> list:
+    """The shape of the ranges (and qparams) that :func:`reduce_min_max` gives for ``x``: ``x``'s
+    shape with size 1 on every reduced dim (works on fake/meta tensors and symbolic sizes)."""
+    return _kept_shape(x, as_granularity(granularity, axis).kept_dims(x.dim()))
 
 
 def _kept_shape(x: torch.Tensor, kept: Tuple[int, ...]) -> list:

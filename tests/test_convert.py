@@ -62,7 +62,7 @@ def quantize_inputs(graph_module) -> list:
 
 def dynamic_quantize_inputs(graph_module) -> list:
     return [n.args[0].name for n in graph_module.graph.nodes
-            if n.op == "call_function" and n.target is F.reduce_min_max]
+            if n.op == "call_function" and n.target is torch.ops.granq_ao.choose_qparams_dynamic.default]
 
 
 # ----------------------------------------------------------------------------- dynamic == QAT eval
@@ -104,8 +104,8 @@ def test_dynamic_nodes_compute_integer_codes_and_match_fake_quantize():
     qat = granq_qat(model, torch.randn(2, 3, 8, 8), weight_bits=4, act_bits=4)
     qat.eval()
     ref = granq_ao.convert_to_reference_fx(copy.deepcopy(qat))
-    quantize_nodes = [n for n in ref.graph.nodes if n.op == "call_function" and n.target is F.quantize]
-    dequantize_nodes = [n for n in ref.graph.nodes if n.op == "call_function" and n.target is F.dequantize]
+    quantize_nodes = [n for n in ref.graph.nodes if n.op == "call_function" and n.target is torch.ops.granq_ao.quantize.default]
+    dequantize_nodes = [n for n in ref.graph.nodes if n.op == "call_function" and n.target is torch.ops.granq_ao.dequantize.default]
     assert len(quantize_nodes) == len(dequantize_nodes) == 2  # input and conv-relu output
     codes, dequantized = {}, {}
 
@@ -398,3 +398,24 @@ def test_real_teacher_granq_reference_is_closer_to_fp_than_per_tensor(capsys):
             print(f"  {k:24s} MSE vs FP {mse[k]:8.4f}  top-1 agreement {agree[k]:.3f}  top-1 {acc[k]:.3f}")
     assert mse["granq ref dynamic"] < mse["granq ref static"] < mse["per-tensor ref (torch)"]
     assert agree["granq ref dynamic"] >= agree["per-tensor ref (torch)"]
+
+
+def test_dynamic_reference_model_pickles_and_loads_in_a_fresh_process(tmp_path):
+    """The dynamic graph calls registered ops (torch.ops.granq_ao.*), so torch.save of the whole
+    converted model loads again, here and in a new interpreter, with the same outputs."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3))
+    qat = granq_qat(model, torch.randn(2, 3, 8, 8), weight_bits=4, act_bits=4).eval()
+    ref = granq_ao.convert_to_reference_fx(qat)
+    x = torch.randn(5, 3, 8, 8)
+    expected = qat(x)
+    path = tmp_path / "ref.pt"
+    torch.save({"model": ref, "x": x, "expected": expected}, path)
+    assert torch.equal(torch.load(path, weights_only=False)["model"](x), expected)
+    code = ("import torch, granq_ao; d = torch.load(%r, weights_only=False); "
+            "assert torch.equal(d['model'](d['x']), d['expected']); print('ok')" % str(path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -1,12 +1,14 @@
 """Dynamic quantize/dequantize nodes for a GranQ fake-quant call in a torch.fx graph.
 
 :func:`insert_dynamic_quant_dequant` replaces the call of a GranQ fake-quant module by
-``granq_ao.functional`` call nodes that compute, op for op, what the module computes in eval::
+calls of the registered ops of :mod:`granq_ao.ops` that compute, op for op, what the module
+computes in eval::
 
-    x_min, x_max = reduce_min_max(x, granularity, axis)    # per (n, c) for GranQ
-    scale, zero_point = compute_qparams(x_min, x_max, bits, symmetric)
-    x_q = quantize(x, scale, zero_point, bits, symmetric)  # integer codes (uint8 / int8)
-    x_hat = dequantize(x_q, scale, zero_point, passthrough=x, dtype=x.dtype)
+    scale, zero_point = torch.ops.granq_ao.choose_qparams_dynamic(x, bits, granularity, axis, symmetric, check_finite)
+    x_q = torch.ops.granq_ao.quantize(x, scale, zero_point, bits, symmetric)  # uint8 / int8 codes
+    x_hat = torch.ops.granq_ao.dequantize(x_q, scale, zero_point, x)          # x where s == 0
+
+Registered ops keep the graph picklable and re-traceable (``torch.save`` of the whole model).
 
 It is used by :func:`granq_ao.convert_to_reference_fx` and by the fake-quant's own ``convert``
 hook (torch.ao's decomposed converters call it). It reads the module's public attributes only
@@ -20,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch.fx import GraphModule, Node
 
-from granq_ao import functional as granq_functional
+import granq_ao.ops  # noqa: F401  (registers torch.ops.granq_ao)
 from granq_ao.granularity import PerChannel, PerSampleChannel, PerTensor
 
 __all__ = ["insert_dynamic_quant_dequant", "fake_quant_on", "granularity_args", "bypass_node"]
@@ -71,17 +73,12 @@ def insert_dynamic_quant_dequant(model: GraphModule, node: Node,
     name, axis = granularity_args(fake_quant)
     bits, symmetric = fake_quant.bits, fake_quant.symmetric
     with graph.inserting_before(node):
-        ranges = graph.call_function(granq_functional.reduce_min_max, (x, name, axis),
-                                     {"check_finite": getattr(fake_quant, "check_finite", True)})
-        x_min = graph.call_function(operator.getitem, (ranges, 0))
-        x_max = graph.call_function(operator.getitem, (ranges, 1))
-        qparams = graph.call_function(granq_functional.compute_qparams, (x_min, x_max, bits, symmetric))
+        qparams = graph.call_function(torch.ops.granq_ao.choose_qparams_dynamic.default,
+                                      (x, bits, name, axis, symmetric, bool(getattr(fake_quant, "check_finite", True))))
         scale = graph.call_function(operator.getitem, (qparams, 0))
         zero_point = graph.call_function(operator.getitem, (qparams, 1))
-        codes = graph.call_function(granq_functional.quantize, (x, scale, zero_point, bits, symmetric))
-        dtype = graph.call_function(getattr, (x, "dtype"))
-        x_hat = graph.call_function(granq_functional.dequantize, (codes, scale, zero_point),
-                                    {"passthrough": x, "dtype": dtype})
+        codes = graph.call_function(torch.ops.granq_ao.quantize.default, (x, scale, zero_point, bits, symmetric))
+        x_hat = graph.call_function(torch.ops.granq_ao.dequantize.default, (codes, scale, zero_point, x))
     node.replace_all_uses_with(x_hat)
     graph.erase_node(node)
     return x_hat

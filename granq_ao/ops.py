@@ -1,0 +1,67 @@
+"""GranQ's dynamic quantize/dequantize as registered ``torch.library`` ops: ``torch.ops.granq_ao.*``.
+
+Converted (reference) graphs of every toolchain call these ops, so a graph holds named,
+schema-checked operators instead of opaque Python functions: it pickles, re-traces, exports
+with ``torch.export`` and round-trips through ``torch.export.save``/``load`` (import
+``granq_ao`` first in the loading process, which registers the ops). The math is
+:mod:`granq_ao.functional`; for an input ``x`` of ``b`` bits::
+
+    scale, zero_point = granq_ao::choose_qparams_dynamic(x, b, granularity, axis, symmetric, check_finite)
+        # x_min, x_max over the reduced dims (GranQ: per (n, c));  s = (x_max - x_min) / (2^b - 1),
+        # z = round(-x_min / s)  (symmetric: s = max|x| / ((2^b - 1) / 2), z = 0);  float32, keepdim
+    x_q   = granq_ao::quantize(x, scale, zero_point, b, symmetric)
+        # clamp(round(x / s + z), q_min, q_max) as uint8 (int8 when symmetric)
+    x_hat = granq_ao::dequantize(x_q, scale, zero_point, x)
+        # (x_q - z) * s in x's dtype; x itself where s == 0 (an empty range passes through)
+
+``x_hat`` equals ``functional.fake_quantize(x, b, granularity, axis, symmetric)`` bit for bit.
+``granularity`` is ``"granq"``, ``"channel"`` or ``"tensor"``. NaN/inf input raises
+:class:`~granq_ao.functional.NonFiniteInputError` when ``check_finite``.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from . import functional
+
+__all__ = ["choose_qparams_dynamic", "quantize", "dequantize"]
+
+
+@torch.library.custom_op("granq_ao::choose_qparams_dynamic", mutates_args=())
+def choose_qparams_dynamic(x: torch.Tensor, bits: int, granularity: str, axis: int, symmetric: bool,
+                           check_finite: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` (float32, keepdim) from ``x``'s own ranges (module docstring)."""
+    x_min, x_max = functional.reduce_min_max(x, granularity, axis, check_finite=check_finite)
+    return functional.compute_qparams(x_min, x_max, bits, symmetric)
+
+
+@choose_qparams_dynamic.register_fake
+def _choose_qparams_dynamic_fake(x, bits, granularity, axis, symmetric, check_finite):
+    shape = functional.ranges_shape(x, granularity, axis)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("granq_ao::quantize", mutates_args=())
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+             symmetric: bool) -> torch.Tensor:
+    """Integer codes ``clamp(round(x / s + z), q_min, q_max)``: uint8, or int8 when symmetric."""
+    return functional.quantize(x, scale, zero_point, bits, symmetric)
+
+
+@quantize.register_fake
+def _quantize_fake(x, scale, zero_point, bits, symmetric):
+    return x.new_empty(x.shape, dtype=torch.int8 if symmetric else torch.uint8)
+
+
+@torch.library.custom_op("granq_ao::dequantize", mutates_args=())
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               passthrough: torch.Tensor) -> torch.Tensor:
+    """``(codes - z) * s`` in ``passthrough``'s dtype; ``passthrough`` (the input) where ``s == 0``."""
+    return functional.dequantize(codes, scale, zero_point, passthrough=passthrough, dtype=passthrough.dtype)
+
+
+@dequantize.register_fake
+def _dequantize_fake(codes, scale, zero_point, passthrough):
+    return passthrough.new_empty(codes.shape)
