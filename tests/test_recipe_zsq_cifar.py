@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from granq_ao.zsq.data import shared_data_dir
+from granq_ao.zsq.data import load_cifar_test, shared_data_dir
 from granq_ao.zsq.teachers import build_cifar_teacher
-from granq_ao.zsq import ZSQConfig, ZSQTrainer
+from granq_ao.zsq import ZSQConfig, ZSQTrainer, cli
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = shared_data_dir()
@@ -65,7 +65,7 @@ def test_tiny_run_writes_results_and_metrics(env, tmp_path, capsys):
         assert label in printed
     assert f"(n={N_EVAL})" in printed
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl",
-                                                      "results.json", "student_final.pt"]
+                                                      "results.json", "student_final.pt"]  # lock released
     results = json.loads((out / "results.json").read_text())
     for key in ("teacher_acc", "pre_qat_acc", "final_acc", "n_test", "config", "versions", "wall_time_s", "intervals"):
         assert key in results
@@ -105,12 +105,14 @@ def _state(trainer):
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(env, tmp_path):
     # no warm-up: the resumed epoch needs the student's SGD momentum from the checkpoint
     config = ZSQConfig(epochs=2, iters_per_epoch=2, batch_size=4, warmup_epochs=0, eval_batch_size=32, seed=3)
-    quiet = dict(tensorboard=False, progress=False, log=lambda message: None)
-    straight = ZSQTrainer(config, tmp_path / "a", **quiet)
+    teacher, _ = build_cifar_teacher("cifar10")
+    task = dict(num_classes=10, image_size=32, eval_data=load_cifar_test("cifar10"))
+    quiet = dict(tensorboard=False, progress=False, log=lambda message: None, **task)
+    straight = ZSQTrainer(config, teacher, tmp_path / "a", **quiet)
     expected = straight.run()
-    interrupted = ZSQTrainer(config, tmp_path / "b", **quiet)
+    interrupted = ZSQTrainer(config, teacher, tmp_path / "b", **quiet)
     assert interrupted.run(stop_after_epochs=1) is None  # stops after epoch 1 (checkpointed)
-    resumed = ZSQTrainer(config, tmp_path / "b", resume=True, **quiet)
+    resumed = ZSQTrainer(config, teacher, tmp_path / "b", resume=True, **quiet)
     assert resumed.state["epoch"] == 1
     got = resumed.run()
     assert got["final_acc"] == expected["final_acc"] and got["pre_qat_acc"] == expected["pre_qat_acc"]
@@ -126,7 +128,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(env, tmp_path):
         assert row_a["test_correct"] == row_b["test_correct"]
     # a finished run refuses to start over in the same folder
     with pytest.raises(FileExistsError, match="--resume"):
-        ZSQTrainer(config, tmp_path / "a", **quiet)
+        ZSQTrainer(config, teacher, tmp_path / "a", **quiet)
 
 
 def test_two_process_ddp_smoke(env, tmp_path):
@@ -202,16 +204,18 @@ def test_ctrl_c_keeps_the_last_epoch_and_cli_resume(env, tmp_path, capsys, monke
 
 def test_presets():
     recipe = load_recipe()
-    paper10 = recipe.preset_values("paper", "cifar10")
-    paper100 = recipe.preset_values("paper", "cifar100")
+    parser = recipe.build_parser()
+    paper10 = recipe.preset_values(parser.parse_args(["--preset", "paper", "--dataset", "cifar10"]))
+    paper100 = recipe.preset_values(parser.parse_args(["--preset", "paper", "--dataset", "cifar100"]))
     assert (paper10["epochs"], paper10["iters_per_epoch"], paper10["batch_size"]) == (200, 200, 16)
     assert paper100["batch_size"] == 200 and paper100["lr_milestones"] == (100,) and paper100["warmup_epochs"] == 4
     assert paper100["lr"] == 1e-4 and paper100["lr_generator"] == 1e-3
-    parser = recipe.build_parser()
     args = parser.parse_args(["--preset", "paper", "--dataset", "cifar100", "--wbits", "3", "--abits", "3"])
-    config = recipe.resolve_config(args, parser)
+    config = cli.resolve_config(args, parser, recipe.preset_values)
     assert (config.batch_size, config.weight_bits, config.act_bits, config.epochs) == (200, 3, 3, 200)
     args = parser.parse_args([])
-    config = recipe.resolve_config(args, parser).validate()
-    assert (config.dataset, config.weight_bits, config.act_bits, config.act_granularity,
-            config.weight_granularity, config.act_placement) == ("cifar10", 4, 4, "granq", "channel", "paper")
+    recipe.check_args(args, parser)
+    config = cli.resolve_config(args, parser, recipe.preset_values).validate()
+    assert (args.dataset, config.weight_bits, config.act_bits, config.act_granularity,
+            config.weight_granularity, config.act_placement, config.toolchain) == (
+        "cifar10", 4, 4, "granq", "channel", "paper", "torch_ao")

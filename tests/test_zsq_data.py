@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from granq_ao.zsq import data as D
+from granq_ao.zsq import evaluation as E
 
 
 def test_wilson_interval_matches_formula_and_known_value():
@@ -13,20 +14,20 @@ def test_wilson_interval_matches_formula_and_known_value():
     p = k / n
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    assert D.wilson_interval(k, n) == pytest.approx((center - half, center + half), rel=1e-12)
-    low, high = D.wilson_interval(k, n)
+    assert E.wilson_interval(k, n) == pytest.approx((center - half, center + half), rel=1e-12)
+    low, high = E.wilson_interval(k, n)
     assert (round(100 * low, 1), round(100 * high, 1)) == (91.3, 94.4)
-    assert D.wilson_interval(0, 10)[0] == 0.0 and D.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert E.wilson_interval(0, 10)[0] == 0.0 and E.wilson_interval(10, 10)[1] == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        D.wilson_interval(3, 0)
+        E.wilson_interval(3, 0)
 
 
 def test_mcnemar_exact_p():
-    assert D.mcnemar_exact_p(0, 0) == 1.0
+    assert E.mcnemar_exact_p(0, 0) == 1.0
     # n = 10 discordant, 1 vs 9: 2 * (C(10,0) + C(10,1)) / 2^10
-    assert D.mcnemar_exact_p(9, 1) == pytest.approx(2 * 11 / 1024)
-    assert D.mcnemar_exact_p(1, 9) == D.mcnemar_exact_p(9, 1)
-    assert D.mcnemar_exact_p(5, 5) == 1.0
+    assert E.mcnemar_exact_p(9, 1) == pytest.approx(2 * 11 / 1024)
+    assert E.mcnemar_exact_p(1, 9) == E.mcnemar_exact_p(9, 1)
+    assert E.mcnemar_exact_p(5, 5) == 1.0
 
 
 def test_normalization_formula():
@@ -56,10 +57,10 @@ def test_per_image_correct_is_the_same_sharded_or_not():
     torch.manual_seed(0)
     evalset = D.EvalSet(torch.randn(50, 3, 4, 4), torch.randint(0, 3, (50,)), "cifar10", "test")
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
-    whole = D.per_image_correct(model, evalset, batch_size=8)
-    shards = [D.per_image_correct(model, evalset, batch_size=8, rank=r, world_size=3) for r in range(3)]
+    whole = E.per_image_correct(model, evalset, batch_size=8)
+    shards = [E.per_image_correct(model, evalset, batch_size=8, rank=r, world_size=3) for r in range(3)]
     assert torch.equal(sum(shards), whole)
     expected = (model(evalset.images).argmax(1) == evalset.labels).long()
     assert torch.equal(whole, expected)
-    counts = [D.evaluate_accuracy(model, evalset, 8, rank=r, world_size=3) for r in range(3)]
+    counts = [E.evaluate_accuracy(model, evalset, 8, rank=r, world_size=3) for r in range(3)]
     assert sum(c for c, _ in counts) == int(expected.sum()) and sum(t for _, t in counts) == 50

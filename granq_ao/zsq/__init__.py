@@ -1,14 +1,21 @@
-"""Zero-shot quantization (ZSQ) machinery: GDFQ generator, AdaDFQ/GranQ losses, QAT student,
-and the resumable, data-parallel training loop used by ``recipes/zsq_cifar.py``."""
+"""Zero-shot quantization (ZSQ) for any teacher: :func:`zero_shot_qat`, the resumable,
+data-parallel trainer (AdaDFQ's generator/student game with a GranQ student), the GDFQ
+generator, the losses, and evaluation on real images. CIFAR specifics (the offline test subsets,
+pytorchcv ResNet-20 teachers) are in :mod:`granq_ao.zsq.data` and :mod:`granq_ao.zsq.teachers`,
+used by ``recipes/zsq_cifar.py``."""
+from .api import zero_shot_qat
+from .distributed import DistributedContext
+from .evaluation import format_accuracy, mcnemar_exact_p, per_image_correct, wilson_interval
 from .generator import GDFQGenerator
 from .losses import (batchnorm_statistics_loss, entropy_distillation_loss, entropy_margin_loss, generator_loss,
                      kl_distillation_loss, record_batchnorm_inputs, softmax_entropy, student_loss)
-from .student import count_fake_quants, freeze_student_batchnorm, prepare_student
-from .trainer import DistributedContext, ZSQConfig, ZSQTrainer, format_accuracy, lr_at_epoch, seed_for
+from .student import TOOLCHAINS, build_student, count_fake_quants, freeze_student_batchnorm, prepare_student
+from .trainer import ZSQConfig, ZSQTrainer, lr_at_epoch, seed_for
 
 __all__ = [
-    "GDFQGenerator", "batchnorm_statistics_loss", "entropy_distillation_loss", "entropy_margin_loss",
-    "generator_loss", "kl_distillation_loss", "record_batchnorm_inputs", "softmax_entropy", "student_loss",
-    "count_fake_quants", "freeze_student_batchnorm", "prepare_student", "DistributedContext", "ZSQConfig",
-    "ZSQTrainer", "format_accuracy", "lr_at_epoch", "seed_for",
+    "zero_shot_qat", "ZSQConfig", "ZSQTrainer", "DistributedContext", "GDFQGenerator", "TOOLCHAINS", "build_student",
+    "prepare_student", "count_fake_quants", "freeze_student_batchnorm", "batchnorm_statistics_loss",
+    "entropy_distillation_loss", "entropy_margin_loss", "generator_loss", "kl_distillation_loss",
+    "record_batchnorm_inputs", "softmax_entropy", "student_loss", "format_accuracy", "wilson_interval",
+    "mcnemar_exact_p", "per_image_correct", "lr_at_epoch", "seed_for",
 ]

@@ -12,16 +12,15 @@ Two sources of real test images:
 * the full official test set in torchvision's layout under ``data_root``
   (``torchvision.datasets.CIFAR10/100(root, train=False)``; it downloads only when asked).
 
-Accuracies come with a Wilson score interval (:func:`wilson_interval`); two models evaluated
-on the same images are compared with an exact McNemar test (:func:`mcnemar_exact_p`).
+Evaluation on them (fixed batches, Wilson intervals, paired McNemar tests) is
+:mod:`granq_ao.zsq.evaluation`, which takes any evaluation data.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,10 +34,6 @@ __all__ = [
     "shared_data_dir",
     "normalize_uint8_images",
     "load_cifar_test",
-    "wilson_interval",
-    "mcnemar_exact_p",
-    "per_image_correct",
-    "evaluate_accuracy",
 ]
 
 DATASETS = ("cifar10", "cifar100")
@@ -130,69 +125,3 @@ def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: boo
     x = np.asarray(data.data)
     y = np.asarray(data.targets, dtype=np.int64)
     return EvalSet(normalize_uint8_images(x, dataset), torch.from_numpy(y), dataset, f"torchvision:{root}")
-
-
-def wilson_interval(correct: int, total: int, z: float = 1.959963984540054) -> Tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion ``correct / total`` (fractions).
-
-    ``p = k/n``, ``center = (p + z^2/(2n)) / (1 + z^2/n)``,
-    ``half = z * sqrt(p(1-p)/n + z^2/(4n^2)) / (1 + z^2/n)``; returns ``(center - half, center + half)``.
-    """
-    if total <= 0:
-        raise ValueError("an interval needs at least one trial")
-    if not 0 <= correct <= total:
-        raise ValueError(f"correct={correct} out of range for total={total}")
-    p = correct / total
-    denom = 1.0 + z * z / total
-    center = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def mcnemar_exact_p(fixed: int, broken: int) -> float:
-    """Two-sided exact McNemar test of two classifiers on the same images: ``fixed`` images only
-    the second gets right, ``broken`` only the first. Under H0 each discordant image is a fair
-    coin: ``p = min(1, 2 * P[Binomial(fixed + broken, 1/2) <= min(fixed, broken)])``."""
-    n = fixed + broken
-    if n == 0:
-        return 1.0
-    k = min(fixed, broken)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
-    return min(1.0, 2.0 * tail)
-
-
-@torch.no_grad()
-def per_image_correct(model: torch.nn.Module, evalset: EvalSet, batch_size: int = 256,
-                      device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """int64 tensor (N,): 1 where ``model`` (put in eval mode) predicts image i's label.
-
-    The set is cut into the same fixed batches whatever the number of processes; process
-    ``rank`` of ``world_size`` runs batches ``rank, rank + world_size, ...`` and leaves 0 at the
-    other positions (sum the tensors across processes). Fixed batches matter: with per-tensor or
-    per-channel dynamic activation ranges a prediction depends on the other images of its batch.
-    """
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    was_training = model.training
-    model.eval()
-    n = len(evalset)
-    correct = torch.zeros(n, dtype=torch.int64)
-    try:
-        for batch_index, start in enumerate(range(0, n, batch_size)):
-            if batch_index % world_size != rank:
-                continue
-            images = evalset.images[start:start + batch_size].to(device)
-            labels = evalset.labels[start:start + batch_size].to(device)
-            correct[start:start + batch_size] = (model(images).argmax(dim=1) == labels).long().cpu()
-    finally:
-        model.train(was_training)
-    return correct
-
-
-def evaluate_accuracy(model: torch.nn.Module, evalset: EvalSet, batch_size: int = 256,
-                      device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> Tuple[int, int]:
-    """``(correct, total)`` top-1 counts of this process's batches (see :func:`per_image_correct`)."""
-    correct = per_image_correct(model, evalset, batch_size, device, rank, world_size)
-    n_batches = math.ceil(len(evalset) / batch_size)
-    total = sum(min(batch_size, len(evalset) - b * batch_size) for b in range(rank, n_batches, world_size))
-    return int(correct.sum()), total

@@ -23,10 +23,14 @@ import torch
 from torch import nn
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 
-from granq_ao.config import GranQScheme
+from granq_ao.config import GranQScheme, check_choice
 from granq_ao.integrations.torch_ao import GranQFakeQuantize, get_granq_qat_qconfig_mapping, prepare_qat_fx
 
-__all__ = ["prepare_student", "freeze_student_batchnorm", "count_fake_quants"]
+__all__ = ["TOOLCHAINS", "build_student", "prepare_student", "freeze_student_batchnorm", "count_fake_quants"]
+
+# The integrations that can build a student: name -> module holding ``prepare_student(model,
+# scheme, example_inputs)``. Imported when asked for (each needs its own toolchain installed).
+TOOLCHAINS = ("torch_ao",)
 
 
 def freeze_student_batchnorm(student: nn.Module) -> nn.Module:
@@ -51,6 +55,13 @@ def prepare_student(teacher: nn.Module, scheme: GranQScheme, example_inputs) -> 
     freeze_student_batchnorm(student)
     student.eval()
     return student
+
+
+def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, example_inputs) -> nn.Module:
+    """The student of ``teacher`` for ``scheme``, built by the integration ``toolchain`` (one of
+    :data:`TOOLCHAINS`); the teacher is untouched."""
+    check_choice(toolchain, TOOLCHAINS, "toolchain")
+    return prepare_student(teacher, scheme, example_inputs)
 
 
 def count_fake_quants(student: nn.Module) -> Dict[str, int]:

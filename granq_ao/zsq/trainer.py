@@ -43,27 +43,33 @@ from torch import nn
 
 from granq_ao.config import GranQScheme
 
-from .data import DATASETS, NUM_CLASSES, EvalSet, load_cifar_test, mcnemar_exact_p, per_image_correct, wilson_interval
-from .teachers import build_cifar_teacher
+from .distributed import DistributedContext
+from .evaluation import accuracy_entry, describe_eval_data, format_accuracy, mcnemar_exact_p, per_image_correct
 from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, rng_state, set_rng_state
 from .generator import GDFQGenerator
 from .losses import STUDENT_LOSSES, generator_loss, record_batchnorm_inputs, student_loss
-from .student import count_fake_quants, prepare_student
+from .student import TOOLCHAINS, build_student, count_fake_quants
 
 __all__ = ["ZSQConfig", "DistributedContext", "ZSQTrainer", "lr_at_epoch", "seed_for", "CHECKPOINT_NAME",
            "RESUMABLE_CHANGES"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 # Config fields that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = ("epochs", "data_root", "download", "teacher_weights")
+RESUMABLE_CHANGES = ("epochs",)
+# run_info entries that only describe where things came from (paths may move between sessions).
+DESCRIPTIVE_INFO = ("teacher", "eval", "teacher_weights", "data_root")
 
 
 @dataclass
 class ZSQConfig:
-    """Everything that defines a zero-shot QAT run (saved in checkpoints and results.json)."""
+    """The options of a zero-shot QAT run, for any teacher (saved in checkpoints and results.json).
 
-    dataset: str = "cifar10"
+    The student's quantization (``weight_bits`` ... ``act_placement``, the vocabulary of
+    :meth:`granq_ao.config.GranQScheme.from_kwargs`) and the toolchain that builds it; the
+    schedule, optimizers and losses of the paper (AdaDFQ game). Defaults are the paper's CIFAR
+    settings; the teacher, its data and the image size are arguments of the trainer."""
+
     weight_bits: int = 4
     act_bits: int = 4
     act_granularity: str = "granq"
@@ -91,15 +97,13 @@ class ZSQConfig:
     entropy_upper: float = 0.8
     seed: int = 0
     eval_batch_size: int = 256
-    teacher_weights: Optional[str] = None
-    data_root: Optional[str] = None
-    download: bool = False
+    toolchain: str = "torch_ao"           # which integration builds the student (see zsq.student)
 
     def validate(self) -> "ZSQConfig":
         """Raise ``ValueError`` with a readable message for any bad field; return self."""
         problems = []
-        if self.dataset not in DATASETS:
-            problems.append(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.toolchain not in TOOLCHAINS:
+            problems.append(f"toolchain must be one of {', '.join(TOOLCHAINS)}; got {self.toolchain!r}")
         try:
             self.scheme()
         except (TypeError, ValueError) as error:
@@ -112,8 +116,11 @@ class ZSQConfig:
         if self.student_loss not in STUDENT_LOSSES:
             problems.append(f"student_loss must be one of {STUDENT_LOSSES}, got {self.student_loss!r}")
         for name in ("lr", "lr_generator", "temperature"):
-            if not float(getattr(self, name)) > 0:
-                problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            problems.append(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         if not 0 <= self.entropy_lower <= self.entropy_upper <= 1:
             problems.append("need 0 <= entropy_lower <= entropy_upper <= 1")
         if problems:
@@ -157,75 +164,6 @@ def seed_for(seed: int, epoch: int, rank: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-# ----------------------------------------------------------------------------- processes
-class DistributedContext:
-    """Process group facts: ``rank``, ``world_size``, ``local_rank``, ``device``.
-
-    :meth:`from_env` joins the group that ``torchrun`` describes (``WORLD_SIZE`` > 1; backend
-    nccl on CUDA, gloo on CPU); without it the run is a single process.
-    """
-
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-                 device: torch.device = torch.device("cpu"), owns_group: bool = False) -> None:
-        self.rank = rank
-        self.world_size = world_size
-        self.local_rank = local_rank
-        self.device = device
-        self.owns_group = owns_group
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_env(cls, device: str = "auto") -> "DistributedContext":
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        resolved = resolve_device(device, local_rank)
-        if world_size <= 1:
-            return cls(0, 1, 0, resolved)
-        owns = False
-        if not dist.is_initialized():
-            backend = "nccl" if resolved.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend)
-            owns = True
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, resolved, owns)
-
-    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owns_group = False
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; ``"cuda"`` gets
-    the local rank's GPU. Raises ``ValueError`` for CUDA without a GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
-        if resolved.index is None:
-            resolved = torch.device("cuda", local_rank)
-        torch.cuda.set_device(resolved)
-    return resolved
-
-
 def _versions() -> Dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "granq_ao": _distribution_version("granq-ao")}
@@ -243,17 +181,6 @@ def _distribution_version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _accuracy_entry(correct: int, total: int) -> Dict[str, Any]:
-    low, high = wilson_interval(correct, total)
-    return {"acc": correct / total, "correct": correct, "n": total, "ci95": [low, high]}
-
-
-def format_accuracy(entry: Dict[str, Any]) -> str:
-    """``93.02% [91.3, 94.4] (n=1017)`` (Wilson 95% interval in points)."""
-    low, high = entry["ci95"]
-    return f"{100 * entry['acc']:.2f}% [{100 * low:.1f}, {100 * high:.1f}] (n={entry['n']})"
 
 
 class _NoBar:
@@ -282,54 +209,91 @@ def _progress_bar(iterable, **kwargs):
 
 # ----------------------------------------------------------------------------- trainer
 class ZSQTrainer:
-    """Builds teacher, student, generator and optimizers for ``config`` and runs the loop.
+    """Zero-shot QAT of ``teacher`` (any classifier ``nn.Module``) with ``config``.
+
+    Args:
+        config: the run's :class:`ZSQConfig`.
+        teacher: the full-precision classifier; it is frozen (eval mode, no gradients) and moved
+            to the device. It takes normalized images ``(N, channels, image_size, image_size)``.
+        out_dir: folder for checkpoints and logs (``None``: nothing is written, no resume).
+        num_classes: classes of the teacher (the generator is conditioned on them).
+        image_size, channels: the teacher's input size (the generator makes such images).
+        eval_data: real evaluation images (:mod:`granq_ao.zsq.evaluation`: an ``EvalSet``, a
+            ``Dataset`` of ``(image, label)`` or a ``DataLoader``) or ``None`` (no accuracy).
+        normalize: ``(mean, std)`` applied to ``eval_data`` batches; ``None`` when they are
+            already normalized. Generated images are made in the normalized space directly.
+        generator: a conditional generator ``G(z, labels)`` with ``sample_inputs`` (default
+            :class:`~granq_ao.zsq.generator.GDFQGenerator` for ``num_classes``, ``image_size``).
+        run_info: descriptive facts saved with the run (``teacher``, ``eval`` sources, a recipe's
+            own options); a resumed run must bring the same ones.
+        fused: the fake-quant path (``"auto"``, ``"compiled"``, ``"eager"``); the numbers are the
+            same, so it is a run-time choice, not part of the config.
 
     Files in ``out_dir`` (process 0 only): ``config.json``, ``checkpoint.pt`` (after every epoch,
     atomic), ``metrics.jsonl`` (one JSON line per epoch), ``tb/`` (TensorBoard, when installed and
     ``tensorboard=True``), ``student_final.pt`` and ``results.json`` at the end.
-
-    ``fused`` picks the fake-quant path (``"auto"``, ``"compiled"``, ``"eager"``); the numbers
-    are the same, so it is a run-time choice, not part of the config.
     """
 
-    def __init__(self, config: ZSQConfig, out_dir: os.PathLike, context: Optional[DistributedContext] = None,
+    def __init__(self, config: ZSQConfig, teacher: nn.Module, out_dir: Optional[os.PathLike] = None, *,
+                 num_classes: int, image_size: int = 32, channels: int = 3, eval_data: Any = None,
+                 normalize=None, generator: Optional[nn.Module] = None,
+                 run_info: Optional[Dict[str, Any]] = None, context: Optional[DistributedContext] = None,
                  resume: bool = False, tensorboard: bool = True, progress: Optional[bool] = None,
                  log: Callable[[str], None] = print, fused: Any = "auto") -> None:
         self.config = config.validate()
-        self.out_dir = Path(out_dir)
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        for name, value in (("num_classes", num_classes), ("image_size", image_size), ("channels", channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.ctx = context or DistributedContext()
         self.device = self.ctx.device
         self.resume = resume
-        self.use_tensorboard = tensorboard
+        self.use_tensorboard = tensorboard and self.out_dir is not None
         self.progress = progress
         self._log = log
+        self.num_classes, self.image_size, self.channels = num_classes, image_size, channels
+        self.eval_data = eval_data
+        self.normalize = normalize
+        self.run_info = {"teacher": type(teacher).__name__,
+                         "eval": describe_eval_data(eval_data) if eval_data is not None else None,
+                         **(run_info or {})}
         cfg = self.config
         if cfg.batch_size % self.ctx.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.ctx.world_size} "
                              f"processes; each process generates batch_size / world_size images")
         self.local_batch = cfg.batch_size // self.ctx.world_size
-        checkpoint_path = self.out_dir / CHECKPOINT_NAME
         self.checkpoint = None
-        if resume:
-            if not checkpoint_path.is_file():
-                raise FileNotFoundError(f"nothing to resume: {checkpoint_path} does not exist")
-            self.checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-            self._check_resumable(self.checkpoint)
-        elif checkpoint_path.exists():
-            raise FileExistsError(f"{self.out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to "
-                                  f"continue it, or choose another --out")
+        if self.out_dir is None:
+            if resume:
+                raise ValueError("resume needs an out_dir holding the run's checkpoint")
+        else:
+            checkpoint_path = self.out_dir / CHECKPOINT_NAME
+            if resume:
+                if not checkpoint_path.is_file():
+                    raise FileNotFoundError(f"nothing to resume: {checkpoint_path} does not exist")
+                self.checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+                self._check_resumable(self.checkpoint)
+            elif checkpoint_path.exists():
+                raise FileExistsError(f"{self.out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to "
+                                      f"continue it, or choose another --out")
 
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes; CUDA runs are not bit-reproducible anyway
-        self.teacher, self.teacher_source = build_cifar_teacher(cfg.dataset, cfg.teacher_weights)
+        self.teacher = teacher
+        self.teacher.eval()
+        for parameter in self.teacher.parameters():
+            parameter.requires_grad_(False)
         self.teacher.to(self.device)
-        self.evalset: EvalSet = load_cifar_test(cfg.dataset, cfg.data_root, cfg.download)
-        self.student = prepare_student(self.teacher, cfg.scheme(fused),
-                                       (torch.zeros(1, 3, 32, 32),)).to(self.device)
+        example_inputs = (torch.zeros(1, channels, image_size, image_size),)
+        self.student = build_student(cfg.toolchain, self.teacher, cfg.scheme(fused), example_inputs).to(self.device)
         self.fake_quants = count_fake_quants(self.student)
-        self.generator = GDFQGenerator(NUM_CLASSES[cfg.dataset], cfg.latent_dim).to(self.device)
+        if generator is None:
+            generator = GDFQGenerator(num_classes, cfg.latent_dim, img_size=image_size, channels=channels)
+        self.generator = generator.to(self.device)
         self.generator.train()
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator,
                                             betas=tuple(cfg.generator_betas))
@@ -348,6 +312,10 @@ class ZSQTrainer:
             self.student_ddp = self.student
         self._writer = None
 
+    @property
+    def writes_files(self) -> bool:
+        return self.ctx.is_main and self.out_dir is not None
+
     # ------------------------------------------------------------------ logging and files
     def log(self, message: str) -> None:
         if self.ctx.is_main:
@@ -360,6 +328,9 @@ class ZSQTrainer:
         current = self.config.to_dict()
         changed = [f"{k}: checkpoint {saved.get(k)!r} != now {current[k]!r}" for k in current
                    if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+        saved_info = checkpoint.get("run_info", {})
+        changed += [f"{k}: checkpoint {saved_info.get(k)!r} != now {v!r}" for k, v in self.run_info.items()
+                    if k not in DESCRIPTIVE_INFO and saved_info.get(k) != v]
         if changed:
             raise ValueError("cannot resume with a different configuration: " + "; ".join(changed))
         if checkpoint.get("world_size", 1) != self.ctx.world_size:
@@ -373,14 +344,15 @@ class ZSQTrainer:
         self.optimizer_s.load_state_dict(checkpoint["optimizer_s"])
         set_rng_state(checkpoint["rng"])
         self.state = {key: checkpoint[key] for key in ("epoch", "history", "elapsed_s", "teacher", "pre_qat",
-                                                       "last", "teacher_source", "eval_source")}
+                                                       "last")}
 
     def _save_checkpoint(self) -> None:
-        if not self.ctx.is_main:
+        if not self.writes_files:
             return
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "config": self.config.to_dict(),
+            "run_info": self.run_info,
             "world_size": self.ctx.world_size,
             "generator": self.generator.state_dict(),
             "student": self.student.state_dict(),
@@ -393,13 +365,13 @@ class ZSQTrainer:
 
     def _write_metrics_file(self) -> None:
         """metrics.jsonl = the history held in the checkpoint (rewritten whole, atomically)."""
-        if not self.ctx.is_main:
+        if not self.writes_files:
             return
         text = "".join(json.dumps(row) + "\n" for row in self.state["history"])
         atomic_write(self.out_dir / "metrics.jsonl", lambda handle: handle.write(text), mode="w")
 
     def _open_tensorboard(self) -> None:
-        if not (self.ctx.is_main and self.use_tensorboard):
+        if not (self.writes_files and self.use_tensorboard):
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -432,20 +404,23 @@ class ZSQTrainer:
                                f"min {low.tolist()} max {high.tolist()})")
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model: nn.Module) -> Dict[str, Any]:
-        """Top-1 on the real test images (summed over processes) with its Wilson interval."""
+    def evaluate(self, model: nn.Module) -> Optional[Dict[str, Any]]:
+        """Top-1 on the real evaluation images (summed over processes) with its Wilson interval,
+        or None without evaluation data."""
         from torch.ao.quantization import disable_observer, enable_observer
 
+        if self.eval_data is None:
+            return None
         observers_on = [m for m in model.modules() if hasattr(m, "observer_enabled") and bool(m.observer_enabled[0])]
         model.apply(disable_observer)  # test images must not reach the export ranges
         try:
-            correct = per_image_correct(model, self.evalset, self.config.eval_batch_size, self.device,
-                                        self.ctx.rank, self.ctx.world_size)
+            correct = per_image_correct(model, self.eval_data, self.config.eval_batch_size, self.device,
+                                        self.ctx.rank, self.ctx.world_size, self.normalize)
         finally:
             for module in observers_on:
                 enable_observer(module)
         correct = self.ctx.all_reduce_sum(correct.to(self.device)).cpu()
-        return {**_accuracy_entry(int(correct.sum()), int(correct.numel())), "per_image": correct.to(torch.int8)}
+        return {**accuracy_entry(int(correct.sum()), int(correct.numel())), "per_image": correct.to(torch.int8)}
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, sampler: torch.Generator, train_student: bool) -> Dict[str, float]:
@@ -489,24 +464,23 @@ class ZSQTrainer:
         returning None: a simulated interruption). Returns the results dict (see results.json)."""
         cfg = self.config
         self._clock = time.time()
-        if self.ctx.is_main:
+        if self.writes_files:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json({"config": cfg.to_dict(), "world_size": self.ctx.world_size,
+            atomic_write_json({"config": cfg.to_dict(), "run_info": self.run_info, "world_size": self.ctx.world_size,
                                "device": str(self.device), "versions": _versions()}, self.out_dir / "config.json")
-        self.log(f"teacher  : resnet20_{cfg.dataset} from {self.teacher_source}")
+        self.log(f"teacher  : {self.run_info['teacher']}")
         self.log(f"student  : W{cfg.weight_bits}A{cfg.act_bits} act {cfg.act_granularity} ({cfg.act_placement} "
-                 f"placement), weights {cfg.weight_granularity}; fake-quants {self.fake_quants}")
-        self.log(f"eval     : {len(self.evalset)} images from {self.evalset.source}")
+                 f"placement), weights {cfg.weight_granularity}, {cfg.toolchain}; fake-quants {self.fake_quants}")
+        self.log(f"eval     : {self.run_info['eval'] or 'none (no accuracy is measured)'}")
         if self.state["epoch"] == 0 and "teacher" not in self.state:
             self.state["teacher"] = self.evaluate(self.teacher)
             self.state["pre_qat"] = self.evaluate(self.student)
             self.state["last"] = self.state["pre_qat"]
-            self.state["teacher_source"] = self.teacher_source
-            self.state["eval_source"] = self.evalset.source
         else:
             self.log(f"resuming after epoch {self.state['epoch']} of {cfg.epochs}")
-        self.log(f"teacher accuracy {format_accuracy(self.state['teacher'])}; "
-                 f"W{cfg.weight_bits}A{cfg.act_bits} before QAT {format_accuracy(self.state['pre_qat'])}")
+        if self.eval_data is not None:
+            self.log(f"teacher accuracy {format_accuracy(self.state['teacher'])}; "
+                     f"W{cfg.weight_bits}A{cfg.act_bits} before QAT {format_accuracy(self.state['pre_qat'])}")
         self._write_metrics_file()
         self._open_tensorboard()
         epochs_this_call = 0
@@ -522,7 +496,7 @@ class ZSQTrainer:
                 self._writer = None
         self._tick()
         results = self._results()
-        if self.ctx.is_main:
+        if self.writes_files:
             atomic_torch_save(self.student.state_dict(), self.out_dir / "student_final.pt")
             atomic_write_json(results, self.out_dir / "results.json")
         return results
@@ -566,9 +540,10 @@ class ZSQTrainer:
         self._check_replicas()
         test = self.evaluate(self.student)
         row = {"epoch": epoch + 1, "phase": "warmup" if warmup else "qat", "lr": lr_s, "lr_g": lr_g, **means,
-               "test_acc": test["acc"], "test_correct": test["correct"], "n_test": test["n"],
-               "test_ci95_low": test["ci95"][0], "test_ci95_high": test["ci95"][1],
                "train_time_s": train_time, "s_per_iter": train_time / cfg.iters_per_epoch}
+        if test is not None:
+            row.update({"test_acc": test["acc"], "test_correct": test["correct"], "n_test": test["n"],
+                        "test_ci95_low": test["ci95"][0], "test_ci95_high": test["ci95"][1]})
         self.state["history"].append(row)
         self.state["last"] = test
         self.state["epoch"] = epoch + 1
@@ -578,18 +553,34 @@ class ZSQTrainer:
         self._tensorboard_epoch(row)
         self.log(f"epoch {epoch + 1:>3}/{cfg.epochs} {row['phase']:<6} lr {lr_s:.2g} | L_G {means['loss_g']:.4f} "
                  f"(bns {means['loss_g_bns']:.4f}, margin {means['loss_g_margin']:.3f}) | L_S {means['loss_s']:.4f} "
-                 f"| test {format_accuracy(test)} | {train_time / cfg.iters_per_epoch:.2f} s/iter")
+                 + (f"| test {format_accuracy(test)} " if test is not None else "")
+                 + f"| {train_time / cfg.iters_per_epoch:.2f} s/iter")
 
     def _results(self) -> Dict[str, Any]:
         cfg = self.config
         history: List[Dict[str, Any]] = self.state["history"]
+        results: Dict[str, Any] = {
+            "teacher_acc": None, "pre_qat_acc": None, "final_acc": None, "n_test": None,
+            "epochs_completed": self.state["epoch"],
+            "eval_source": self.run_info["eval"],
+            "teacher_source": self.run_info["teacher"],
+            "run_info": self.run_info,
+            "fake_quants": self.fake_quants,
+            "config": cfg.to_dict(),
+            "world_size": self.ctx.world_size,
+            "device": str(self.device),
+            "versions": _versions(),
+            "wall_time_s": self.state["elapsed_s"],
+            "mean_s_per_iter": float(np.mean([row["s_per_iter"] for row in history])) if history else None,
+        }
+        if self.state.get("teacher") is None:
+            return results
         final_entry = self.state["last"]
         pre = self.state["pre_qat"]["per_image"].long()
         fin = final_entry["per_image"].long()
         fixed, broken = int(((pre == 0) & (fin == 1)).sum()), int(((pre == 1) & (fin == 0)).sum())
-        best = max(history, key=lambda row: (row["test_acc"], -row["epoch"]))
         teacher, pre_qat = self.state["teacher"], self.state["pre_qat"]
-        return {
+        results.update({
             "teacher_acc": teacher["acc"],
             "pre_qat_acc": pre_qat["acc"],
             "final_acc": final_entry["acc"],
@@ -600,17 +591,10 @@ class ZSQTrainer:
             "final_vs_pre_qat": {"fixed": fixed, "broken": broken, "mcnemar_exact_p": mcnemar_exact_p(fixed, broken),
                                  "note": "same test images: fixed = wrong before QAT and right after, broken = "
                                          "the reverse; exact two-sided McNemar test"},
-            "best_on_test": {"acc": best["test_acc"], "epoch": best["epoch"],
-                             "note": "max over epochs of the TEST accuracy: test-set selection, optimistic; "
-                                     "the reported number is final_acc"},
-            "epochs_completed": self.state["epoch"],
-            "eval_source": self.state["eval_source"],
-            "teacher_source": self.state["teacher_source"],
-            "fake_quants": self.fake_quants,
-            "config": cfg.to_dict(),
-            "world_size": self.ctx.world_size,
-            "device": str(self.device),
-            "versions": _versions(),
-            "wall_time_s": self.state["elapsed_s"],
-            "mean_s_per_iter": float(np.mean([row["s_per_iter"] for row in history])),
-        }
+        })
+        if history:
+            best = max(history, key=lambda row: (row["test_acc"], -row["epoch"]))
+            results["best_on_test"] = {"acc": best["test_acc"], "epoch": best["epoch"],
+                                       "note": "max over epochs of the TEST accuracy: test-set selection, "
+                                               "optimistic; the reported number is final_acc"}
+        return results

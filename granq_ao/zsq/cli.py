@@ -1,0 +1,367 @@
+"""The command line shared by the zero-shot recipes (``recipes/zsq_cifar.py``, ``recipes/zsq_imagenet.py``).
+
+A recipe is a thin script: it adds its data flags (dataset, teacher, evaluation images) to
+:func:`build_parser`, and gives :func:`main` a ``build_task(args, config, context)`` that
+returns a :class:`Task` (teacher, evaluation data, classes, image size, normalization, facts to
+save). Everything else is here, once: the quantization and schedule flags (the vocabulary of
+:mod:`granq_ao.config`), presets, ``--resume`` (the checkpoint's configuration, flags that would
+change it refused), validation before any heavy work (exit status 2 with one line), a lock on
+the output folder, progress, the summary with 95% intervals.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+
+from granq_ao.config import ACT_GRANULARITIES, FUSED_MODES, MAX_BITS, MIN_BITS, PLACEMENTS, WEIGHT_GRANULARITIES
+
+from .distributed import DistributedContext
+from .evaluation import format_accuracy
+from .losses import STUDENT_LOSSES
+from .student import TOOLCHAINS
+from .trainer import CHECKPOINT_NAME, RESUMABLE_CHANGES, ZSQConfig, ZSQTrainer
+
+__all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_FIELDS", "load_checkpoint",
+           "saved_run_info"]
+
+# CLI flag -> ZSQConfig field
+FLAG_FIELDS = {
+    "wbits": "weight_bits", "abits": "act_bits", "act_granularity": "act_granularity",
+    "weight_granularity": "weight_granularity", "act_placement": "act_placement", "toolchain": "toolchain",
+    "epochs": "epochs", "iters": "iters_per_epoch", "batch_size": "batch_size", "warmup_epochs": "warmup_epochs",
+    "lr": "lr", "lr_g": "lr_generator", "lr_milestones": "lr_milestones", "temperature": "temperature",
+    "loss": "student_loss", "seed": "seed", "eval_batch_size": "eval_batch_size",
+}
+
+
+@dataclass
+class Task:
+    """What a recipe zero-shot-quantizes: the teacher and what it takes, and real images to measure it."""
+
+    teacher: torch.nn.Module
+    num_classes: int
+    image_size: int
+    eval_data: Any = None
+    normalize: Any = None
+    run_info: Dict[str, Any] = field(default_factory=dict)  # saved; non-descriptive entries must match on resume
+    generator: Optional[torch.nn.Module] = None
+
+
+# ----------------------------------------------------------------------------- argument types
+def bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {text!r}") from None
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise argparse.ArgumentTypeError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = non_negative_int(text)
+    if value >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"the seed must be below 2^63, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: X)`` only for flags whose default is a value (None = preset decides)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(description: str, presets: Dict[str, str]) -> argparse.ArgumentParser:
+    """The shared flags; ``presets`` maps preset names (the first is the default) to their help."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    # Every training flag defaults to None = "the preset's value" (or the checkpoint's with --resume).
+    add = parser.add_argument
+    names = list(presets)
+    add("--preset", choices=names, default=names[0],
+        help="; ".join(f"{name}: {text}" for name, text in presets.items()))
+    add("--wbits", type=bits, default=None, help=f"weight bits, {MIN_BITS}..{MAX_BITS} (default 4)")
+    add("--abits", type=bits, default=None, help=f"activation bits, {MIN_BITS}..{MAX_BITS} (default 4)")
+    add("--act-granularity", choices=ACT_GRANULARITIES, default=None, help="activation ranges (default granq)")
+    add("--weight-granularity", choices=WEIGHT_GRANULARITIES, default=None,
+        help="weight ranges: channel = per output channel (default); kernel = per (out, in) slice (official code)")
+    add("--act-placement", choices=PLACEMENTS, default=None,
+        help="paper: activations quantized after ReLU only (default); all: the toolchain's placement")
+    add("--toolchain", choices=TOOLCHAINS, default=None, help="integration that builds the student (default torch_ao)")
+    add("--epochs", type=positive_int, default=None)
+    add("--iters", type=positive_int, default=None, help="iterations per epoch")
+    add("--batch-size", type=positive_int, default=None, help="synthetic images per iteration (all processes)")
+    add("--warmup-epochs", type=non_negative_int, default=None, help="epochs that train the generator only")
+    add("--lr", type=positive_float, default=None, help="student SGD learning rate")
+    add("--lr-g", type=positive_float, default=None, help="generator Adam learning rate")
+    add("--lr-milestones", type=non_negative_int, nargs="*", default=None,
+        help="epochs (0-based) at which both learning rates are multiplied by 0.1")
+    add("--temperature", type=positive_float, default=None, help="student-loss temperature")
+    add("--loss", choices=STUDENT_LOSSES, default=None,
+        help="student loss: entropy = GranQ/AdaDFQ -T^2 H(softmax((t-s)/T)); kl = T^2 KL distillation")
+    add("--seed", type=seed, default=None, help="(default 0)")
+    add("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add("--out", default=None, help="output folder (default runs/<recipe>_<settings>_<time>)")
+    add("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add("--eval-batch-size", type=positive_int, default=None, help="(default 256)")
+    add("--fused", choices=FUSED_MODES, default=None,
+        help="fake-quant path: compiled = torch.compile'd, eager = plain ops (same numbers), auto = compiled "
+             "where torch.compile works. Default: compiled on CUDA, eager on CPU (compiling costs more than it "
+             "saves for a short run on CPU)")
+    add("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    return parser
+
+
+# ----------------------------------------------------------------------------- configuration
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """The checkpoint at ``path``; ``ValueError`` saying it is damaged when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"{path} is damaged and cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:120]}). "
+            "Checkpoints are replaced atomically after each epoch and no older one is kept: this run cannot be "
+            "resumed; start a new one with another --out") from None
+
+
+def _checkpoint_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """The checkpoint of the run in ``--out`` (exit 2 with one line when absent or damaged)."""
+    checkpoint_path = Path(args.out) / CHECKPOINT_NAME
+    if not checkpoint_path.is_file():
+        parser.error(f"--resume: no checkpoint at {checkpoint_path}")
+    try:
+        return load_checkpoint(checkpoint_path)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def saved_run_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """The ``run_info`` saved with the run being resumed (a recipe's own options)."""
+    return dict(_checkpoint_of(args, parser).get("run_info", {}))
+
+
+def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                   preset_values: Callable[[argparse.Namespace], Dict[str, Any]]) -> ZSQConfig:
+    """The run's config: the checkpoint's with ``--resume`` (only ``--epochs`` may change it), else
+    the preset's values overridden by explicit flags."""
+    explicit = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    if "lr_milestones" in explicit:
+        explicit["lr_milestones"] = tuple(explicit["lr_milestones"])
+    if args.resume:
+        checkpoint = _checkpoint_of(args, parser)
+        saved = checkpoint["config"]
+        conflicts = [f"--{flag.replace('_', '-')} {explicit[field]!r} (run has {saved.get(field)!r})"
+                     for flag, field in FLAG_FIELDS.items()
+                     if field in explicit and field not in RESUMABLE_CHANGES
+                     and _normalized(explicit[field]) != _normalized(saved.get(field))]
+        if conflicts:
+            parser.error("--resume continues the run as it was configured; these flags differ: " + ", ".join(conflicts))
+        done = int(checkpoint.get("epoch", 0))
+        if explicit.get("epochs", saved.get("epochs", 0)) < done:
+            parser.error(f"--resume: the run in {args.out} already completed {done} epochs; --epochs must be "
+                         f">= {done} (or leave it out)")
+        return ZSQConfig.from_dict({**saved, **explicit})
+    return ZSQConfig(**{**preset_values(args), **explicit})
+
+
+def _normalized(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+# ----------------------------------------------------------------------------- the output folder
+class OutputLock:
+    """An exclusive claim on a run folder: ``<out>/.lock`` holding the owner's pid, created with
+    ``O_EXCL``. A lock left by a process that no longer exists is taken over. Two runs with the
+    same ``--out`` therefore cannot both write it: the second stops at once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / ".lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        """Create the folder and the lock, or raise ``ValueError`` (unusable folder, or locked)."""
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--out {folder}: cannot create the folder ({error.strerror or error})") from None
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and _alive(owner):
+                    raise ValueError(f"--out {folder} is in use by another run (pid {owner}); wait for it or "
+                                     "choose another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            except OSError as error:
+                raise ValueError(f"--out {folder}: cannot write there ({error.strerror or error})") from None
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+            self.held = True
+            return
+        raise ValueError(f"--out {folder}: could not take the lock {self.path}")
+
+    def _owner(self) -> Optional[int]:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- output
+def summary_block(results: Dict[str, Any]) -> str:
+    """Teacher, pre-QAT and final accuracy with n and 95% intervals, the paired test, timing."""
+    config = results["config"]
+    tag = f"W{config['weight_bits']}A{config['act_bits']}"
+    timing = (f"{results['wall_time_s'] / 60:.1f} min"
+              + (f", {results['mean_s_per_iter']:.2f} s/iter" if results.get("mean_s_per_iter") is not None else ""))
+    if results.get("final_acc") is None:
+        return f"(no evaluation data: no accuracy measured; {timing})"
+    entries = {
+        "teacher": {"acc": results["teacher_acc"], "n": results["n_test"], "ci95": results["intervals"]["teacher"]},
+        f"{tag} pre-QAT": {"acc": results["pre_qat_acc"], "n": results["n_test"], "ci95": results["intervals"]["pre_qat"]},
+        f"{tag} final": {"acc": results["final_acc"], "n": results["n_test"], "ci95": results["intervals"]["final"]},
+    }
+    width = max(len(name) for name in entries)
+    lines = [f"{name:<{width}} : {format_accuracy(entry)}" for name, entry in entries.items()]
+    paired = results["final_vs_pre_qat"]
+    lines.append(f"final vs pre-QAT on the same images: {paired['fixed']} fixed, {paired['broken']} broken "
+                 f"(exact McNemar p = {paired['mcnemar_exact_p']:.3g})")
+    best = results.get("best_on_test")
+    if best is not None:
+        lines.append(f"(95% Wilson intervals, percentage points; final = epoch {results['epochs_completed']}; "
+                     f"best epoch on test = {100 * best['acc']:.2f}% at epoch {best['epoch']}, test-set selection)")
+    lines.append(f"(act {config['act_granularity']}, weights {config['weight_granularity']}, {config['toolchain']}, "
+                 f"{timing}, images: {results['eval_source']})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the run
+def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+         preset_values: Callable[[argparse.Namespace], Dict[str, Any]],
+         build_task: Callable[[argparse.Namespace, ZSQConfig, DistributedContext], Task],
+         default_out: Callable[[argparse.Namespace, ZSQConfig], Path],
+         task_errors: tuple = (),
+         check_args: Optional[Callable[[argparse.Namespace, argparse.ArgumentParser], None]] = None) -> int:
+    """Parse, validate, lock the output folder, build the task, train, print the summary.
+
+    Every problem that can be found before training (bad flags, unusable ``--out``, a damaged
+    checkpoint, a missing teacher or data: ``task_errors``) exits with status 2 and one line.
+    Ctrl-C exits 130 after saying how to resume."""
+    args = parser.parse_args(argv)
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out DIR (the folder of the run to continue)")
+    if check_args is not None:
+        check_args(args, parser)
+    try:
+        config = resolve_config(args, parser, preset_values).validate()
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out) if args.out is not None else default_out(args, config)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
+    if not args.resume and (out / CHECKPOINT_NAME).exists():
+        parser.error(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it, or choose "
+                     "another --out")
+    try:
+        context = DistributedContext.from_env(args.device)
+    except (ValueError, RuntimeError) as error:
+        parser.error(f"--device {args.device}: {error}")
+    lock = OutputLock(out)
+    try:
+        if context.is_main:
+            try:
+                lock.acquire()
+            except ValueError as error:
+                parser.error(str(error))
+        try:
+            task = build_task(args, config, context)
+            fused = args.fused or ("compiled" if context.device.type == "cuda" else "eager")
+            trainer = ZSQTrainer(config, task.teacher, out, num_classes=task.num_classes, image_size=task.image_size,
+                                 eval_data=task.eval_data, normalize=task.normalize, generator=task.generator,
+                                 run_info=task.run_info, context=context, resume=args.resume,
+                                 tensorboard=not args.no_tensorboard, fused=fused)
+        except (FileExistsError, FileNotFoundError, ValueError, *task_errors) as error:
+            parser.error(str(error))
+        if context.is_main:
+            print(f"output   : {out}")
+            if args.preset == "paper" and context.device.type == "cpu":
+                print("warning  : --preset paper is tens of thousands of iterations: days on a CPU (meant for a GPU)")
+        try:
+            results = trainer.run()
+        except KeyboardInterrupt:
+            if context.is_main:
+                print(f"\ninterrupted during epoch {trainer.state['epoch'] + 1}; the checkpoint after epoch "
+                      f"{trainer.state['epoch']} is in {out}. Continue with:\n  python {sys.argv[0]} --resume --out {out}",
+                      file=sys.stderr)
+            return 130
+        if context.is_main:
+            print()
+            print(summary_block(results))
+            print(f"results  : {out / 'results.json'}")
+        return 0
+    finally:
+        lock.release()
+        context.close()
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
