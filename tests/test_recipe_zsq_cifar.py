@@ -219,3 +219,50 @@ def test_presets():
     assert (args.dataset, config.weight_bits, config.act_bits, config.act_granularity,
             config.weight_granularity, config.act_placement, config.toolchain) == (
         "cifar10", 4, 4, "granq", "channel", "paper", "torch_ao")
+
+
+def test_cli_refuses_bad_values_before_any_work(env, tmp_path, capsys):
+    """Issue 11: these failed with tracebacks after seconds of setup; now exit 2 with one line."""
+    recipe = load_recipe()
+    assert "expected an integer >= 0" in _cli_error(recipe, TINY + ["--seed", "-1"], capsys)
+    for value in ("inf", "nan", "0"):
+        assert "expected a finite number > 0" in _cli_error(recipe, TINY + ["--lr", value], capsys)
+    assert "expected a finite number > 0" in _cli_error(recipe, TINY + ["--lr=-1e-3"], capsys)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert "is a file, not a folder" in _cli_error(recipe, TINY + ["--out", str(a_file)], capsys)
+    assert "cannot create the folder" in _cli_error(recipe, TINY + ["--out", str(a_file / "run")], capsys)
+
+
+def test_output_folder_lock(env, tmp_path, capsys):
+    """A second run with the same --out stops at once while the first holds the folder; a lock left
+    by a dead process is taken over."""
+    recipe = load_recipe()
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(holder.pid))
+        err = _cli_error(recipe, TINY + ["--out", str(out)], capsys)
+        assert f"in use by another run (pid {holder.pid})" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert recipe.main(TINY + ["--epochs", "1", "--out", str(out)]) == 0  # stale lock: taken over
+    assert not (out / ".lock").exists()  # released at the end
+
+
+def test_resume_refuses_damaged_checkpoints_and_fewer_epochs(env, tmp_path, capsys):
+    recipe = load_recipe()
+    out = tmp_path / "run"
+    assert recipe.main(TINY + ["--out", str(out)]) == 0
+    before = (out / "results.json").read_text()
+    err = _cli_error(recipe, ["--resume", "--out", str(out), "--epochs", "1"], capsys)
+    assert "already completed 2 epochs" in err and "--epochs must be >= 2" in err
+    assert (out / "results.json").read_text() == before  # nothing rewritten
+    checkpoint = out / "checkpoint.pt"
+    data = checkpoint.read_bytes()
+    for damaged in (data[: len(data) // 2], b""):
+        checkpoint.write_bytes(damaged)
+        err = _cli_error(recipe, ["--resume", "--out", str(out)], capsys)
+        assert "is damaged and cannot be read" in err and "no older one is kept" in err

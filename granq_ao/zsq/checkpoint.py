@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_json", "rng_state", "set_rng_state"]
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_json", "load_checkpoint", "rng_state", "set_rng_state"]
 
 
 def atomic_write(path: os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -51,6 +51,19 @@ def atomic_write_json(obj: Any, path: os.PathLike) -> None:
     """JSON (indented, UTF-8) to ``path``, atomically."""
     text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
     atomic_write(path, lambda handle: handle.write(text), mode="w")
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """The checkpoint at ``path`` (weights only, on CPU); ``ValueError`` saying it is damaged when it
+    cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = (str(error).splitlines() or [""])[0][:120]
+        raise ValueError(
+            f"{path} is damaged and cannot be read ({type(error).__name__}{': ' + reason if reason else ''}). "
+            "Checkpoints are replaced atomically after each epoch and no older one is kept: this run cannot be "
+            "resumed; start a new one with another --out") from None
 
 
 def rng_state() -> Dict[str, Any]:

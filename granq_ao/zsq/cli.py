@@ -23,13 +23,14 @@ import torch
 
 from granq_ao.config import ACT_GRANULARITIES, FUSED_MODES, MAX_BITS, MIN_BITS, PLACEMENTS, WEIGHT_GRANULARITIES
 
+from .checkpoint import load_checkpoint
 from .distributed import DistributedContext
 from .evaluation import format_accuracy
 from .losses import STUDENT_LOSSES
 from .student import TOOLCHAINS
 from .trainer import CHECKPOINT_NAME, RESUMABLE_CHANGES, ZSQConfig, ZSQTrainer
 
-__all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_FIELDS", "load_checkpoint",
+__all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_FIELDS",
            "saved_run_info"]
 
 # CLI flag -> ZSQConfig field
@@ -154,17 +155,6 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
 
 
 # ----------------------------------------------------------------------------- configuration
-def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """The checkpoint at ``path``; ``ValueError`` saying it is damaged when it cannot be read."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"{path} is damaged and cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:120]}). "
-            "Checkpoints are replaced atomically after each epoch and no older one is kept: this run cannot be "
-            "resumed; start a new one with another --out") from None
-
-
 def _checkpoint_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     """The checkpoint of the run in ``--out`` (exit 2 with one line when absent or damaged)."""
     checkpoint_path = Path(args.out) / CHECKPOINT_NAME

@@ -26,7 +26,7 @@ import torch
 from .data import EvalSet
 
 __all__ = ["wilson_interval", "mcnemar_exact_p", "eval_batches", "per_image_correct", "evaluate_accuracy",
-           "accuracy_entry", "format_accuracy", "describe_eval_data"]
+           "accuracy_entry", "format_accuracy", "describe_eval_data", "check_eval_data"]
 
 Normalization = Optional[Tuple[Sequence[float], Sequence[float]]]
 
@@ -60,6 +60,13 @@ def mcnemar_exact_p(fixed: int, broken: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
+def check_eval_data(eval_data: Any) -> None:
+    """``TypeError`` unless ``eval_data`` is one of the accepted kinds (module docstring)."""
+    if not isinstance(eval_data, (EvalSet, torch.utils.data.DataLoader, torch.utils.data.Dataset)):
+        raise TypeError(f"evaluation data must be an EvalSet, a Dataset of (image, label) or a DataLoader; "
+                        f"got {type(eval_data).__name__}")
+
+
 def eval_batches(eval_data: Any, batch_size: int = 256, normalize: Normalization = None
                  ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """``(images, labels)`` batches of ``eval_data`` in a fixed order (see the module docstring)."""
@@ -73,8 +80,7 @@ def eval_batches(eval_data: Any, batch_size: int = 256, normalize: Normalization
     elif isinstance(eval_data, torch.utils.data.Dataset):
         batches = iter(torch.utils.data.DataLoader(eval_data, batch_size=batch_size, shuffle=False))
     else:
-        raise TypeError(f"evaluation data must be an EvalSet, a Dataset of (image, label) or a DataLoader; "
-                        f"got {type(eval_data).__name__}")
+        check_eval_data(eval_data)
     mean = std = None
     if normalize is not None:
         mean, std = (torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalize)

@@ -44,8 +44,8 @@ from torch import nn
 from granq_ao.config import GranQScheme
 
 from .distributed import DistributedContext
-from .evaluation import accuracy_entry, describe_eval_data, format_accuracy, mcnemar_exact_p, per_image_correct
-from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, rng_state, set_rng_state
+from .evaluation import accuracy_entry, check_eval_data, describe_eval_data, format_accuracy, mcnemar_exact_p, per_image_correct
+from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, load_checkpoint, rng_state, set_rng_state
 from .generator import GDFQGenerator
 from .losses import STUDENT_LOSSES, generator_loss, record_batchnorm_inputs, student_loss
 from .student import TOOLCHAINS, build_student, count_fake_quants
@@ -246,6 +246,8 @@ class ZSQTrainer:
         for name, value in (("num_classes", num_classes), ("image_size", image_size), ("channels", channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if eval_data is not None:
+            check_eval_data(eval_data)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.ctx = context or DistributedContext()
         self.device = self.ctx.device
@@ -273,7 +275,7 @@ class ZSQTrainer:
             if resume:
                 if not checkpoint_path.is_file():
                     raise FileNotFoundError(f"nothing to resume: {checkpoint_path} does not exist")
-                self.checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+                self.checkpoint = load_checkpoint(checkpoint_path)
                 self._check_resumable(self.checkpoint)
             elif checkpoint_path.exists():
                 raise FileExistsError(f"{self.out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to "

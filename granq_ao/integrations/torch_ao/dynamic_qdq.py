@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch.fx import GraphModule, Node
 
-import granq_ao.ops  # noqa: F401  (registers torch.ops.granq_ao)
+from granq_ao import ops  # noqa: F401  (registers torch.ops.granq_ao.*)
 from granq_ao.granularity import PerChannel, PerSampleChannel, PerTensor
 
 __all__ = ["insert_dynamic_quant_dequant", "fake_quant_on", "granularity_args", "bypass_node"]

@@ -1,0 +1,106 @@
+"""zero_shot_qat on teachers other than the CIFAR ResNet-20: a model written here (own image size,
+classes and normalization, a Dataset for evaluation), pytorchcv preresnet20 and a torchvision
+ResNet-18 at 64 px, each with real training steps."""
+import pytest
+import torch
+from torch import nn
+
+from granq_ao.zsq import ZSQConfig, zero_shot_qat
+from granq_ao.zsq.evaluation import wilson_interval
+
+QUIET = dict(tensorboard=False, progress=False, log=lambda message: None, fused="eager")
+
+
+class TinyNet(nn.Module):
+    """A 5-class classifier of 16x16 images with two conv-BN-ReLU blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+def tiny_config(**changes):
+    values = dict(epochs=2, iters_per_epoch=3, batch_size=4, warmup_epochs=1, eval_batch_size=16,
+                  lr=1e-3, seed=1)
+    values.update(changes)
+    return ZSQConfig(**values)
+
+
+def fake_dataset(n=24, size=16, classes=5):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 3, size, size, generator=generator)  # in [0, 1], like ToTensor()
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    return torch.utils.data.TensorDataset(images, labels)
+
+
+def test_model_written_here_with_a_dataset_and_normalization(tmp_path):
+    torch.manual_seed(0)
+    teacher = TinyNet().eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    data = fake_dataset()
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    student, results = zero_shot_qat(teacher, tiny_config(act_placement="paper"), num_classes=5, image_size=16,
+                                     normalize=(mean, std), eval_data=data, out_dir=tmp_path / "run", **QUIET)
+    # the teacher is untouched, the student trained (its conv weights moved), it is GranQ-quantized
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert results["fake_quants"] == {"weight": 3, "activation": 2}  # 2 convs + linear; 2 ReLU outputs
+    moved = [k for k, v in student.state_dict().items() if k.endswith("weight") and k in before
+             and v.shape == before[k].shape and not torch.equal(v, before[k])]
+    assert moved
+    # the teacher's accuracy is the one computed here by hand, with the normalization applied
+    images, labels = data.tensors
+    normalized = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    correct = int((teacher(normalized).argmax(1) == labels).sum())
+    assert results["n_test"] == 24 and results["correct"]["teacher"] == correct
+    assert results["intervals"]["teacher"] == list(wilson_interval(correct, 24))
+    assert results["epochs_completed"] == 2 and (tmp_path / "run" / "results.json").is_file()
+
+
+def test_no_eval_data_and_no_out_dir():
+    torch.manual_seed(0)
+    student, results = zero_shot_qat(TinyNet().eval(), tiny_config(epochs=1, warmup_epochs=0), num_classes=5,
+                                     image_size=16, **QUIET)
+    assert results["final_acc"] is None and results["n_test"] is None and results["epochs_completed"] == 1
+    assert not student.training
+    assert torch.isfinite(student(torch.randn(2, 3, 16, 16))).all()
+
+
+def test_pytorchcv_preresnet20():
+    pytorchcv = pytest.importorskip("pytorchcv")
+    from pytorchcv.model_provider import get_model
+
+    torch.manual_seed(0)
+    teacher = get_model("preresnet20_cifar10", pretrained=False).eval()
+    student, results = zero_shot_qat(teacher, tiny_config(epochs=1, warmup_epochs=0, iters_per_epoch=2),
+                                     num_classes=10, image_size=32, eval_data=fake_dataset(8, 32, 10), **QUIET)
+    assert results["fake_quants"]["activation"] > 0 and results["n_test"] == 8
+    assert torch.isfinite(student(torch.randn(2, 3, 32, 32))).all()
+
+
+def test_torchvision_resnet18_at_64_px():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    teacher = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    student, results = zero_shot_qat(teacher, tiny_config(epochs=1, warmup_epochs=0, iters_per_epoch=1, batch_size=2),
+                                     num_classes=10, image_size=64, **QUIET)
+    # torchvision's ResNet-18: 20 convs + fc carry weight fake-quants; paper placement: 17 ReLU outputs
+    assert results["fake_quants"] == {"weight": 21, "activation": 17}
+    assert student(torch.randn(3, 3, 64, 64)).shape == (3, 10)
+
+
+def test_bad_arguments_are_refused_clearly():
+    with pytest.raises(TypeError, match="teacher must be an nn.Module"):
+        zero_shot_qat("resnet", tiny_config(), num_classes=5)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        zero_shot_qat(TinyNet(), tiny_config(), num_classes=0)
+    with pytest.raises(ValueError, match="act_bits must be an integer in"):
+        zero_shot_qat(TinyNet(), tiny_config(act_bits=9), num_classes=5)
+    with pytest.raises(ValueError, match="resume needs an out_dir"):
+        zero_shot_qat(TinyNet(), tiny_config(), num_classes=5, image_size=16, resume=True, **QUIET)
+    with pytest.raises(TypeError, match="evaluation data must be"):
+        zero_shot_qat(TinyNet(), tiny_config(epochs=1), num_classes=5, image_size=16, eval_data=[1, 2], **QUIET)
