@@ -194,7 +194,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_cli_resume(env, tmp_path, capsys, monke
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1 and not (out / "results.json").exists()
     err = _cli_error(recipe, ["--resume", "--out", str(out), "--wbits", "3"], capsys)
-    assert "--wbits 3" in err and "differ" in err
+    assert "--weight-bits 3" in err and "differ" in err
     # the run's own settings come from the checkpoint; --epochs may grow to extend the run
     assert recipe.main(["--resume", "--out", str(out), "--epochs", "3", "--no-tensorboard"]) == 0
     results = json.loads((out / "results.json").read_text())

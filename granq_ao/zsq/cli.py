@@ -33,14 +33,11 @@ from .trainer import CHECKPOINT_NAME, RESUMABLE_CHANGES, ZSQConfig, ZSQTrainer
 __all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_FIELDS",
            "saved_run_info"]
 
-# CLI flag -> ZSQConfig field
-FLAG_FIELDS = {
-    "wbits": "weight_bits", "abits": "act_bits", "act_granularity": "act_granularity",
-    "weight_granularity": "weight_granularity", "act_placement": "act_placement", "toolchain": "toolchain",
-    "epochs": "epochs", "iters": "iters_per_epoch", "batch_size": "batch_size", "warmup_epochs": "warmup_epochs",
-    "lr": "lr", "lr_g": "lr_generator", "lr_milestones": "lr_milestones", "temperature": "temperature",
-    "loss": "student_loss", "seed": "seed", "eval_batch_size": "eval_batch_size",
-}
+# The ZSQConfig fields set by flags: each flag is the field's name (``--weight-bits`` sets
+# ``weight_bits``); short aliases (--wbits, --abits, --iters, --lr-g, --loss) are kept.
+FLAG_FIELDS = ("weight_bits", "act_bits", "act_granularity", "weight_granularity", "act_placement", "toolchain",
+               "epochs", "iters_per_epoch", "batch_size", "warmup_epochs", "lr", "lr_generator", "lr_milestones",
+               "temperature", "student_loss", "seed", "eval_batch_size")
 
 
 @dataclass
@@ -122,8 +119,8 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
     names = list(presets)
     add("--preset", choices=names, default=names[0],
         help="; ".join(f"{name}: {text}" for name, text in presets.items()))
-    add("--wbits", type=bits, default=None, help=f"weight bits, {MIN_BITS}..{MAX_BITS} (default 4)")
-    add("--abits", type=bits, default=None, help=f"activation bits, {MIN_BITS}..{MAX_BITS} (default 4)")
+    add("--weight-bits", "--wbits", type=bits, default=None, help=f"weight bits, {MIN_BITS}..{MAX_BITS} (default 4)")
+    add("--act-bits", "--abits", type=bits, default=None, help=f"activation bits, {MIN_BITS}..{MAX_BITS} (default 4)")
     add("--act-granularity", choices=ACT_GRANULARITIES, default=None, help="activation ranges (default granq)")
     add("--weight-granularity", choices=WEIGHT_GRANULARITIES, default=None,
         help="weight ranges: channel = per output channel (default); kernel = per (out, in) slice (official code)")
@@ -131,15 +128,15 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
         help="paper: activations quantized after ReLU only (default); all: the toolchain's placement")
     add("--toolchain", choices=TOOLCHAINS, default=None, help="integration that builds the student (default torch_ao)")
     add("--epochs", type=positive_int, default=None)
-    add("--iters", type=positive_int, default=None, help="iterations per epoch")
+    add("--iters-per-epoch", "--iters", type=positive_int, default=None, help="iterations per epoch")
     add("--batch-size", type=positive_int, default=None, help="synthetic images per iteration (all processes)")
     add("--warmup-epochs", type=non_negative_int, default=None, help="epochs that train the generator only")
     add("--lr", type=positive_float, default=None, help="student SGD learning rate")
-    add("--lr-g", type=positive_float, default=None, help="generator Adam learning rate")
+    add("--lr-generator", "--lr-g", type=positive_float, default=None, help="generator Adam learning rate")
     add("--lr-milestones", type=non_negative_int, nargs="*", default=None,
         help="epochs (0-based) at which both learning rates are multiplied by 0.1")
     add("--temperature", type=positive_float, default=None, help="student-loss temperature")
-    add("--loss", choices=STUDENT_LOSSES, default=None,
+    add("--student-loss", "--loss", choices=STUDENT_LOSSES, default=None,
         help="student loss: entropy = GranQ/AdaDFQ -T^2 H(softmax((t-s)/T)); kl = T^2 KL distillation")
     add("--seed", type=seed, default=None, help="(default 0)")
     add("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -175,14 +172,14 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
                    preset_values: Callable[[argparse.Namespace], Dict[str, Any]]) -> ZSQConfig:
     """The run's config: the checkpoint's with ``--resume`` (only ``--epochs`` may change it), else
     the preset's values overridden by explicit flags."""
-    explicit = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    explicit = {field: getattr(args, field) for field in FLAG_FIELDS if getattr(args, field) is not None}
     if "lr_milestones" in explicit:
         explicit["lr_milestones"] = tuple(explicit["lr_milestones"])
     if args.resume:
         checkpoint = _checkpoint_of(args, parser)
         saved = checkpoint["config"]
-        conflicts = [f"--{flag.replace('_', '-')} {explicit[field]!r} (run has {saved.get(field)!r})"
-                     for flag, field in FLAG_FIELDS.items()
+        conflicts = [f"--{field.replace('_', '-')} {explicit[field]!r} (run has {saved.get(field)!r})"
+                     for field in FLAG_FIELDS
                      if field in explicit and field not in RESUMABLE_CHANGES
                      and _normalized(explicit[field]) != _normalized(saved.get(field))]
         if conflicts:

@@ -22,8 +22,8 @@ import torch
 from pytorch_quantization.nn import TensorQuantizer
 from pytorch_quantization.tensor_quant import QuantDescriptor
 
-from granq_ao import functional as F
-from granq_ao.config import GranQConfig, as_granularity, normalize_fused
+from granq_ao.config import GranQConfig, normalize_fused, quant_range
+from granq_ao.functional import fake_quantize
 from granq_ao.diagnostics import module_label
 from granq_ao.granularity import Granularity
 
@@ -47,26 +47,32 @@ class GranQDescriptor:
             from :mod:`granq_ao.granularity` (an object carries its own axis).
         axis: the channel axis (1 for NCHW activations; 0 for a per-output-channel weight).
         symmetric: zero-point 0 on a signed grid instead of the paper's asymmetric grid.
-        fused: ``None`` auto, ``True`` torch.compile'd, ``False`` eager (same numbers).
+        fused: ``"auto"``, ``"compiled"`` or ``"eager"`` (same numbers; ``None``/``True``/``False`` too).
+        check_finite: refuse NaN/inf input (default); ``False`` skips the check and its host read.
         name: optional label, shown in ``repr``.
 
-    Ranges are always dynamic, so there is no ``amax``, ``learn_amax`` or calibrator.
+    The options are validated by (and :attr:`config` is) a :class:`granq_ao.config.GranQConfig`:
+    the same errors as every other GranQ API. Ranges are always dynamic, so there is no
+    ``amax``, ``learn_amax`` or calibrator.
     """
 
     num_bits: int = 4
     granularity: GranularityLike = "granq"
     axis: int = 1
     symmetric: bool = False
-    fused: Optional[bool] = None
+    fused: Any = "auto"
+    check_finite: bool = True
     name: Optional[str] = None
 
     def __post_init__(self) -> None:
-        F.quant_range(self.num_bits, self.symmetric)  # ValueError outside 2..8
-        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
-            raise TypeError(f"axis must be an int, got {self.axis!r}")
-        as_granularity(self.granularity, self.axis)  # ValueError for an unknown name
-        if self.fused not in (None, True, False):
-            raise TypeError(f"fused must be None, True or False, got {self.fused!r}")
+        object.__setattr__(self, "fused", normalize_fused(self.fused))
+        self.config  # validates every option (GranQConfig), ValueError/TypeError
+
+    @property
+    def config(self) -> GranQConfig:
+        """The :class:`~granq_ao.config.GranQConfig` this descriptor describes."""
+        return GranQConfig(bits=self.num_bits, granularity=self.granularity, axis=self.axis,
+                           symmetric=self.symmetric, fused=self.fused, check_finite=self.check_finite)
 
     # QuantDescriptor-compatible read-only fields
     fake_quant = True
@@ -76,15 +82,15 @@ class GranQDescriptor:
 
     @property
     def granularity_object(self) -> Granularity:
-        return as_granularity(self.granularity, self.axis)
+        return self.config.granularity
 
     @property
     def quant_min(self) -> int:
-        return F.quant_range(self.num_bits, self.symmetric)[0]
+        return quant_range(self.num_bits, self.symmetric)[0]
 
     @property
     def quant_max(self) -> int:
-        return F.quant_range(self.num_bits, self.symmetric)[1]
+        return quant_range(self.num_bits, self.symmetric)[1]
 
     def replace(self, **changes: Any) -> "GranQDescriptor":
         """A copy with some fields changed (validated again)."""
@@ -175,6 +181,7 @@ class GranQTensorQuantizer(TensorQuantizer):
                          disabled=disabled, if_quant=if_quant, if_clip=False, if_calib=False)
         self._calibrator = None
         self._granq_desc = desc
+        self._granq_config = desc.config  # validated once; the forward passes it to the core
         self._granq_location = ""  # set by the helpers to the module path, used in errors
         if if_calib:
             self.enable_calib()
@@ -199,6 +206,7 @@ class GranQTensorQuantizer(TensorQuantizer):
     @num_bits.setter
     def num_bits(self, value: int) -> None:
         self._granq_desc = self._granq_desc.replace(num_bits=value)  # validated: 2..8
+        self._granq_config = self._granq_desc.config
         self._num_bits = value
 
     @property
@@ -250,8 +258,7 @@ class GranQTensorQuantizer(TensorQuantizer):
         # Under an exporting tracer granq_ao.functional records its eager ops (no torch.compile,
         # no finite check): ReduceMin/ReduceMax -> scale/zero-point -> Round/Clip from the input.
         try:
-            return F.fake_quantize(inputs, desc.num_bits, self.granularity, desc.axis, desc.symmetric,
-                                   fused=desc.fused)
+            return fake_quantize(inputs, self._granq_config)
         except (TypeError, ValueError) as error:  # NonFiniteInputError included; same type, located
             raise type(error)(f"{self._label(find=True)}: {error}") from None
 
