@@ -28,7 +28,7 @@ from .distributed import DistributedContext
 from .evaluation import format_accuracy
 from .losses import STUDENT_LOSSES
 from .student import TOOLCHAINS
-from .trainer import CHECKPOINT_NAME, RESUMABLE_CHANGES, ZSQConfig, ZSQTrainer
+from .trainer import CHECKPOINT_NAME, RESUMABLE_CHANGES, ZSQConfig, ZSQTrainer, seed_everything
 
 __all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_FIELDS",
            "saved_run_info"]
@@ -320,12 +320,14 @@ def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
             except ValueError as error:
                 parser.error(str(error))
         try:
+            # Seed before the teacher is built: its construction is part of the seeded stream.
+            seed_everything(config.seed)
             task = build_task(args, config, context)
             fused = args.fused or ("compiled" if context.device.type == "cuda" else "eager")
             trainer = ZSQTrainer(config, task.teacher, out, num_classes=task.num_classes, image_size=task.image_size,
                                  eval_data=task.eval_data, normalize=task.normalize, generator=task.generator,
                                  run_info=task.run_info, context=context, resume=args.resume,
-                                 tensorboard=not args.no_tensorboard, fused=fused)
+                                 tensorboard=not args.no_tensorboard, fused=fused, seed_rng=False)
         except (FileExistsError, FileNotFoundError, ValueError, *task_errors) as error:
             parser.error(str(error))
         if context.is_main:

@@ -153,6 +153,12 @@ class ZSQConfig:
         return cls(**values)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch's (CPU and CUDA) and NumPy's global generators with ``seed``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def lr_at_epoch(base_lr: float, epoch: int, milestones: Sequence[int], decay: float) -> float:
     """``base_lr * decay ** (number of milestones <= epoch)`` (epochs counted from 0)."""
     return base_lr * decay ** sum(1 for milestone in milestones if epoch >= milestone)
@@ -228,6 +234,10 @@ class ZSQTrainer:
             own options); a resumed run must bring the same ones.
         fused: the fake-quant path (``"auto"``, ``"compiled"``, ``"eager"``); the numbers are the
             same, so it is a run-time choice, not part of the config.
+        seed_rng: seed torch's and NumPy's global generators with ``config.seed`` first (before
+            the student and the generator are built). ``False`` when the caller did that itself
+            before building the teacher (the recipes do: the teacher's construction is then part
+            of the seeded stream, as it always was in ``recipes/zsq_cifar.py``).
 
     Files in ``out_dir`` (process 0 only): ``config.json``, ``checkpoint.pt`` (after every epoch,
     atomic), ``metrics.jsonl`` (one JSON line per epoch), ``tb/`` (TensorBoard, when installed and
@@ -239,7 +249,7 @@ class ZSQTrainer:
                  normalize=None, generator: Optional[nn.Module] = None,
                  run_info: Optional[Dict[str, Any]] = None, context: Optional[DistributedContext] = None,
                  resume: bool = False, tensorboard: bool = True, progress: Optional[bool] = None,
-                 log: Callable[[str], None] = print, fused: Any = "auto") -> None:
+                 log: Callable[[str], None] = print, fused: Any = "auto", seed_rng: bool = True) -> None:
         self.config = config.validate()
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
@@ -281,8 +291,8 @@ class ZSQTrainer:
                 raise FileExistsError(f"{self.out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to "
                                       f"continue it, or choose another --out")
 
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
+        if seed_rng:
+            seed_everything(cfg.seed)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes; CUDA runs are not bit-reproducible anyway
         self.teacher = teacher
