@@ -54,42 +54,31 @@ class Task:
 
 
 # ----------------------------------------------------------------------------- argument types
-def bits(text: str) -> int:
+def _integer(text: str, minimum: int, maximum: int, what: str) -> int:
+    """``int(text)`` if it lies in [minimum, maximum], else an argparse error naming ``what``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {text!r}") from None
-    if not MIN_BITS <= value <= MAX_BITS:
-        raise argparse.ArgumentTypeError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not minimum <= value <= maximum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def bits(text: str) -> int:
+    return _integer(text, MIN_BITS, MAX_BITS, f"bits in [{MIN_BITS}, {MAX_BITS}]")
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return _integer(text, 1, sys.maxsize, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+    return _integer(text, 0, sys.maxsize, "an integer >= 0")
 
 
 def seed(text: str) -> int:
-    value = non_negative_int(text)
-    if value >= 2 ** 63:
-        raise argparse.ArgumentTypeError(f"the seed must be below 2^63, got {value}")
-    return value
+    return _integer(text, 0, 2 ** 63 - 1, "an integer >= 0 and below 2^63")
 
 
 def positive_float(text: str) -> float:
