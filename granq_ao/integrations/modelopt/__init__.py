@@ -27,7 +27,7 @@ except ImportError as _error:  # pragma: no cover - exercised by a test with the
 
 from ._backend import BACKEND, backend_args, config_from_args, granq_backend, is_granq_quantizer, register_backend
 from ._config import ACTIVATION_LAYERS, WEIGHT_LAYERS, granq_quant_cfg, relu_fed_layers
-from ._onnx import export_onnx
+from ._onnx import export_onnx, granq_export_mode
 from ._student import freeze_batchnorm, prepare_student
 
 register_backend()
@@ -35,5 +35,6 @@ register_backend()
 __all__ = [
     "BACKEND", "granq_quant_cfg", "relu_fed_layers", "WEIGHT_LAYERS", "ACTIVATION_LAYERS", "backend_args",
     "config_from_args", "granq_backend", "is_granq_quantizer", "register_backend", "export_onnx",
+    "granq_export_mode",
     "prepare_student", "freeze_batchnorm",
 ]

@@ -9,8 +9,9 @@ channel) on their stored float values. Nothing of the dummy input is frozen into
 modelopt's ``TensorQuantizer.forward`` asserts, under the TorchScript exporter, that every
 enabled quantizer holds a calibrated ``_amax`` ("Quantizer has not been calibrated. ONNX export
 requires the quantizer to be calibrated."). GranQ quantizers have no amax by design, so for
-``dynamo=False`` that readiness check is switched off on them (and only them) during export.
-``dynamo=True`` (``torch.export``) does not run the check.
+``dynamo=False`` that readiness check is switched off on them (and only them) during export
+(:func:`granq_export_mode`; usable around modelopt's own exporter too). ``dynamo=True``
+(``torch.export``) does not run the check.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 
 from ._backend import is_granq_quantizer
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "granq_export_mode"]
 
 
 def _no_amax_needed(inputs: torch.Tensor) -> None:
@@ -31,7 +32,10 @@ def _no_amax_needed(inputs: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _granq_quantizers_without_amax_check(model: torch.nn.Module) -> Iterator[None]:
+def granq_export_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, modelopt's "has this quantizer a calibrated amax?" export check is off
+    for the GranQ quantizers of ``model`` (they never have one: ranges come from each input).
+    Other quantizers keep the check."""
     quantizers = [module for module in model.modules() if is_granq_quantizer(module)]
     try:
         for quantizer in quantizers:
@@ -59,7 +63,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, f: Union[str, io.By
     was_training = model.training
     model.eval()
     try:
-        with _granq_quantizers_without_amax_check(model), warnings.catch_warnings():
+        with granq_export_mode(model), warnings.catch_warnings():
             # Python-side shape checks (e.g. ``inputs.numel() == 0``) are constant for any batch size.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             if dynamo:
