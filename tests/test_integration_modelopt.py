@@ -394,7 +394,7 @@ def test_prepare_student_on_resnet20():
     assert not student.training and all(p.requires_grad for p in student.parameters())
     assert not any(gm.is_granq_quantizer(m) for m in teacher.modules())  # the teacher is untouched
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
     quantizers = [m for m in student.modules() if gm.is_granq_quantizer(m) and m.is_enabled]
     with torch.no_grad():
         quantized, expected = student(x), teacher(x)
