@@ -115,6 +115,16 @@ def test_config_is_modelopt_list_form_and_validates():
     assert gm.granq_quant_cfg(scheme) == config
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_backend_args_round_trip_every_granularity(symmetric):
+    for name in granq_ao.ACT_GRANULARITIES:
+        config = granq_ao.GranQConfig.for_activation(3, name, symmetric=symmetric, fused="eager")
+        assert gm.config_from_args(gm.backend_args(config, "activation")) == config
+    for name in granq_ao.WEIGHT_GRANULARITIES:
+        config = granq_ao.GranQConfig.for_weight(5, name, symmetric=symmetric, check_finite=False)
+        assert gm.config_from_args(gm.backend_args(config, "weight")) == config
+
+
 def test_bad_options_are_refused_with_clear_errors():
     with pytest.raises(ValueError, match=r"act_bits must be an integer in \[2, 8\]"):
         gm.granq_quant_cfg(4, act_bits=9)
@@ -160,6 +170,8 @@ def test_resnet20_quantizer_counts_for_both_placements():
     assert sum(name.endswith("identity_conv.conv.input_quantizer") for name in inputs) == 2
     assert "features.final_pool.input_quantizer" in inputs
     assert "features.init_block.conv.input_quantizer" not in inputs and "output.input_quantizer" not in inputs
+    # the data-flow pass gives the same layers on the quantized model
+    assert [f"{name}.input_quantizer" for name in gm.relu_fed_layers(paper, CIFAR_X)] == inputs
     seen = []  # every enabled input quantizer sees a ReLU output and quantizes it per (n, c)
     for name in inputs:
         paper.get_submodule(name).register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
