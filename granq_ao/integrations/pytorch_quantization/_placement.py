@@ -9,9 +9,10 @@ Which inputs are ReLU outputs is found by *data flow*, not by module order
 adapters): one forward pass on ``example_inputs`` runs under a ``TorchFunctionMode`` that
 remembers every tensor returned by ``relu`` / ``relu_`` / ``F.relu`` / ``F.relu6`` /
 ``F.hardtanh(min_val=0)`` (modules and functional calls alike, in-place or not), and a forward
-pre-hook on each quant module checks whether the tensor it receives is one of them. A tensor changed in place after its ReLU (for
-example ``out += identity``) stops counting. Reshapes, pooling or any other op in between
-make a new tensor, which does not count either: the quantizer must see the ReLU output itself.
+pre-hook on each quant module checks whether the tensor it receives is one of them. A tensor
+changed in place after its ReLU (for example ``out += identity``) stops counting. Reshapes,
+pooling or any other op in between make a new tensor, which does not count either: the
+quantizer must see the ReLU output itself.
 This works where ``torch.fx`` tracing fails (data-dependent Python control flow) and, unlike
 module-order heuristics, sees residual adds and functional ReLUs.
 """
