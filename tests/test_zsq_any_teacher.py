@@ -104,3 +104,30 @@ def test_bad_arguments_are_refused_clearly():
         zero_shot_qat(TinyNet(), tiny_config(), num_classes=5, image_size=16, resume=True, **QUIET)
     with pytest.raises(TypeError, match="evaluation data must be"):
         zero_shot_qat(TinyNet(), tiny_config(epochs=1), num_classes=5, image_size=16, eval_data=[1, 2], **QUIET)
+
+
+def test_modelopt_student_trains_and_resumes(tmp_path):
+    """ZSQConfig.toolchain="modelopt": the student is built by mtq.quantize with GranQ's backend;
+    a run interrupted after one epoch and resumed ends as the uninterrupted one."""
+    pytest.importorskip("modelopt")
+    config = tiny_config(toolchain="modelopt", act_placement="paper", epochs=2, warmup_epochs=0, iters_per_epoch=2)
+    data = fake_dataset()
+    runs = {}
+    for name in ("straight", "resumed"):
+        torch.manual_seed(0)
+        teacher = TinyNet().eval()
+        options = dict(num_classes=5, image_size=16, eval_data=data, **QUIET)
+        if name == "resumed":
+            from granq_ao.zsq import ZSQTrainer
+
+            assert ZSQTrainer(config, teacher, tmp_path / name, **options).run(stop_after_epochs=1) is None
+            runs[name] = zero_shot_qat(teacher, config, out_dir=tmp_path / name, resume=True, **options)
+        else:
+            runs[name] = zero_shot_qat(teacher, config, out_dir=tmp_path / name, **options)
+    (a, results), (b, resumed) = runs["straight"], runs["resumed"]
+    # modelopt quantizes layer inputs: only the second conv takes a ReLU output (the head gets its mean)
+    assert results["fake_quants"] == {"weight": 3, "activation": 1}
+    assert results["config"]["toolchain"] == "modelopt" and resumed["final_acc"] == results["final_acc"]
+    for key, value in a.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b.state_dict()[key]), key

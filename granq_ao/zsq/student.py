@@ -1,6 +1,10 @@
-"""The quantized student: a torch.ao FX QAT copy of the teacher with GranQ fake-quants.
+"""The quantized student, built by one of the integrations (:data:`TOOLCHAINS`).
 
-``prepare_student(teacher, scheme)`` deep-copies the teacher and runs
+``build_student(toolchain, teacher, scheme, example_inputs)`` calls that integration's
+``prepare_student`` (torch.ao FX here; ``granq_ao.integrations.modelopt.prepare_student`` for
+``"modelopt"``); each returns a trainable GranQ copy with frozen BN statistics.
+
+``prepare_student(teacher, scheme)`` (torch.ao) deep-copies the teacher and runs
 ``prepare_qat_fx(copy, get_granq_qat_qconfig_mapping(scheme), example_inputs)`` (the torch.ao
 integration). torch.ao
 fuses every conv + BN (+ ReLU) into ``torch.ao.nn.intrinsic.qat.ConvBn(ReLU)2d``, whose forward
@@ -28,9 +32,9 @@ from granq_ao.integrations.torch_ao import GranQFakeQuantize, get_granq_qat_qcon
 
 __all__ = ["TOOLCHAINS", "build_student", "prepare_student", "freeze_student_batchnorm", "count_fake_quants"]
 
-# The integrations that can build a student: name -> module holding ``prepare_student(model,
-# scheme, example_inputs)``. Imported when asked for (each needs its own toolchain installed).
-TOOLCHAINS = ("torch_ao",)
+# The integrations that can build a student (each needs its own toolchain installed; imported
+# only when asked for).
+TOOLCHAINS = ("torch_ao", "modelopt")
 
 
 def freeze_student_batchnorm(student: nn.Module) -> nn.Module:
@@ -61,13 +65,27 @@ def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, examp
     """The student of ``teacher`` for ``scheme``, built by the integration ``toolchain`` (one of
     :data:`TOOLCHAINS`); the teacher is untouched."""
     check_choice(toolchain, TOOLCHAINS, "toolchain")
+    if toolchain == "modelopt":
+        from granq_ao.integrations import modelopt
+
+        return modelopt.prepare_student(teacher, scheme, example_inputs)
     return prepare_student(teacher, scheme, example_inputs)
 
 
-def count_fake_quants(student: nn.Module) -> Dict[str, int]:
-    """``{"weight": n, "activation": m}``: GranQ fake-quant modules in a prepared student
-    (weight ones live inside QAT conv/linear modules as ``weight_fake_quant``)."""
+def count_fake_quants(student: nn.Module, toolchain: str = "torch_ao") -> Dict[str, int]:
+    """``{"weight": n, "activation": m}``: the GranQ fake-quants a student built by ``toolchain``
+    runs: torch.ao, its ``GranQFakeQuantize`` modules (weight ones are ``weight_fake_quant``
+    inside QAT conv/linear modules); modelopt, its enabled quantizers on the GranQ backend
+    (``*.weight_quantizer`` / ``*.input_quantizer``)."""
+    check_choice(toolchain, TOOLCHAINS, "toolchain")
     counts = {"weight": 0, "activation": 0}
+    if toolchain == "modelopt":
+        from granq_ao.integrations import modelopt
+
+        for name, module in student.named_modules():
+            if modelopt.is_granq_quantizer(module) and module.is_enabled:
+                counts["weight" if name.endswith("weight_quantizer") else "activation"] += 1
+        return counts
     for name, module in student.named_modules():
         if isinstance(module, GranQFakeQuantize):
             counts["weight" if name.endswith("weight_fake_quant") else "activation"] += 1

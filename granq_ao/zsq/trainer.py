@@ -300,9 +300,9 @@ class ZSQTrainer:
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
         self.teacher.to(self.device)
-        example_inputs = (torch.zeros(1, channels, image_size, image_size),)
+        example_inputs = (torch.zeros(2, channels, image_size, image_size),)  # batch >= 2: torch.export
         self.student = build_student(cfg.toolchain, self.teacher, cfg.scheme(fused), example_inputs).to(self.device)
-        self.fake_quants = count_fake_quants(self.student)
+        self.fake_quants = count_fake_quants(self.student, cfg.toolchain)
         if generator is None:
             generator = GDFQGenerator(num_classes, cfg.latent_dim, img_size=image_size, channels=channels)
         self.generator = generator.to(self.device)

@@ -4,50 +4,30 @@
 ``QuantLinear``, ``QuantAvgPool2d`` ...) for :class:`GranQTensorQuantizer`; with
 ``only_after_relu=True`` only those whose input is a ReLU output (the paper's placement).
 
-Which inputs are ReLU outputs is found by *data flow*, not by module order: one forward pass
-on ``example_inputs`` runs under a ``TorchFunctionMode`` that remembers every tensor returned
-by ``relu`` / ``relu_`` / ``F.relu`` / ``F.relu6`` / ``F.hardtanh(min_val=0)`` (modules and
-functional calls alike, in-place or not), and a forward pre-hook on each quant module checks
-whether the tensor it receives is one of them. A tensor changed in place after its ReLU (for
-example ``out += identity``) stops counting. Reshapes, pooling or any other op in between
-make a new tensor, which does not count either: the quantizer must see the ReLU output itself.
+Which inputs are ReLU outputs is found by *data flow*, not by module order
+(:func:`granq_ao.relu.find_relu_fed_modules`, shared with the other input-quantizing
+adapters): one forward pass on ``example_inputs`` runs under a ``TorchFunctionMode`` that
+remembers every tensor returned by ``relu`` / ``relu_`` / ``F.relu`` / ``F.relu6`` /
+``F.hardtanh(min_val=0)`` (modules and functional calls alike, in-place or not), and a forward
+pre-hook on each quant module checks whether the tensor it receives is one of them. A tensor
+changed in place after its ReLU (for example ``out += identity``) stops counting. Reshapes,
+pooling or any other op in between make a new tensor, which does not count either: the
+quantizer must see the ReLU output itself.
 This works where ``torch.fx`` tracing fails (data-dependent Python control flow) and, unlike
 module-order heuristics, sees residual adds and functional ReLUs.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from pytorch_quantization.nn import TensorQuantizer
-from torch.overrides import TorchFunctionMode
 
-from granq_ao.relu import is_relu_call
+from granq_ao import relu
 from ._quantizer import GranQTensorQuantizer, as_granq_descriptor
 
 __all__ = ["quant_modules_with_input_quantizer", "find_relu_fed_modules", "replace_input_quantizers",
            "load_quant_state_dict"]
-
-
-class _ReluOutputTracker(TorchFunctionMode):
-    """Remembers (and holds, so ids stay unique) every tensor a ReLU-like call returned."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.relu_outputs: Dict[int, torch.Tensor] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if isinstance(out, torch.Tensor):
-            if is_relu_call(func, args, kwargs):
-                self.relu_outputs[id(out)] = out
-            elif id(out) in self.relu_outputs and self.relu_outputs[id(out)] is out:
-                del self.relu_outputs[id(out)]  # an in-place op changed a ReLU output
-        return out
-
-    def is_relu_output(self, tensor: Any) -> bool:
-        return isinstance(tensor, torch.Tensor) and self.relu_outputs.get(id(tensor)) is tensor
 
 
 def quant_modules_with_input_quantizer(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
@@ -57,14 +37,11 @@ def quant_modules_with_input_quantizer(model: torch.nn.Module) -> Dict[str, torc
             if isinstance(getattr(module, "_input_quantizer", None), TensorQuantizer)}
 
 
-def _as_args(example_inputs: Any) -> Tuple[Any, ...]:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-
-
 def find_relu_fed_modules(model: torch.nn.Module, example_inputs: Any,
                           candidates: Optional[Dict[str, torch.nn.Module]] = None) -> List[str]:
     """Names of the modules (default: those with an input quantizer) whose input, on every call
-    during one forward pass on ``example_inputs``, is a ReLU output itself (see the module doc).
+    during one forward pass on ``example_inputs``, is a ReLU output itself
+    (:func:`granq_ao.relu.find_relu_fed_modules`).
 
     The pass runs in eval mode under ``torch.no_grad()`` with every ``TensorQuantizer``
     disabled; training flags and quantizer states are restored after (BatchNorm statistics
@@ -72,33 +49,15 @@ def find_relu_fed_modules(model: torch.nn.Module, example_inputs: Any,
     """
     if candidates is None:
         candidates = quant_modules_with_input_quantizer(model)
-    fed_by_relu: Dict[str, List[bool]] = {name: [] for name in candidates}
-    tracker = _ReluOutputTracker()
-
-    def make_hook(name: str):
-        def hook(module, args):
-            fed_by_relu[name].append(bool(args) and tracker.is_relu_output(args[0]))
-        return hook
-
-    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in candidates.items()]
-    training = {module: module.training for module in model.modules()}
     quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
     disabled = [q._disabled for q in quantizers]
     try:
-        model.eval()
         for quantizer in quantizers:
             quantizer._disabled = True
-        with torch.no_grad(), tracker:
-            model(*_as_args(example_inputs))
+        return relu.find_relu_fed_modules(model, example_inputs, candidates)
     finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in training.items():
-            module.training = mode
         for quantizer, state in zip(quantizers, disabled):
             quantizer._disabled = state
-        tracker.relu_outputs.clear()
-    return [name for name, calls in fed_by_relu.items() if calls and all(calls)]
 
 
 def replace_input_quantizers(model: torch.nn.Module, quant_desc: Any = None, *,
