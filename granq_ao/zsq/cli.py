@@ -150,6 +150,12 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
              "where torch.compile works. Default: compiled on CUDA, eager on CPU (compiling costs more than it "
              "saves for a short run on CPU)")
     add("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    add("--no-pictures", action="store_true",
+        help="do not draw the pictures (accuracy per epoch, generated images, activation errors: PNG + TensorBoard)")
+    add("--amp", action="store_true",
+        help="CUDA: bfloat16 autocast for the training forward passes (fake-quant math and evaluation stay "
+             "float32); ignored on CPU")
+    add("--channels-last", action="store_true", help="CUDA: NHWC memory format for the networks; ignored on CPU")
     return parser
 
 
@@ -333,12 +339,15 @@ def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
             except ValueError as error:
                 parser.error(str(error))
         try:
+            # a recipe's random initializations (e.g. its generator) follow --seed, not the process's history
+            torch.manual_seed(config.seed)
             task = build_task(args, config, context)
             fused = args.fused or ("compiled" if context.device.type == "cuda" else "eager")
             trainer = ZSQTrainer(config, task.teacher, out, num_classes=task.num_classes, image_size=task.image_size,
                                  eval_data=task.eval_data, normalize=task.normalize, generator=task.generator,
                                  run_info=task.run_info, context=context, resume=args.resume,
-                                 tensorboard=not args.no_tensorboard, fused=fused)
+                                 tensorboard=not args.no_tensorboard, fused=fused, pictures=not args.no_pictures,
+                                 amp=args.amp, channels_last=args.channels_last)
         except (FileExistsError, FileNotFoundError, ValueError, *task_errors) as error:
             parser.error(str(error))
         if context.is_main:

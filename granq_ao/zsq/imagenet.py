@@ -38,6 +38,7 @@ __all__ = ["IMAGENET_NORMALIZATION", "PAPER_ARCHS", "build_imagenet_teacher", "l
 IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 PAPER_ARCHS = ("resnet18", "resnet50", "mobilenetv2_w1")
 TORCHVISION_PREFIX = "torchvision:"
+PYTORCHCV_FAMILIES = ("resnet", "mobilenetv2")  # modules of pytorchcv.models looked in first
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
 
 
@@ -69,20 +70,22 @@ def _constructor(arch: str):
         import pytorchcv  # noqa: F401
     except ImportError as error:  # pragma: no cover - pytorchcv is a declared extra
         raise TeacherError(f"--arch {arch} needs pytorchcv (pip install pytorchcv)") from error
-    direct = {"resnet18": ("pytorchcv.models.resnet", "resnet18"), "resnet50": ("pytorchcv.models.resnet", "resnet50"),
-              "mobilenetv2_w1": ("pytorchcv.models.mobilenetv2", "mobilenetv2_w1")}
-    if arch in direct:  # importing model_provider imports every pytorchcv model (seconds)
-        import importlib
+    import importlib
 
-        module, function = direct[arch]
-        constructor = getattr(importlib.import_module(module), function)
-    else:
-        from pytorchcv.model_provider import _models
+    constructor = None
+    for family in PYTORCHCV_FAMILIES:  # importing model_provider imports every pytorchcv model (8 s)
+        module = importlib.import_module(f"pytorchcv.models.{family}")
+        if arch in getattr(module, "__all__", ()):
+            constructor = getattr(module, arch)
+            break
+    if constructor is None:
+        from pytorchcv import model_provider
 
-        if arch not in _models:
+        models = getattr(model_provider, "_models", {})
+        if arch not in models:
             raise TeacherError(f"unknown --arch {arch!r}: not a pytorchcv model (the paper's: "
                                f"{', '.join(PAPER_ARCHS)}) and not torchvision:NAME")
-        constructor = _models[arch]
+        constructor = models[arch]
 
     def build(pretrained: bool, num_classes: int = 1000) -> nn.Module:
         if pretrained:

@@ -164,6 +164,18 @@ def seed_for(seed: int, epoch: int, rank: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def format_duration(seconds: float) -> str:
+    """``1d 02:03:04`` / ``02:03:04`` / ``03:04`` (hours only when needed)."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(0.0, seconds)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours:02d}:{minutes:02d}:{secs:02d}" if hours or days else f"{minutes:02d}:{secs:02d}"
+    return f"{days}d {text}" if days else text
+
+
 def _versions() -> Dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "granq_ao": _distribution_version("granq-ao")}
@@ -228,10 +240,17 @@ class ZSQTrainer:
             own options); a resumed run must bring the same ones.
         fused: the fake-quant path (``"auto"``, ``"compiled"``, ``"eager"``); the numbers are the
             same, so it is a run-time choice, not part of the config.
+        pictures: draw the run's pictures (:mod:`granq_ao.zsq.pictures`: accuracy per epoch,
+            generated images, activation errors) into ``out_dir`` and TensorBoard (process 0).
+        amp, channels_last: CUDA only (ignored, with a note, elsewhere); run-time choices, not
+            part of the config. ``amp``: the training forward passes under bfloat16 autocast (no
+            loss scaling needed; the fake-quant math stays float32; evaluation stays float32).
+            ``channels_last``: teacher, student and generated images in NHWC memory format.
 
     Files in ``out_dir`` (process 0 only): ``config.json``, ``checkpoint.pt`` (after every epoch,
     atomic), ``metrics.jsonl`` (one JSON line per epoch), ``tb/`` (TensorBoard, when installed and
-    ``tensorboard=True``), ``student_final.pt`` and ``results.json`` at the end.
+    ``tensorboard=True``), ``student_final.pt`` and ``results.json`` at the end, and the pictures
+    (``accuracy.png``, ``generated_epochNNN.png``, ``activation_error.png``/``.json``).
     """
 
     def __init__(self, config: ZSQConfig, teacher: nn.Module, out_dir: Optional[os.PathLike] = None, *,
@@ -239,7 +258,8 @@ class ZSQTrainer:
                  normalize=None, generator: Optional[nn.Module] = None,
                  run_info: Optional[Dict[str, Any]] = None, context: Optional[DistributedContext] = None,
                  resume: bool = False, tensorboard: bool = True, progress: Optional[bool] = None,
-                 log: Callable[[str], None] = print, fused: Any = "auto") -> None:
+                 log: Callable[[str], None] = print, fused: Any = "auto", pictures: bool = True,
+                 amp: bool = False, channels_last: bool = False) -> None:
         self.config = config.validate()
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
@@ -252,6 +272,11 @@ class ZSQTrainer:
         self.resume = resume
         self.use_tensorboard = tensorboard and self.out_dir is not None
         self.progress = progress
+        self.draw_pictures = pictures
+        on_cuda = self.ctx.device.type == "cuda"
+        self.amp, self.channels_last = bool(amp) and on_cuda, bool(channels_last) and on_cuda
+        self._cuda_only_ignored = [name for name, on in (("amp", amp), ("channels_last", channels_last))
+                                   if on and not on_cuda]
         self._log = log
         self.num_classes, self.image_size, self.channels = num_classes, image_size, channels
         self.eval_data = eval_data
@@ -310,7 +335,11 @@ class ZSQTrainer:
                 broadcast_buffers=False)
         else:
             self.student_ddp = self.student
+        if self.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+            self.student.to(memory_format=torch.channels_last)
         self._writer = None
+        self._pictures = None
 
     @property
     def writes_files(self) -> bool:
@@ -345,6 +374,9 @@ class ZSQTrainer:
         set_rng_state(checkpoint["rng"])
         self.state = {key: checkpoint[key] for key in ("epoch", "history", "elapsed_s", "teacher", "pre_qat",
                                                        "last")}
+        for key in ("activation_error_pre_qat", "activation_error_final"):  # pictures (optional)
+            if key in checkpoint:
+                self.state[key] = checkpoint[key]
 
     def _save_checkpoint(self) -> None:
         if not self.writes_files:
@@ -423,13 +455,19 @@ class ZSQTrainer:
         return {**accuracy_entry(int(correct.sum()), int(correct.numel())), "per_image": correct.to(torch.int8)}
 
     # ------------------------------------------------------------------ one iteration
+    def _autocast(self):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp)
+
     def train_step(self, sampler: torch.Generator, train_student: bool) -> Dict[str, float]:
         cfg = self.config
         z, labels = self.generator.sample_inputs(self.local_batch, sampler, self.device)
-        images = self.generator(z, labels)
-        with record_batchnorm_inputs(self.teacher) as bn_records:
-            teacher_logits = self.teacher(images)
-        student_logits = self.student(images)  # plain module: no DDP hooks on the generator's backward
+        with self._autocast():
+            images = self.generator(z, labels)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with record_batchnorm_inputs(self.teacher) as bn_records:
+                teacher_logits = self.teacher(images)
+            student_logits = self.student(images)  # plain module: no DDP hooks on the generator's backward
         loss_g, parts = generator_loss(teacher_logits, student_logits, labels, bn_records, cfg.alpha_ds,
                                        cfg.alpha_as, cfg.beta, cfg.gamma, cfg.entropy_lower, cfg.entropy_upper)
         generator_params = [p for p in self.generator.parameters() if p.requires_grad]
@@ -443,7 +481,8 @@ class ZSQTrainer:
 
         teacher_logits = teacher_logits.detach()
         if train_student:
-            student_logits = self.student_ddp(images.detach())
+            with self._autocast():
+                student_logits = self.student_ddp(images.detach())
             loss_s = student_loss(cfg.student_loss, teacher_logits, student_logits, cfg.temperature)
             self.optimizer_s.zero_grad(set_to_none=True)
             loss_s.backward()
@@ -472,7 +511,10 @@ class ZSQTrainer:
         self.log(f"student  : W{cfg.weight_bits}A{cfg.act_bits} act {cfg.act_granularity} ({cfg.act_placement} "
                  f"placement), weights {cfg.weight_granularity}, {cfg.toolchain}; fake-quants {self.fake_quants}")
         self.log(f"eval     : {self.run_info['eval'] or 'none (no accuracy is measured)'}")
-        if self.state["epoch"] == 0 and "teacher" not in self.state:
+        if self._cuda_only_ignored:
+            self.log(f"note     : {', '.join(self._cuda_only_ignored)} ignored on {self.device.type} (CUDA only)")
+        fresh = self.state["epoch"] == 0 and "teacher" not in self.state
+        if fresh:
             self.state["teacher"] = self.evaluate(self.teacher)
             self.state["pre_qat"] = self.evaluate(self.student)
             self.state["last"] = self.state["pre_qat"]
@@ -483,6 +525,12 @@ class ZSQTrainer:
                      f"W{cfg.weight_bits}A{cfg.act_bits} before QAT {format_accuracy(self.state['pre_qat'])}")
         self._write_metrics_file()
         self._open_tensorboard()
+        if self.writes_files and self.draw_pictures:
+            from .pictures import RunPictures
+
+            self._pictures = RunPictures(self)
+            if fresh:
+                self._pictures.start()
         epochs_this_call = 0
         try:
             while self.state["epoch"] < cfg.epochs:
@@ -525,11 +573,14 @@ class ZSQTrainer:
                    disable=not (show and self.ctx.is_main), leave=False, dynamic_ncols=True)
         sums: Dict[str, float] = {}
         start = time.time()
-        for _ in bar:
+        for done, _ in enumerate(bar, start=1):
             step = self.train_step(sampler, train_student=not warmup)
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix(loss_s=f"{step['loss_s']:.3g}", loss_g=f"{step['loss_g']:.3g}")
+            s_per_iter = (time.time() - start) / done
+            left = cfg.iters_per_epoch - done + (cfg.epochs - epoch - 1) * cfg.iters_per_epoch
+            bar.set_postfix(loss_s=f"{step['loss_s']:.3g}", loss_g=f"{step['loss_g']:.3g}",
+                            s_iter=f"{s_per_iter:.2f}", eta=format_duration(left * s_per_iter))
         bar.close()
         train_time = time.time() - start
         totals = self.ctx.all_reduce_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
@@ -551,10 +602,14 @@ class ZSQTrainer:
         self._save_checkpoint()  # checkpoint first: metrics.jsonl is rewritten from it on resume
         self._write_metrics_file()
         self._tensorboard_epoch(row)
+        if self._pictures is not None:
+            self._pictures.epoch_end(epoch + 1)
+        epoch_wall = time.time() - start  # training, evaluation, files
         self.log(f"epoch {epoch + 1:>3}/{cfg.epochs} {row['phase']:<6} lr {lr_s:.2g} | L_G {means['loss_g']:.4f} "
                  f"(bns {means['loss_g_bns']:.4f}, margin {means['loss_g_margin']:.3f}) | L_S {means['loss_s']:.4f} "
                  + (f"| test {format_accuracy(test)} " if test is not None else "")
-                 + f"| {train_time / cfg.iters_per_epoch:.2f} s/iter")
+                 + f"| {train_time / cfg.iters_per_epoch:.2f} s/iter | ETA "
+                 + format_duration((cfg.epochs - epoch - 1) * epoch_wall))
 
     def _results(self) -> Dict[str, Any]:
         cfg = self.config
