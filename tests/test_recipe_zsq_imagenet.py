@@ -105,7 +105,8 @@ def test_tiny_run_writes_results_and_pictures(files, tmp_path, capsys):
     assert width > height
     for epoch in pictures.picture_epochs(2):  # (1, 2)
         size = check_png(out / f"generated_epoch{epoch:03d}.png")
-        assert size == (8 * (SIZE + 2) + 2, len(WNIDS) * (SIZE + 2) + 2)  # 8 latents x 3 classes
+        side = 2 * SIZE  # 32 px images are shown enlarged x2
+        assert size == (8 * (side + 2) + 2, len(WNIDS) * (side + 2) + 2)  # 8 latents x 3 classes
     check_png(out / "activation_error.png", (300, 200))
     errors = json.loads((out / "activation_error.json").read_text())
     for stage in ("before_qat", "after_qat"):
@@ -292,3 +293,23 @@ def test_presets():
 
     config = cli.resolve_config(args, parser, recipe.preset_values).validate()
     assert (config.weight_bits, config.act_bits, config.epochs, args.arch, args.image_size) == (3, 3, 400, "resnet18", 224)
+
+
+def test_a_failing_picture_warns_and_leaves_the_random_state(tmp_path):
+    class FakeTrainer:
+        out_dir = tmp_path
+
+    drawer = pictures.RunPictures(FakeTrainer())
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+
+    def broken():
+        torch.rand(100)  # consumes random numbers, then fails
+        raise RuntimeError("no display")
+
+    with pytest.warns(RuntimeWarning, match="could not draw the thing: RuntimeError: no display"):
+        drawer._guard("the thing", broken)
+    assert torch.equal(torch.rand(3), expected)
+    assert pictures.accuracy_figure([{"epoch": 1, "phase": "qat"}], None, None) is None  # no evaluation data
+    assert pictures.picture_epochs(1) == (1,) and pictures.picture_epochs(400) == (1, 200, 400)

@@ -7,7 +7,8 @@ output folder; a failure to draw warns and never stops the run.
   with its 95% Wilson interval as a band, and horizontal lines for the teacher and for the
   student before QAT (with their bands); warm-up epochs shaded. From the metrics history.
 * ``generated_epochNNN.png`` (after epoch 1, epoch ``epochs // 2`` and the final epoch): the
-  generator's images, one row per class (all classes up to 10, else 10 evenly spaced), eight
+  generator's images, one row per class in class order (all classes up to 10, else 10 evenly
+  spaced, first and last included: 0, 111, 222, ..., 999 for ImageNet), eight
   fixed latent codes per class (drawn once from a seeded stream, the same at every epoch, so
   the rows can be compared across epochs). Images are de-normalized with the run's
   ``(mean, std)`` when known (the trainer's ``normalize``, or the CIFAR statistics of a CIFAR
@@ -52,6 +53,7 @@ ACTIVATION_IMAGES = 32
 GRID_CLASSES = 10
 GRID_SAMPLES = 8
 GRID_MAX_SIDE = 112  # larger generated images are shown downscaled (224 -> 112)
+GRID_MIN_SIDE = 64   # smaller ones are enlarged by an integer factor, nearest neighbour (32 -> 64)
 LATENT_SEED = 20250318
 
 
@@ -180,6 +182,9 @@ def accuracy_figure(history: Sequence[Dict[str, Any]], teacher: Optional[Dict[st
     ax.plot(epochs, acc, color="tab:blue", marker="o" if len(epochs) <= 40 else None, markersize=3,
             label=f"student (final {acc[-1]:.2f}%)")
     ax.set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"top-1 accuracy, % (n={rows[-1].get('n_test')})")
     ax.set_xlim(0.5, max(epochs) + 0.5)
     ax.grid(alpha=0.3)
@@ -204,7 +209,7 @@ def activation_error_figure(before: Optional[Dict[str, Any]], after: Optional[Di
             continue
         series.append((data["tensor"], f"layer-wise, {when}", "tab:orange" if when == "before QAT" else "tab:red"))
         series.append((data["granq"], f"GranQ, {when}", "tab:cyan" if when == "before QAT" else "tab:blue"))
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * count * len(series) / 2 + 2), 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(min(16.0, max(7.0, 0.3 * count + 2)), 4.5), dpi=100)
     width = 0.8 / max(1, len(series))
     for k, (values, label, color) in enumerate(series):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(count)]
@@ -262,7 +267,8 @@ def generated_images(generator: nn.Module, classes: Sequence[int], samples: int 
 
 def to_display(images: torch.Tensor, normalize=None) -> torch.Tensor:
     """Images in [0, 1]: ``x * std + mean`` clamped when ``normalize=(mean, std)`` is known,
-    else each image scaled to its own min..max; downscaled to at most GRID_MAX_SIDE px."""
+    else each image scaled to its own min..max; downscaled to at most GRID_MAX_SIDE px, or
+    enlarged (integer factor, nearest neighbour) to at least GRID_MIN_SIDE px."""
     images = images.float()
     if normalize is not None:
         mean, std = (torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalize)
@@ -276,6 +282,8 @@ def to_display(images: torch.Tensor, normalize=None) -> torch.Tensor:
         scale = GRID_MAX_SIDE / side
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="bilinear", antialias=True,
                                                  align_corners=False).clamp(0, 1)
+    elif side < GRID_MIN_SIDE:
+        images = torch.nn.functional.interpolate(images, scale_factor=-(-GRID_MIN_SIDE // side), mode="nearest")
     return images
 
 
