@@ -58,7 +58,7 @@ def preset_values(args) -> dict:
     """
     common = dict(batch_size=16, lr_generator=1e-3, temperature=5.0)
     if args.preset == "paper":
-        if args.arch == "resnet50":
+        if args.arch in ("resnet50", "torchvision:resnet50"):
             return dict(common, epochs=400, iters_per_epoch=200, warmup_epochs=100, lr=1e-4,
                         lr_milestones=(150, 300, 400), entropy_lower=0.4)
         return dict(common, epochs=400, iters_per_epoch=200, warmup_epochs=50, lr=1e-5, lr_milestones=(350, 400))

@@ -193,7 +193,8 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(files, tmp_path):
     # the pictures survive the interruption: the before-QAT errors come back from the checkpoint
     errors_a, errors_b = (json.loads((tmp_path / d / "activation_error.json").read_text()) for d in ("a", "b"))
     assert errors_a == errors_b and errors_b["before_qat"] is not None
-    assert (tmp_path / "b" / "generated_epoch001.png").is_file() and (tmp_path / "b" / "generated_epoch002.png").is_file()
+    for epoch in (1, 2):
+        assert (tmp_path / "b" / f"generated_epoch{epoch:03d}.png").is_file()
 
 
 def _cli_error(recipe, argv, capsys):
@@ -279,7 +280,8 @@ def test_presets():
         return recipe.preset_values(args)
 
     paper = preset("--preset", "paper")
-    assert (paper["epochs"], paper["iters_per_epoch"], paper["batch_size"], paper["warmup_epochs"]) == (400, 200, 16, 50)
+    assert (paper["epochs"], paper["iters_per_epoch"], paper["batch_size"], paper["warmup_epochs"]) == (
+        400, 200, 16, 50)
     assert paper["lr"] == 1e-5 and paper["lr_generator"] == 1e-3 and paper["lr_milestones"] == (350, 400)
     assert paper["temperature"] == 5.0
     r50 = preset("--preset", "paper", "--arch", "resnet50")
@@ -292,7 +294,8 @@ def test_presets():
     from granq_ao.zsq import cli
 
     config = cli.resolve_config(args, parser, recipe.preset_values).validate()
-    assert (config.weight_bits, config.act_bits, config.epochs, args.arch, args.image_size) == (3, 3, 400, "resnet18", 224)
+    assert (config.weight_bits, config.act_bits, config.epochs, args.arch, args.image_size) == (
+        3, 3, 400, "resnet18", 224)
 
 
 def test_a_failing_picture_warns_and_leaves_the_random_state(tmp_path):
@@ -313,3 +316,10 @@ def test_a_failing_picture_warns_and_leaves_the_random_state(tmp_path):
     assert torch.equal(torch.rand(3), expected)
     assert pictures.accuracy_figure([{"epoch": 1, "phase": "qat"}], None, None) is None  # no evaluation data
     assert pictures.picture_epochs(1) == (1,) and pictures.picture_epochs(400) == (1, 200, 400)
+
+
+def test_eta_format():
+    from granq_ao.zsq.trainer import format_duration
+
+    assert format_duration(59.6) == "01:00" and format_duration(3723) == "01:02:03"
+    assert format_duration(90061) == "1d 01:01:01" and format_duration(float("nan")) == "?"
