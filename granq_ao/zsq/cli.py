@@ -150,6 +150,8 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
              "where torch.compile works. Default: compiled on CUDA, eager on CPU (compiling costs more than it "
              "saves for a short run on CPU)")
     add("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    add("--eval-every", type=positive_int, default=1,
+        help="evaluate the student after every N-th epoch and the last (evaluation on a large set costs)")
     add("--no-pictures", action="store_true",
         help="do not draw the pictures (accuracy per epoch, generated images, activation errors: PNG + TensorBoard)")
     add("--amp", action="store_true",
@@ -347,7 +349,7 @@ def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
                                  eval_data=task.eval_data, normalize=task.normalize, generator=task.generator,
                                  run_info=task.run_info, context=context, resume=args.resume,
                                  tensorboard=not args.no_tensorboard, fused=fused, pictures=not args.no_pictures,
-                                 amp=args.amp, channels_last=args.channels_last)
+                                 amp=args.amp, channels_last=args.channels_last, eval_every=args.eval_every)
         except (FileExistsError, FileNotFoundError, ValueError, *task_errors) as error:
             parser.error(str(error))
         if context.is_main:

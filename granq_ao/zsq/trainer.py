@@ -246,6 +246,8 @@ class ZSQTrainer:
             part of the config. ``amp``: the training forward passes under bfloat16 autocast (no
             loss scaling needed; the fake-quant math stays float32; evaluation stays float32).
             ``channels_last``: teacher, student and generated images in NHWC memory format.
+        eval_every: evaluate the student after every ``eval_every``-th epoch and always after the
+            last (default 1: every epoch); a run-time choice (the training is the same).
 
     Files in ``out_dir`` (process 0 only): ``config.json``, ``checkpoint.pt`` (after every epoch,
     atomic), ``metrics.jsonl`` (one JSON line per epoch), ``tb/`` (TensorBoard, when installed and
@@ -259,7 +261,7 @@ class ZSQTrainer:
                  run_info: Optional[Dict[str, Any]] = None, context: Optional[DistributedContext] = None,
                  resume: bool = False, tensorboard: bool = True, progress: Optional[bool] = None,
                  log: Callable[[str], None] = print, fused: Any = "auto", pictures: bool = True,
-                 amp: bool = False, channels_last: bool = False) -> None:
+                 amp: bool = False, channels_last: bool = False, eval_every: int = 1) -> None:
         self.config = config.validate()
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
@@ -273,6 +275,9 @@ class ZSQTrainer:
         self.use_tensorboard = tensorboard and self.out_dir is not None
         self.progress = progress
         self.draw_pictures = pictures
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+            raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
+        self.eval_every = eval_every
         on_cuda = self.ctx.device.type == "cuda"
         self.amp, self.channels_last = bool(amp) and on_cuda, bool(channels_last) and on_cuda
         self._cuda_only_ignored = [name for name, on in (("amp", amp), ("channels_last", channels_last))
@@ -589,14 +594,16 @@ class ZSQTrainer:
             if not math.isfinite(value):
                 raise FloatingPointError(f"a loss became non-finite in epoch {epoch + 1}: {means}")
         self._check_replicas()
-        test = self.evaluate(self.student)
+        evaluate_now = (epoch + 1) % self.eval_every == 0 or epoch + 1 == cfg.epochs
+        test = self.evaluate(self.student) if evaluate_now else None
         row = {"epoch": epoch + 1, "phase": "warmup" if warmup else "qat", "lr": lr_s, "lr_g": lr_g, **means,
                "train_time_s": train_time, "s_per_iter": train_time / cfg.iters_per_epoch}
         if test is not None:
             row.update({"test_acc": test["acc"], "test_correct": test["correct"], "n_test": test["n"],
                         "test_ci95_low": test["ci95"][0], "test_ci95_high": test["ci95"][1]})
         self.state["history"].append(row)
-        self.state["last"] = test
+        if evaluate_now:
+            self.state["last"] = test
         self.state["epoch"] = epoch + 1
         self._tick()
         self._save_checkpoint()  # checkpoint first: metrics.jsonl is rewritten from it on resume
@@ -647,8 +654,9 @@ class ZSQTrainer:
                                  "note": "same test images: fixed = wrong before QAT and right after, broken = "
                                          "the reverse; exact two-sided McNemar test"},
         })
-        if history:
-            best = max(history, key=lambda row: (row["test_acc"], -row["epoch"]))
+        evaluated = [row for row in history if "test_acc" in row]
+        if evaluated:
+            best = max(evaluated, key=lambda row: (row["test_acc"], -row["epoch"]))
             results["best_on_test"] = {"acc": best["test_acc"], "epoch": best["epoch"],
                                        "note": "max over epochs of the TEST accuracy: test-set selection, "
                                                "optimistic; the reported number is final_acc"}
