@@ -244,7 +244,9 @@ class ZSQTrainer:
             generated images, activation errors) into ``out_dir`` and TensorBoard (process 0).
         amp, channels_last: CUDA only (ignored, with a note, elsewhere); run-time choices, not
             part of the config. ``amp``: the training forward passes under bfloat16 autocast (no
-            loss scaling needed; the fake-quant math stays float32; evaluation stays float32).
+            loss scaling needed; the fake-quant math, the losses and evaluation stay float32, but
+            the logits keep bfloat16's ~3 significant digits, which coarsens ``t - s``; not yet
+            run on a GPU here).
             ``channels_last``: teacher, student and generated images in NHWC memory format.
         eval_every: evaluate the student after every ``eval_every``-th epoch and always after the
             last (default 1: every epoch); a run-time choice (the training is the same).
@@ -473,6 +475,8 @@ class ZSQTrainer:
             with record_batchnorm_inputs(self.teacher) as bn_records:
                 teacher_logits = self.teacher(images)
             student_logits = self.student(images)  # plain module: no DDP hooks on the generator's backward
+        # losses in float32 (under --amp the logits come out of the last layer in bfloat16; no-op otherwise)
+        teacher_logits, student_logits = teacher_logits.float(), student_logits.float()
         loss_g, parts = generator_loss(teacher_logits, student_logits, labels, bn_records, cfg.alpha_ds,
                                        cfg.alpha_as, cfg.beta, cfg.gamma, cfg.entropy_lower, cfg.entropy_upper)
         generator_params = [p for p in self.generator.parameters() if p.requires_grad]
@@ -487,7 +491,7 @@ class ZSQTrainer:
         teacher_logits = teacher_logits.detach()
         if train_student:
             with self._autocast():
-                student_logits = self.student_ddp(images.detach())
+                student_logits = self.student_ddp(images.detach()).float()
             loss_s = student_loss(cfg.student_loss, teacher_logits, student_logits, cfg.temperature)
             self.optimizer_s.zero_grad(set_to_none=True)
             loss_s.backward()
