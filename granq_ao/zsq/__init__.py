@@ -2,7 +2,9 @@
 data-parallel trainer (AdaDFQ's generator/student game with a GranQ student), the GDFQ
 generator, the losses, and evaluation on real images. CIFAR specifics (the offline test subsets,
 pytorchcv ResNet-20 teachers) are in :mod:`granq_ao.zsq.data` and :mod:`granq_ao.zsq.teachers`,
-used by ``recipes/zsq_cifar.py``."""
+used by ``recipes/zsq_cifar.py``; ImageNet ones (pytorchcv/torchvision teachers, ImageFolder
+validation images) in :mod:`granq_ao.zsq.imagenet`, used by ``recipes/zsq_imagenet.py``. The
+pictures every run draws are :mod:`granq_ao.zsq.pictures`."""
 from .api import zero_shot_qat
 from .distributed import DistributedContext
 from .evaluation import format_accuracy, mcnemar_exact_p, per_image_correct, wilson_interval
