@@ -64,8 +64,10 @@ def test_tiny_run_writes_results_and_metrics(env, tmp_path, capsys):
     for label in ("teacher      :", "W4A4 pre-QAT :", "W4A4 final   :"):
         assert label in printed
     assert f"(n={N_EVAL})" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl",
-                                                      "results.json", "student_final.pt"]  # lock released
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy.png", "activation_error.json", "activation_error.png", "checkpoint.pt", "config.json",
+        "generated_epoch001.png", "generated_epoch002.png", "metrics.jsonl", "results.json",
+        "student_final.pt"]  # lock released; pictures (granq_ao.zsq.pictures) next to results.json
     results = json.loads((out / "results.json").read_text())
     for key in ("teacher_acc", "pre_qat_acc", "final_acc", "n_test", "config", "versions", "wall_time_s", "intervals"):
         assert key in results

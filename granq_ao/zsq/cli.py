@@ -137,6 +137,14 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
              "where torch.compile works. Default: compiled on CUDA, eager on CPU (compiling costs more than it "
              "saves for a short run on CPU)")
     add("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    add("--eval-every", type=positive_int, default=1,
+        help="evaluate the student after every N-th epoch and the last (evaluation on a large set costs)")
+    add("--no-pictures", action="store_true",
+        help="do not draw the pictures (accuracy per epoch, generated images, activation errors: PNG + TensorBoard)")
+    add("--amp", action="store_true",
+        help="CUDA: bfloat16 autocast for the training forward passes (fake-quant math and evaluation stay "
+             "float32); ignored on CPU")
+    add("--channels-last", action="store_true", help="CUDA: NHWC memory format for the networks; ignored on CPU")
     return parser
 
 
@@ -316,7 +324,9 @@ def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
             trainer = ZSQTrainer(config, task.teacher, out, num_classes=task.num_classes, image_size=task.image_size,
                                  eval_data=task.eval_data, normalize=task.normalize, generator=task.generator,
                                  run_info=task.run_info, context=context, resume=args.resume,
-                                 tensorboard=not args.no_tensorboard, fused=fused, seed_rng=False)
+                                 tensorboard=not args.no_tensorboard, fused=fused, seed_rng=False,
+                                 pictures=not args.no_pictures, amp=args.amp, channels_last=args.channels_last,
+                                 eval_every=args.eval_every)
         except (FileExistsError, FileNotFoundError, ValueError, *task_errors) as error:
             parser.error(str(error))
         if context.is_main:

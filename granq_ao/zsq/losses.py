@@ -70,7 +70,7 @@ def record_batchnorm_inputs(model: nn.Module) -> Iterator[BatchNormInputs]:
     records = BatchNormInputs()
 
     def hook(module, inputs, output):
-        x = inputs[0]
+        x = inputs[0].float()  # statistics in float32 also under autocast (a no-op for float32 inputs)
         dims = [d for d in range(x.dim()) if d != 1]
         records.append((x.mean(dim=dims), x.var(dim=dims, unbiased=False),
                         module.running_mean, module.running_var))

@@ -170,6 +170,18 @@ def seed_for(seed: int, epoch: int, rank: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def format_duration(seconds: float) -> str:
+    """``1d 02:03:04`` / ``02:03:04`` / ``03:04`` (hours only when needed)."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(0.0, seconds)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours:02d}:{minutes:02d}:{secs:02d}" if hours or days else f"{minutes:02d}:{secs:02d}"
+    return f"{days}d {text}" if days else text
+
+
 def _versions() -> Dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "granq_ao": _distribution_version("granq-ao")}
@@ -238,10 +250,21 @@ class ZSQTrainer:
             the student and the generator are built). ``False`` when the caller did that itself
             before building the teacher (the recipes do: the teacher's construction is then part
             of the seeded stream, as it always was in ``recipes/zsq_cifar.py``).
+        pictures: draw the run's pictures (:mod:`granq_ao.zsq.pictures`: accuracy per epoch,
+            generated images, activation errors) into ``out_dir`` and TensorBoard (process 0).
+        amp, channels_last: CUDA only (ignored, with a note, elsewhere); run-time choices, not
+            part of the config. ``amp``: the training forward passes under bfloat16 autocast (no
+            loss scaling needed; the fake-quant math, the losses and evaluation stay float32, but
+            the logits keep bfloat16's ~3 significant digits, which coarsens ``t - s``; not yet
+            run on a GPU here).
+            ``channels_last``: teacher, student and generated images in NHWC memory format.
+        eval_every: evaluate the student after every ``eval_every``-th epoch and always after the
+            last (default 1: every epoch); a run-time choice (the training is the same).
 
     Files in ``out_dir`` (process 0 only): ``config.json``, ``checkpoint.pt`` (after every epoch,
     atomic), ``metrics.jsonl`` (one JSON line per epoch), ``tb/`` (TensorBoard, when installed and
-    ``tensorboard=True``), ``student_final.pt`` and ``results.json`` at the end.
+    ``tensorboard=True``), ``student_final.pt`` and ``results.json`` at the end, and the pictures
+    (``accuracy.png``, ``generated_epochNNN.png``, ``activation_error.png``/``.json``).
     """
 
     def __init__(self, config: ZSQConfig, teacher: nn.Module, out_dir: Optional[os.PathLike] = None, *,
@@ -249,7 +272,8 @@ class ZSQTrainer:
                  normalize=None, generator: Optional[nn.Module] = None,
                  run_info: Optional[Dict[str, Any]] = None, context: Optional[DistributedContext] = None,
                  resume: bool = False, tensorboard: bool = True, progress: Optional[bool] = None,
-                 log: Callable[[str], None] = print, fused: Any = "auto", seed_rng: bool = True) -> None:
+                 log: Callable[[str], None] = print, fused: Any = "auto", seed_rng: bool = True,
+                 pictures: bool = True, amp: bool = False, channels_last: bool = False, eval_every: int = 1) -> None:
         self.config = config.validate()
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
@@ -264,6 +288,14 @@ class ZSQTrainer:
         self.resume = resume
         self.use_tensorboard = tensorboard and self.out_dir is not None
         self.progress = progress
+        self.draw_pictures = pictures
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+            raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
+        self.eval_every = eval_every
+        on_cuda = self.ctx.device.type == "cuda"
+        self.amp, self.channels_last = bool(amp) and on_cuda, bool(channels_last) and on_cuda
+        self._cuda_only_ignored = [name for name, on in (("amp", amp), ("channels_last", channels_last))
+                                   if on and not on_cuda]
         self._log = log
         self.num_classes, self.image_size, self.channels = num_classes, image_size, channels
         self.eval_data = eval_data
@@ -322,7 +354,11 @@ class ZSQTrainer:
                 broadcast_buffers=False)
         else:
             self.student_ddp = self.student
+        if self.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+            self.student.to(memory_format=torch.channels_last)
         self._writer = None
+        self._pictures = None
 
     @property
     def writes_files(self) -> bool:
@@ -357,6 +393,9 @@ class ZSQTrainer:
         set_rng_state(checkpoint["rng"])
         self.state = {key: checkpoint[key] for key in ("epoch", "history", "elapsed_s", "teacher", "pre_qat",
                                                        "last")}
+        for key in ("activation_error_pre_qat", "activation_error_final"):  # pictures (optional)
+            if key in checkpoint:
+                self.state[key] = checkpoint[key]
 
     def _save_checkpoint(self) -> None:
         if not self.writes_files:
@@ -435,13 +474,21 @@ class ZSQTrainer:
         return {**accuracy_entry(int(correct.sum()), int(correct.numel())), "per_image": correct.to(torch.int8)}
 
     # ------------------------------------------------------------------ one iteration
+    def _autocast(self):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp)
+
     def train_step(self, sampler: torch.Generator, train_student: bool) -> Dict[str, float]:
         cfg = self.config
         z, labels = self.generator.sample_inputs(self.local_batch, sampler, self.device)
-        images = self.generator(z, labels)
-        with record_batchnorm_inputs(self.teacher) as bn_records:
-            teacher_logits = self.teacher(images)
-        student_logits = self.student(images)  # plain module: no DDP hooks on the generator's backward
+        with self._autocast():
+            images = self.generator(z, labels)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with record_batchnorm_inputs(self.teacher) as bn_records:
+                teacher_logits = self.teacher(images)
+            student_logits = self.student(images)  # plain module: no DDP hooks on the generator's backward
+        # losses in float32 (under --amp the logits come out of the last layer in bfloat16; no-op otherwise)
+        teacher_logits, student_logits = teacher_logits.float(), student_logits.float()
         loss_g, parts = generator_loss(teacher_logits, student_logits, labels, bn_records, cfg.alpha_ds,
                                        cfg.alpha_as, cfg.beta, cfg.gamma, cfg.entropy_lower, cfg.entropy_upper)
         generator_params = [p for p in self.generator.parameters() if p.requires_grad]
@@ -455,7 +502,8 @@ class ZSQTrainer:
 
         teacher_logits = teacher_logits.detach()
         if train_student:
-            student_logits = self.student_ddp(images.detach())
+            with self._autocast():
+                student_logits = self.student_ddp(images.detach()).float()
             loss_s = student_loss(cfg.student_loss, teacher_logits, student_logits, cfg.temperature)
             self.optimizer_s.zero_grad(set_to_none=True)
             loss_s.backward()
@@ -484,7 +532,10 @@ class ZSQTrainer:
         self.log(f"student  : W{cfg.weight_bits}A{cfg.act_bits} act {cfg.act_granularity} ({cfg.act_placement} "
                  f"placement), weights {cfg.weight_granularity}, {cfg.toolchain}; fake-quants {self.fake_quants}")
         self.log(f"eval     : {self.run_info['eval'] or 'none (no accuracy is measured)'}")
-        if self.state["epoch"] == 0 and "teacher" not in self.state:
+        if self._cuda_only_ignored:
+            self.log(f"note     : {', '.join(self._cuda_only_ignored)} ignored on {self.device.type} (CUDA only)")
+        fresh = self.state["epoch"] == 0 and "teacher" not in self.state
+        if fresh:
             self.state["teacher"] = self.evaluate(self.teacher)
             self.state["pre_qat"] = self.evaluate(self.student)
             self.state["last"] = self.state["pre_qat"]
@@ -495,6 +546,12 @@ class ZSQTrainer:
                      f"W{cfg.weight_bits}A{cfg.act_bits} before QAT {format_accuracy(self.state['pre_qat'])}")
         self._write_metrics_file()
         self._open_tensorboard()
+        if self.writes_files and self.draw_pictures:
+            from .pictures import RunPictures
+
+            self._pictures = RunPictures(self)
+            if fresh:
+                self._pictures.start()
         epochs_this_call = 0
         try:
             while self.state["epoch"] < cfg.epochs:
@@ -537,11 +594,14 @@ class ZSQTrainer:
                    disable=not (show and self.ctx.is_main), leave=False, dynamic_ncols=True)
         sums: Dict[str, float] = {}
         start = time.time()
-        for _ in bar:
+        for done, _ in enumerate(bar, start=1):
             step = self.train_step(sampler, train_student=not warmup)
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix(loss_s=f"{step['loss_s']:.3g}", loss_g=f"{step['loss_g']:.3g}")
+            s_per_iter = (time.time() - start) / done
+            left = cfg.iters_per_epoch - done + (cfg.epochs - epoch - 1) * cfg.iters_per_epoch
+            bar.set_postfix(loss_s=f"{step['loss_s']:.3g}", loss_g=f"{step['loss_g']:.3g}",
+                            s_iter=f"{s_per_iter:.2f}", eta=format_duration(left * s_per_iter))
         bar.close()
         train_time = time.time() - start
         totals = self.ctx.all_reduce_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
@@ -550,23 +610,29 @@ class ZSQTrainer:
             if not math.isfinite(value):
                 raise FloatingPointError(f"a loss became non-finite in epoch {epoch + 1}: {means}")
         self._check_replicas()
-        test = self.evaluate(self.student)
+        evaluate_now = (epoch + 1) % self.eval_every == 0 or epoch + 1 == cfg.epochs
+        test = self.evaluate(self.student) if evaluate_now else None
         row = {"epoch": epoch + 1, "phase": "warmup" if warmup else "qat", "lr": lr_s, "lr_g": lr_g, **means,
                "train_time_s": train_time, "s_per_iter": train_time / cfg.iters_per_epoch}
         if test is not None:
             row.update({"test_acc": test["acc"], "test_correct": test["correct"], "n_test": test["n"],
                         "test_ci95_low": test["ci95"][0], "test_ci95_high": test["ci95"][1]})
         self.state["history"].append(row)
-        self.state["last"] = test
+        if evaluate_now:
+            self.state["last"] = test
         self.state["epoch"] = epoch + 1
         self._tick()
         self._save_checkpoint()  # checkpoint first: metrics.jsonl is rewritten from it on resume
         self._write_metrics_file()
         self._tensorboard_epoch(row)
+        if self._pictures is not None:
+            self._pictures.epoch_end(epoch + 1)
+        epoch_wall = time.time() - start  # training, evaluation, files
         self.log(f"epoch {epoch + 1:>3}/{cfg.epochs} {row['phase']:<6} lr {lr_s:.2g} | L_G {means['loss_g']:.4f} "
                  f"(bns {means['loss_g_bns']:.4f}, margin {means['loss_g_margin']:.3f}) | L_S {means['loss_s']:.4f} "
                  + (f"| test {format_accuracy(test)} " if test is not None else "")
-                 + f"| {train_time / cfg.iters_per_epoch:.2f} s/iter")
+                 + f"| {train_time / cfg.iters_per_epoch:.2f} s/iter | ETA "
+                 + format_duration((cfg.epochs - epoch - 1) * epoch_wall))
 
     def _results(self) -> Dict[str, Any]:
         cfg = self.config
@@ -604,8 +670,9 @@ class ZSQTrainer:
                                  "note": "same test images: fixed = wrong before QAT and right after, broken = "
                                          "the reverse; exact two-sided McNemar test"},
         })
-        if history:
-            best = max(history, key=lambda row: (row["test_acc"], -row["epoch"]))
+        evaluated = [row for row in history if "test_acc" in row]
+        if evaluated:
+            best = max(evaluated, key=lambda row: (row["test_acc"], -row["epoch"]))
             results["best_on_test"] = {"acc": best["test_acc"], "epoch": best["epoch"],
                                        "note": "max over epochs of the TEST accuracy: test-set selection, "
                                                "optimistic; the reported number is final_acc"}

@@ -1,0 +1,393 @@
+"""Pictures of a zero-shot run: PNG files next to results.json, and TensorBoard images.
+
+The trainer (:class:`~granq_ao.zsq.trainer.ZSQTrainer`) draws them on process 0 when it has an
+output folder; a failure to draw warns and never stops the run.
+
+* ``accuracy.png`` (after every epoch): top-1 of the student on the evaluation images per epoch
+  with its 95% Wilson interval as a band, and horizontal lines for the teacher and for the
+  student before QAT (with their bands); warm-up epochs shaded. From the metrics history.
+* ``generated_epochNNN.png`` (after epoch 1, epoch ``epochs // 2`` and the final epoch): the
+  generator's images, one row per class in class order (all classes up to 10, else 10 evenly
+  spaced, first and last included: 0, 111, 222, ..., 999 for ImageNet), eight
+  fixed latent codes per class (drawn once from a seeded stream, the same at every epoch, so
+  the rows can be compared across epochs). Images are de-normalized with the run's
+  ``(mean, std)`` when known (the trainer's ``normalize``, or the CIFAR statistics of a CIFAR
+  ``EvalSet``), else each image is scaled to its own min..max. The generator runs in train mode
+  (batch statistics, as in training) under ``no_grad``; its BatchNorm buffers are restored after.
+* ``activation_error.png`` and ``activation_error.json`` (before QAT at the start, after QAT at
+  the final epoch): the paper's Figure 3 / Table 2 view. What is measured, exactly:
+
+  - ``X``: the input of each activation fake-quant of the student (with the paper placement,
+    each ReLU/ReLU6 output), captured with forward pre-hooks while the student runs on the first
+    :data:`ACTIVATION_IMAGES` evaluation images (normalized as for evaluation) with **every**
+    fake-quant (weights and activations) and observer disabled: the float activations of the
+    network the student's weights define. Before QAT these are the float teacher's activations
+    (the student with fake-quant off computes the teacher's function); after QAT, those of the
+    trained weights. A fake-quant called several times (shared by several ops) gives one point
+    per call.
+  - For each ``X`` and the run's activation bits ``b``: ``e = ||X - Q(X)||_F / ||X||_F`` over the
+    whole captured tensor, with ``Q = granq_ao.functional.fake_quantize(X, b, granularity)``
+    (asymmetric, dynamic ranges from ``X`` itself) for ``granularity="tensor"`` (layer-wise: one
+    range for the batch) and ``"granq"`` (one range per (sample, channel)). Each layer's error is
+    thus that of quantizing this one activation of an otherwise float network; errors do not
+    compound across layers. ``nan`` where ``||X|| = 0``.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from granq_ao.functional import fake_quantize
+
+from .checkpoint import atomic_write_json, rng_state, set_rng_state
+from .evaluation import eval_batches
+
+__all__ = ["ACTIVATION_IMAGES", "picture_epochs", "activation_errors", "activation_points",
+           "accuracy_figure", "activation_error_figure", "generated_images", "save_generated_grid", "RunPictures"]
+
+ACTIVATION_IMAGES = 32
+GRID_CLASSES = 10
+GRID_SAMPLES = 8
+GRID_MAX_SIDE = 112  # larger generated images are shown downscaled (224 -> 112)
+GRID_MIN_SIDE = 64   # smaller ones are enlarged by an integer factor, nearest neighbour (32 -> 64)
+LATENT_SEED = 20250318
+
+
+def picture_epochs(epochs: int) -> Tuple[int, ...]:
+    """Epochs (1-based) after which the generated images are drawn: 1, ``epochs // 2``, last."""
+    return tuple(sorted({1, max(1, epochs // 2), epochs}))
+
+
+# ----------------------------------------------------------------------------- activations
+def _activation_fake_quants(model: nn.Module) -> Dict[str, nn.Module]:
+    from torch.ao.quantization import FakeQuantizeBase
+
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, FakeQuantizeBase) and not name.endswith("weight_fake_quant")}
+
+
+def activation_points(model: nn.Module) -> Dict[str, str]:
+    """``{fake-quant module name: label}``: the label is the module (or op) whose output it
+    quantizes, read from the FX graph when ``model`` is a GraphModule."""
+    names = _activation_fake_quants(model)
+    labels = {name: name for name in names}
+    graph = getattr(model, "graph", None)
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op == "call_module" and node.target in names and node.args:
+                producer = node.args[0]
+                if hasattr(producer, "op"):
+                    labels[node.target] = str(producer.target) if producer.op == "call_module" else producer.name
+    return labels
+
+
+@torch.no_grad()
+def activation_errors(model: nn.Module, images: torch.Tensor, bits: int,
+                      granularities: Sequence[str] = ("tensor", "granq")) -> Dict[str, Any]:
+    """Relative error of quantizing each activation of ``model`` (a prepared student) on
+    ``images`` (module docstring): ``{"layers": [label, ...], "modules": [name, ...], "bits": b,
+    "n_images": N, g: [e per layer] for g in granularities}``. The model's fake-quant and
+    observer switches and its train/eval mode are restored afterwards."""
+    quantizers = _activation_fake_quants(model)
+    labels = activation_points(model)
+    every = [m for m in model.modules() if hasattr(m, "fake_quant_enabled") and hasattr(m, "observer_enabled")]
+    saved = [(m, bool(m.fake_quant_enabled[0]), bool(m.observer_enabled[0])) for m in every]
+    was_training = model.training
+    out: Dict[str, Any] = {"layers": [], "modules": [], "bits": int(bits), "n_images": int(images.shape[0]),
+                           **{g: [] for g in granularities}}
+
+    def hook(name):
+        def record(module, inputs):
+            x = inputs[0].detach().float()
+            calls = out["modules"].count(name)
+            out["modules"].append(name)
+            out["layers"].append(labels[name] + (f" (call {calls + 1})" if calls else ""))
+            norm = float(torch.linalg.vector_norm(x))
+            for granularity in granularities:
+                if norm == 0 or x.dim() < 2:
+                    out[granularity].append(float("nan"))
+                    continue
+                q = fake_quantize(x, bits, granularity, fused="eager")
+                out[granularity].append(float(torch.linalg.vector_norm(x - q)) / norm)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in quantizers.items()]
+    try:
+        for module in every:
+            module.enable_fake_quant(False)
+            module.enable_observer(False)
+        model.eval()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        model(images.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, fake_quant_on, observer_on in saved:
+            module.enable_fake_quant(fake_quant_on)
+            module.enable_observer(observer_on)
+        model.train(was_training)
+    return out
+
+
+def first_images(eval_data: Any, count: int, normalize=None) -> Optional[torch.Tensor]:
+    """The first ``count`` evaluation images (normalized as for evaluation), or None."""
+    if eval_data is None:
+        return None
+    taken: List[torch.Tensor] = []
+    have = 0
+    for images, _ in eval_batches(eval_data, count, normalize):
+        taken.append(images[:count - have])
+        have += len(taken[-1])
+        if have >= count:
+            break
+    return torch.cat(taken) if taken else None
+
+
+# ----------------------------------------------------------------------------- figures
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_figure(history: Sequence[Dict[str, Any]], teacher: Optional[Dict[str, Any]],
+                    pre_qat: Optional[Dict[str, Any]], title: str = ""):
+    """A matplotlib Figure of test accuracy per epoch (module docstring), or None without any
+    accuracy in ``history``."""
+    rows = [row for row in history if row.get("test_acc") is not None]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    epochs = [row["epoch"] for row in rows]
+    acc = [100 * row["test_acc"] for row in rows]
+    low = [100 * row["test_ci95_low"] for row in rows]
+    high = [100 * row["test_ci95_high"] for row in rows]
+    warm = [row["epoch"] for row in history if row.get("phase") == "warmup"]
+    if warm:
+        ax.axvspan(min(warm) - 0.5, max(warm) + 0.5, color="0.92", label="warm-up (generator only)")
+    for entry, name, color in ((teacher, "teacher (FP)", "tab:green"), (pre_qat, "before QAT", "tab:red")):
+        if entry is not None:
+            ax.axhline(100 * entry["acc"], color=color, linestyle="--", linewidth=1.2,
+                       label=f"{name} {100 * entry['acc']:.2f}%")
+            ax.axhspan(100 * entry["ci95"][0], 100 * entry["ci95"][1], color=color, alpha=0.08)
+    ax.fill_between(epochs, low, high, color="tab:blue", alpha=0.25, label="95% interval")
+    ax.plot(epochs, acc, color="tab:blue", marker="o" if len(epochs) <= 40 else None, markersize=3,
+            label=f"student (final {acc[-1]:.2f}%)")
+    ax.set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"top-1 accuracy, % (n={rows[-1].get('n_test')})")
+    ax.set_xlim(0.5, max(epochs) + 0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def activation_error_figure(before: Optional[Dict[str, Any]], after: Optional[Dict[str, Any]], title: str = ""):
+    """Grouped bars of the per-layer relative error, layer-wise vs GranQ, before/after QAT."""
+    reference = before or after
+    if reference is None:
+        return None
+    plt = _pyplot()
+    layers = reference["layers"]
+    count = len(layers)
+    series = []
+    for data, when in ((before, "before QAT"), (after, "after QAT")):
+        if data is None or len(data["layers"]) != count:
+            continue
+        series.append((data["tensor"], f"layer-wise, {when}", "tab:orange" if when == "before QAT" else "tab:red"))
+        series.append((data["granq"], f"GranQ, {when}", "tab:cyan" if when == "before QAT" else "tab:blue"))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(7.0, 0.3 * count + 2)), 4.5), dpi=100)
+    width = 0.8 / max(1, len(series))
+    for k, (values, label, color) in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(count)]
+        ax.bar(xs, values, width=width, label=label, color=color)
+    ax.set_ylim(bottom=0)  # linear: a lossless layer (e.g. GranQ on 1x1 maps: min == max) shows as 0
+    ax.set_xticks(range(count))
+    ax.set_xticklabels([f"{i + 1}" for i in range(count)], fontsize=7)
+    ax.set_xlabel("quantized activation (network order; names in activation_error.json)")
+    ax.set_ylabel("||X - Q(X)|| / ||X||")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"A{reference['bits']} relative activation error on {reference['n_images']} "
+                          "evaluation images", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _save_figure(fig, path: Path) -> None:
+    plt = _pyplot()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- generated images
+def grid_classes(num_classes: int, count: int = GRID_CLASSES) -> List[int]:
+    """All classes up to ``count``, else ``count`` evenly spaced ones (first and last included)."""
+    if num_classes <= count:
+        return list(range(num_classes))
+    return sorted({round(i * (num_classes - 1) / (count - 1)) for i in range(count)})
+
+
+@torch.no_grad()
+def generated_images(generator: nn.Module, classes: Sequence[int], samples: int = GRID_SAMPLES,
+                     seed: int = LATENT_SEED) -> torch.Tensor:
+    """``G(z, y)`` for ``samples`` fixed latents per class (rows = classes), in the generator's
+    (normalized) output space; buffers and train/eval mode of ``generator`` are unchanged after."""
+    latent_dim = int(generator.latent_dim)
+    device = next(generator.parameters()).device
+    stream = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(classes) * samples, latent_dim, generator=stream).to(device)
+    labels = torch.tensor([c for c in classes for _ in range(samples)], dtype=torch.long, device=device)
+    buffers = [b.detach().clone() for b in generator.buffers()]
+    was_training = generator.training
+    try:
+        generator.train()  # batch statistics, as in training
+        images = generator(z, labels).float().cpu()
+    finally:
+        for buffer, value in zip(generator.buffers(), buffers):
+            buffer.copy_(value)
+        generator.train(was_training)
+    return images
+
+
+def to_display(images: torch.Tensor, normalize=None) -> torch.Tensor:
+    """Images in [0, 1]: ``x * std + mean`` clamped when ``normalize=(mean, std)`` is known,
+    else each image scaled to its own min..max; downscaled to at most GRID_MAX_SIDE px, or
+    enlarged (integer factor, nearest neighbour) to at least GRID_MIN_SIDE px."""
+    images = images.float()
+    if normalize is not None:
+        mean, std = (torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalize)
+        images = (images * std + mean).clamp(0, 1)
+    else:
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        high = images.amax(dim=(1, 2, 3), keepdim=True)
+        images = (images - low) / (high - low).clamp_min(1e-12)
+    side = max(images.shape[-2:])
+    if side > GRID_MAX_SIDE:
+        scale = GRID_MAX_SIDE / side
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="bilinear", antialias=True,
+                                                 align_corners=False).clamp(0, 1)
+    elif side < GRID_MIN_SIDE:
+        images = torch.nn.functional.interpolate(images, scale_factor=-(-GRID_MIN_SIDE // side), mode="nearest")
+    return images
+
+
+def save_generated_grid(images: torch.Tensor, samples: int, path: Path) -> torch.Tensor:
+    """``make_grid`` (one row per class) saved as PNG at ``path``; returns the grid (3, H, W)."""
+    from torchvision.utils import make_grid, save_image
+
+    grid = make_grid(images, nrow=samples, padding=2, pad_value=1.0)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    save_image(grid, tmp)
+    tmp.replace(path)
+    return grid
+
+
+# ----------------------------------------------------------------------------- the run's pictures
+class RunPictures:
+    """Draws the pictures of one :class:`~granq_ao.zsq.trainer.ZSQTrainer` run (process 0, with
+    an output folder). Every method catches its own errors and warns. The global random state
+    is saved and restored around each drawing, so pictures never change the training."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.out_dir = Path(trainer.out_dir)
+
+    # -- helpers
+    def _guard(self, what: str, function, *args) -> None:
+        state = rng_state()
+        try:
+            function(*args)
+        except Exception as error:  # plotting must never kill a run
+            warnings.warn(f"could not draw {what}: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2)
+        finally:
+            set_rng_state(state)
+
+    def _display_normalization(self):
+        trainer = self.trainer
+        if trainer.normalize is not None:
+            return trainer.normalize
+        from .data import CIFAR_NORMALIZATION, EvalSet
+
+        if isinstance(trainer.eval_data, EvalSet):
+            return CIFAR_NORMALIZATION.get(trainer.eval_data.dataset)
+        return None
+
+    def _tensorboard_figure(self, tag: str, fig, step: int) -> None:
+        writer = getattr(self.trainer, "_writer", None)
+        if writer is not None and fig is not None:
+            writer.add_figure(tag, fig, step, close=False)
+            writer.flush()
+
+    def _title(self) -> str:
+        cfg = self.trainer.config
+        return f"W{cfg.weight_bits}A{cfg.act_bits} {cfg.act_granularity} | {self.trainer.run_info.get('teacher', '')}"
+
+    # -- stages
+    def start(self) -> None:
+        """Before QAT: the activation errors of the untrained student (kept in the trainer's
+        state, so a resumed run still has them) and their figure."""
+        self._guard("the activation errors before QAT", self._activations, "pre_qat")
+
+    def epoch_end(self, epoch: int) -> None:
+        """After epoch ``epoch`` (1-based): accuracy; generated images at the picture epochs;
+        activation errors after QAT at the final epoch."""
+        self._guard("the accuracy plot", self._accuracy, epoch)
+        if epoch in picture_epochs(self.trainer.config.epochs):
+            self._guard("the generated images", self._generated, epoch)
+        if epoch == self.trainer.config.epochs:
+            self._guard("the activation errors after QAT", self._activations, "final")
+
+    def _accuracy(self, epoch: int) -> None:
+        state = self.trainer.state
+        fig = accuracy_figure(state["history"], state.get("teacher"), state.get("pre_qat"), self._title())
+        if fig is None:
+            return
+        self._tensorboard_figure("pictures/accuracy", fig, epoch)
+        _save_figure(fig, self.out_dir / "accuracy.png")
+
+    def _generated(self, epoch: int) -> None:
+        trainer = self.trainer
+        classes = grid_classes(trainer.num_classes)
+        images = to_display(generated_images(trainer.generator, classes), self._display_normalization())
+        grid = save_generated_grid(images, GRID_SAMPLES, self.out_dir / f"generated_epoch{epoch:03d}.png")
+        writer = getattr(trainer, "_writer", None)
+        if writer is not None:
+            writer.add_image("pictures/generated", grid, epoch)
+            writer.flush()
+
+    def _activations(self, stage: str) -> None:
+        trainer = self.trainer
+        images = first_images(trainer.eval_data, ACTIVATION_IMAGES, trainer.normalize)
+        if images is None:
+            return
+        errors = activation_errors(trainer.student, images, trainer.config.act_bits)
+        errors["epoch"] = trainer.state["epoch"]
+        trainer.state["activation_error_" + stage] = errors
+        before = trainer.state.get("activation_error_pre_qat")
+        after = trainer.state.get("activation_error_final") if stage == "final" else None
+        atomic_write_json({"measure": "||X - Q(X)||_F / ||X||_F per quantized activation X (student with every "
+                                      "fake-quant off), Q = granq_ao.functional.fake_quantize with the run's "
+                                      "activation bits; see granq_ao/zsq/pictures.py",
+                           "before_qat": before, "after_qat": after},
+                          self.out_dir / "activation_error.json")
+        fig = activation_error_figure(before, after)
+        self._tensorboard_figure("pictures/activation_error", fig, trainer.state["epoch"])
+        if fig is not None:
+            _save_figure(fig, self.out_dir / "activation_error.png")
+
