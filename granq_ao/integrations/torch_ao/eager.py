@@ -103,11 +103,14 @@ def refuse_torch_eager_convert() -> None:
     torch.ao's eager ``convert``; do nothing otherwise.
 
     ``GranQFakeQuantize.calculate_qparams`` and ``GranQObserver.calculate_qparams`` call it first.
-    torch's eager converter asks every observed module for its qparams (``from_float`` ->
-    ``calculate_qparams``) before it builds anything from them, so this stops it at the first
-    GranQ quantizer it reaches, instead of the ``float(scale)`` failure deep inside torch
-    ("only one element tensors can be converted to Python scalars") or, for a per-tensor GranQ
-    config, a silently static model that does not compute GranQ.
+    torch's eager converter asks each observed module for its qparams (``from_float`` ->
+    ``calculate_qparams``) before it builds a quantized module from them, so this stops it at
+    the first GranQ quantizer it reaches, before any module is swapped, instead of the
+    ``float(scale)`` failure deep inside torch ("only one element tensors can be converted to
+    Python scalars") or, for a per-tensor GranQ config, a silently static model that does not
+    compute GranQ. Caveat: with ``inplace=True`` torch's ``from_float`` of a QAT Conv-BN module
+    has already folded the BatchNorm into that module's weight before it calls any GranQ code;
+    torch's default (``inplace=False``) converts a copy and leaves the model intact.
 
     Mechanism: the caller is recognised by *identity of code objects*: the frames on the stack
     are compared with the ``__code__`` of ``torch.ao.quantization.quantize.convert``,
