@@ -25,7 +25,10 @@ reference* model instead: a float model whose outputs equal the QAT model's in e
   its input when the observer is memoryless); that hook becomes this module's own hook at the
   same position, so the model does not depend on torch.ao's (deprecated) eager module to load.
   ``FloatFunctional`` (the residual ``add_relu``) calls its ``activation_post_process`` itself:
-  only the module is replaced. A fake-quant with ``fake_quant_enabled`` off, and a bare
+  only the module is replaced. A QAT module baked into a fused ``nn.Sequential``
+  (``ConvReLU2d``, ``LinearReLU``: conv-relu without BN, or ``fold_bn=True``) gets its
+  quantizer as last child instead, since a Sequential calls all its children (see
+  :func:`_attach_to_sequential`). A fake-quant with ``fake_quant_enabled`` off, and a bare
   :class:`GranQObserver`, become ``nn.Identity`` (the QAT model passes values through there).
 * ``QuantStub`` / ``DeQuantStub`` become ``nn.Identity`` (they are identities in the QAT model;
   the quant stub's fake-quant stays as its hook: the input image is quantized as in QAT).
@@ -200,14 +203,40 @@ def _replacement(quantizer: torch.nn.Module) -> Optional[torch.nn.Module]:
     return None
 
 
-def _copy_hooks(source: torch.nn.Module, target: torch.nn.Module) -> None:
+def _is_torch_observer_hook(hook) -> bool:
+    return any(torch_fn is not None and hook is torch_fn for torch_fn in _torch_observer_hooks())
+
+
+def _copy_hooks(source: torch.nn.Module, target: torch.nn.Module, observer_hooks: bool = True) -> None:
     """Register ``source``'s forward pre-hooks and hooks on the new ``target``, in order, with
-    their ``with_kwargs`` / ``always_call`` flags (torch's ``swap_module`` keeps them too)."""
+    their ``with_kwargs`` / ``always_call`` flags (torch's ``swap_module`` keeps them too);
+    torch.ao's observer hooks only if ``observer_hooks``."""
     for handle_id, hook in source._forward_pre_hooks.items():
-        target.register_forward_pre_hook(hook, with_kwargs=handle_id in source._forward_pre_hooks_with_kwargs)
+        if observer_hooks or not _is_torch_observer_hook(hook):
+            target.register_forward_pre_hook(hook, with_kwargs=handle_id in source._forward_pre_hooks_with_kwargs)
     for handle_id, hook in source._forward_hooks.items():
-        target.register_forward_hook(hook, with_kwargs=handle_id in source._forward_hooks_with_kwargs,
-                                     always_call=handle_id in source._forward_hooks_always_called)
+        if observer_hooks or not _is_torch_observer_hook(hook):
+            target.register_forward_hook(hook, with_kwargs=handle_id in source._forward_hooks_with_kwargs,
+                                         always_call=handle_id in source._forward_hooks_always_called)
+
+
+def _attach_to_sequential(source: torch.nn.Module, target: torch.nn.Sequential) -> None:
+    """Give a new fused float module (``nn.Sequential``: ``ConvReLU2d``, ``LinearReLU``, ...)
+    the quantizer that ``source`` (a QAT module, not a Sequential) ran from torch.ao's hook, so
+    that it runs once. A Sequential calls every child in turn, an ``activation_post_process``
+    child too, so the quantizer cannot be a child under a hook: on the output it is appended as
+    the last child (no hook; it runs after the ReLU, before any other forward hook, as in QAT);
+    on the input it goes to the first layer, with the pre-hook there (the Sequential's input is
+    that layer's input; it then runs after the Sequential's own pre-hooks, if any)."""
+    quantizer = source.activation_post_process
+    quantizer = _replacement(quantizer) or quantizer
+    torch_hook, torch_pre_hook = _torch_observer_hooks()
+    if any(hook is torch_hook for hook in source._forward_hooks.values()):
+        target.add_module("activation_post_process", quantizer)
+    elif any(hook is torch_pre_hook for hook in source._forward_pre_hooks.values()):
+        first = target[0]
+        first.activation_post_process = quantizer
+        first.register_forward_pre_hook(_quantize_input_pre_hook, prepend=True)
 
 
 def _convert_activation(module: torch.nn.Module) -> None:
@@ -222,6 +251,12 @@ def _convert_activation(module: torch.nn.Module) -> None:
         for handle_id, hook in list(hooks.items()):
             if torch_fn is not None and hook is torch_fn:
                 hooks[handle_id] = ours  # same handle, same position (torch prepends it)
+
+
+def _calls_all_children(module: torch.nn.Module) -> bool:
+    """An ``nn.Sequential`` running ``Sequential.forward`` (torch's QAT fused modules are
+    Sequentials too, but with a conv/linear forward of their own)."""
+    return isinstance(module, torch.nn.Sequential) and type(module).forward is torch.nn.Sequential.forward
 
 
 def _is_qat_weighted(module: torch.nn.Module) -> bool:
@@ -246,8 +281,12 @@ def _convert_module(module: torch.nn.Module, fold_bn: bool) -> torch.nn.Module:
         new = module
     if new is not module:
         new.train(module.training)
-        _copy_hooks(module, new)
-        if "activation_post_process" in module._modules:
+        has_quantizer = "activation_post_process" in module._modules
+        sequential = _calls_all_children(new) and not _calls_all_children(module)
+        _copy_hooks(module, new, observer_hooks=not sequential)
+        if has_quantizer and sequential:
+            _attach_to_sequential(module, new)
+        elif has_quantizer:
             new.activation_post_process = module.activation_post_process
     _convert_activation(new)
     return new
