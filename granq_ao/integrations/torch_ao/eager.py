@@ -33,7 +33,9 @@ reference* model instead: a float model whose outputs equal the QAT model's in e
 * ``QuantStub`` / ``DeQuantStub`` become ``nn.Identity`` (they are identities in the QAT model;
   the quant stub's fake-quant stays as its hook: the input image is quantized as in QAT).
 * torch.ao's own activation fake-quants (e.g. the fixed-qparams ones of ``Hardsigmoid``) stay
-  as they are, with torch's hooks: they compute what they computed in QAT. Other forward hooks
+  as they are, with torch's hooks: they compute what they computed in QAT (a moving-average
+  observer among them keeps observing, as in QAT eval: ``model.apply(
+  torch.ao.quantization.disable_observer)`` freezes it). Other forward hooks
   and pre-hooks of a replaced module are carried over, in order. ``qconfig`` attributes are
   removed, as torch's ``convert`` does.
 
