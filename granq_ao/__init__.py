@@ -15,7 +15,8 @@ from .config import (ACT_GRANULARITIES, FUSED_MODES, PLACEMENTS, WEIGHT_GRANULAR
 from .functional import NonFiniteInputError, fake_quantize
 from .granularity import PerChannel, PerSampleChannel, PerTensor
 from .integrations.torch_ao import (GranQFakeQuantize, GranQObserver, GranQQConfigMapping, PlacementWarning,
-                                    apply_paper_placement, convert_to_reference_fx, count_activation_fake_quant_calls,
+                                    apply_paper_placement, convert_eager, convert_to_reference_fx,
+                                    count_activation_fake_quant_calls,
                                     get_granq_qat_qconfig_mapping, get_granq_qconfig, prepare_qat_fx)
 
 __version__ = "0.2.0"
@@ -25,5 +26,5 @@ __all__ = [
     "WEIGHT_GRANULARITIES", "PLACEMENTS", "FUSED_MODES", "PerChannel", "PerSampleChannel", "PerTensor",
     "as_granularity", "GranQFakeQuantize", "GranQObserver", "GranQQConfigMapping", "PlacementWarning",
     "apply_paper_placement", "count_activation_fake_quant_calls", "prepare_qat_fx", "get_granq_qat_qconfig_mapping",
-    "get_granq_qconfig", "convert_to_reference_fx",
+    "get_granq_qconfig", "convert_to_reference_fx", "convert_eager",
 ]

@@ -12,6 +12,7 @@ computes with :mod:`granq_ao.functional`.
 """
 from .convert import ConvBnEval, bake_weight_module, convert_to_reference_fx, weight_codes
 from .dynamic_qdq import insert_dynamic_quant_dequant
+from .eager import DynamicQuantDequant, convert_eager
 from .fake_quantize import GranQFakeQuantize
 from .observer import GranQObserver
 from .placement import activation_fake_quant_calls, apply_paper_placement, count_activation_fake_quant_calls
@@ -22,5 +23,5 @@ __all__ = [
     "GranQFakeQuantize", "GranQObserver", "GranQQConfigMapping", "PlacementWarning", "get_granq_qconfig",
     "get_granq_qat_qconfig_mapping", "prepare_qat_fx", "apply_paper_placement", "activation_fake_quant_calls",
     "count_activation_fake_quant_calls", "convert_to_reference_fx", "insert_dynamic_quant_dequant",
-    "bake_weight_module", "weight_codes", "ConvBnEval",
+    "bake_weight_module", "weight_codes", "ConvBnEval", "convert_eager", "DynamicQuantDequant",
 ]

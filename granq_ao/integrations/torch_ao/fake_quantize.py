@@ -201,7 +201,10 @@ class GranQFakeQuantize(FakeQuantizeBase):
 
     @torch.jit.export
     def calculate_qparams(self):
-        """Static ``(scale, zero_point)`` from the observer's running ranges (for export)."""
+        """Static ``(scale, zero_point)`` from the observer's running ranges (for export).
+        Refused inside torch.ao's eager ``convert`` (see ``eager.refuse_torch_eager_convert``)."""
+        from .eager import refuse_torch_eager_convert  # here: eager.py imports this module
+        refuse_torch_eager_convert()
         return self.activation_post_process.calculate_qparams()
 
     def convert(self, model: torch.fx.GraphModule, node: torch.fx.Node) -> None:

@@ -152,7 +152,10 @@ class GranQObserver(ObserverBase):
     @torch.jit.export
     def calculate_qparams(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Static ``(scale float32, zero_point int64)``: per channel, or per tensor after a
-        channel mismatch. Ranges include 0; ``scale >= eps``. Before any batch: scale 1, zp 0."""
+        channel mismatch. Ranges include 0; ``scale >= eps``. Before any batch: scale 1, zp 0.
+        Refused inside torch.ao's eager ``convert`` (see ``eager.refuse_torch_eager_convert``)."""
+        from .eager import refuse_torch_eager_convert  # here: eager.py imports this module
+        refuse_torch_eager_convert()
         if self.per_channel:
             x_min, x_max = self.min_val, self.max_val
             if x_min.numel() == 0:
