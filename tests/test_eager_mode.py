@@ -18,7 +18,7 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 import granq_ao
 from granq_ao.integrations.torch_ao import DynamicQuantDequant, weight_codes
 from granq_ao.integrations.torch_ao.convert import ConvBnEval
-from granq_ao.integrations.torch_ao.eager import TORCH_EAGER_CONVERT_MESSAGE
+from granq_ao.integrations.torch_ao.eager_guard import TORCH_EAGER_CONVERT_MESSAGE
 
 tv_quantization = pytest.importorskip("torchvision.models.quantization")
 

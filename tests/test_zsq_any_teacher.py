@@ -71,7 +71,7 @@ def test_no_eval_data_and_no_out_dir():
 
 
 def test_pytorchcv_preresnet20():
-    pytorchcv = pytest.importorskip("pytorchcv")
+    pytest.importorskip("pytorchcv")
     from pytorchcv.model_provider import get_model
 
     torch.manual_seed(0)

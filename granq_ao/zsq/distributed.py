@@ -35,7 +35,6 @@ class DistributedContext:
     @classmethod
     def from_env(cls, device: str = "auto") -> "DistributedContext":
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         resolved = resolve_device(device, local_rank)
         if world_size <= 1:

@@ -254,7 +254,6 @@ class GranQTensorQuantizer(TensorQuantizer):
         return self._quant_forward(inputs)
 
     def _quant_forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        desc = self._granq_desc
         # Under an exporting tracer granq_ao.functional records its eager ops (no torch.compile,
         # no finite check): ReduceMin/ReduceMax -> scale/zero-point -> Round/Clip from the input.
         try:

@@ -40,15 +40,13 @@ reference* model instead: a float model whose outputs equal the QAT model's in e
   removed, as torch's ``convert`` does.
 
 ``torch.ao.quantization.convert`` on a GranQ model is refused at once with a message naming
-:func:`convert_eager` (see :func:`refuse_torch_eager_convert`).
+:func:`convert_eager` (see :func:`.eager_guard.refuse_torch_eager_convert`).
 """
 from __future__ import annotations
 
 import copy
 import functools
 import importlib
-import inspect
-import sys
 from typing import Optional, Tuple
 
 import torch
@@ -64,74 +62,7 @@ from .dynamic_qdq import fake_quant_on, granularity_args
 from .fake_quantize import GranQFakeQuantize
 from .observer import GranQObserver
 
-__all__ = ["DynamicQuantDequant", "convert_eager", "refuse_torch_eager_convert", "called_by_torch_eager_convert",
-           "TORCH_EAGER_CONVERT_MESSAGE"]
-
-TORCH_EAGER_CONVERT_MESSAGE = (
-    "torch.ao.quantization.convert cannot convert a GranQ model: GranQ computes one activation "
-    "range per (sample, channel) from every input, at run time, while torch's eager quantized "
-    "modules hold one static scale per tensor. Use granq_ao.convert_eager(model) for a reference "
-    "model with the QAT model's numbers (its outputs equal the QAT model's in eval).")
-
-
-# ----------------------------------------------------------------------------- refusing torch's convert
-@functools.lru_cache(maxsize=1)
-def _torch_eager_convert_codes() -> frozenset:
-    """Code objects of torch.ao's eager ``convert`` / ``_convert`` / ``swap_module`` (decorators
-    unwrapped); empty if a future torch has none of them."""
-    try:
-        module = importlib.import_module("torch.ao.quantization.quantize")
-    except ImportError:  # pragma: no cover - torch without the eager API
-        return frozenset()
-    codes = set()
-    for name in ("convert", "_convert", "swap_module"):
-        function = getattr(module, name, None)
-        code = getattr(inspect.unwrap(function), "__code__", None) if function is not None else None
-        if code is not None:
-            codes.add(code)
-    return frozenset(codes)
-
-
-def called_by_torch_eager_convert() -> bool:
-    """Whether torch.ao's eager ``convert`` (or its ``swap_module``) is on the call stack."""
-    codes = _torch_eager_convert_codes()
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code in codes:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def refuse_torch_eager_convert() -> None:
-    """Raise ``RuntimeError`` (:data:`TORCH_EAGER_CONVERT_MESSAGE`) when called from inside
-    torch.ao's eager ``convert``; do nothing otherwise.
-
-    ``GranQFakeQuantize.calculate_qparams`` and ``GranQObserver.calculate_qparams`` call it first.
-    torch's eager converter asks each observed module for its qparams (``from_float`` ->
-    ``calculate_qparams``) before it builds a quantized module from them, so this stops it at
-    the first GranQ quantizer it reaches, before any module is swapped, instead of the
-    ``float(scale)`` failure deep inside torch ("only one element tensors can be converted to
-    Python scalars") or, for a per-tensor GranQ config, a silently static model that does not
-    compute GranQ. Caveat: with ``inplace=True`` torch's ``from_float`` of a QAT Conv-BN module
-    has already folded the BatchNorm into that module's weight before it calls any GranQ code;
-    torch's default (``inplace=False``) converts a copy and leaves the model intact.
-
-    Mechanism: the caller is recognised by *identity of code objects*: the frames on the stack
-    are compared with the ``__code__`` of ``torch.ao.quantization.quantize.convert``,
-    ``_convert`` and ``swap_module`` (decorators unwrapped). No file names or function names are
-    matched, so nothing else can be mistaken for them (FX's ``convert_to_reference_fx`` /
-    ``convert_fx``, a user's own call of ``calculate_qparams``, granq_ao's static export all go
-    on working), and it costs one short stack walk per ``calculate_qparams`` call (never in
-    forward). torch's ``prepare_qat`` also runs ``convert`` (to swap in QAT modules) but asks for
-    no qparams there. If a torch release drops those functions, the check turns itself off.
-    Alternatives rejected: a flag set by ``prepare_qat`` cannot tell the eager converter from a
-    legitimate caller (FX static export of the same modules); replacing torch's functions
-    (monkeypatching) would change torch for everything in the process.
-    """
-    if called_by_torch_eager_convert():
-        raise RuntimeError(TORCH_EAGER_CONVERT_MESSAGE)
-
+__all__ = ["DynamicQuantDequant", "convert_eager"]
 
 # ----------------------------------------------------------------------------- the dynamic q/dq module
 class DynamicQuantDequant(torch.nn.Module):

@@ -46,6 +46,7 @@ from granq_ao.functional import NonFiniteInputError, fused_backend
 from granq_ao.granularity import Granularity, PerTensor
 
 from .dynamic_qdq import insert_dynamic_quant_dequant
+from .eager_guard import refuse_torch_eager_convert
 from .observer import GranQObserver, bits_from_quant_range
 
 
@@ -202,8 +203,7 @@ class GranQFakeQuantize(FakeQuantizeBase):
     @torch.jit.export
     def calculate_qparams(self):
         """Static ``(scale, zero_point)`` from the observer's running ranges (for export).
-        Refused inside torch.ao's eager ``convert`` (see ``eager.refuse_torch_eager_convert``)."""
-        from .eager import refuse_torch_eager_convert  # here: eager.py imports this module
+        Refused inside torch.ao's eager ``convert`` (see :mod:`.eager_guard`)."""
         refuse_torch_eager_convert()
         return self.activation_post_process.calculate_qparams()
 

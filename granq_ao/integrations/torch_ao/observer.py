@@ -30,6 +30,8 @@ from torch.ao.quantization.observer import ObserverBase
 
 from granq_ao import functional as granq_functional
 
+from .eager_guard import refuse_torch_eager_convert
+
 
 class GranQObserver(ObserverBase):
     r"""Vectorized running per-channel (and per-tensor) min/max for static GranQ export.
@@ -153,8 +155,7 @@ class GranQObserver(ObserverBase):
     def calculate_qparams(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Static ``(scale float32, zero_point int64)``: per channel, or per tensor after a
         channel mismatch. Ranges include 0; ``scale >= eps``. Before any batch: scale 1, zp 0.
-        Refused inside torch.ao's eager ``convert`` (see ``eager.refuse_torch_eager_convert``)."""
-        from .eager import refuse_torch_eager_convert  # here: eager.py imports this module
+        Refused inside torch.ao's eager ``convert`` (see :mod:`.eager_guard`)."""
         refuse_torch_eager_convert()
         if self.per_channel:
             x_min, x_max = self.min_val, self.max_val

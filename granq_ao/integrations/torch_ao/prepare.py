@@ -2,7 +2,7 @@
 activation placement that a :class:`~.qconfig.GranQQConfigMapping` asks for."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 from torch.ao.quantization import QConfigMapping
