@@ -25,12 +25,18 @@ __all__ = ["export_for_qat", "prepare_student"]
 def export_for_qat(model: torch.nn.Module, example_inputs: Tuple[Any, ...], dynamic_batch: bool = True
                    ) -> GraphModule:
     """``torch.export.export(model.train(), example_inputs).module()``, with dim 0 of every tensor
-    input dynamic (``torch.export.Dim.AUTO``) when ``dynamic_batch``. Training mode: batch norms
+    input dynamic (``torch.export.Dim.AUTO``; the example batch must be >= 2, as torch.export
+    specializes sizes 0 and 1) when ``dynamic_batch``. Training mode: batch norms
     are exported in their training form, which ``prepare_qat_pt2e`` folds (conv-bn QAT)."""
     if not isinstance(example_inputs, tuple):
         raise TypeError(f"example_inputs must be a tuple of model inputs, got {type(example_inputs).__name__}")
     dynamic_shapes = None
     if dynamic_batch:
+        small = [value.shape[:1] for value in example_inputs if isinstance(value, torch.Tensor) and
+                 (value.dim() == 0 or value.shape[0] < 2)]
+        if small:
+            raise ValueError(f"export_for_qat: example batch {list(small[0])} is too small for a dynamic batch "
+                             "dim: torch.export specializes sizes 0 and 1; give a batch of at least 2")
         dynamic_shapes = tuple({0: torch.export.Dim.AUTO} if isinstance(value, torch.Tensor) else None
                                for value in example_inputs)
     return torch.export.export(model.train(), example_inputs, dynamic_shapes=dynamic_shapes).module()
