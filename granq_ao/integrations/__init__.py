@@ -5,4 +5,6 @@ imported explicitly, so that ``import granq_ao`` never needs the toolchain:
 
 * :mod:`granq_ao.integrations.pytorch_quantization`: NVIDIA pytorch-quantization 2.1.3
   (``pip install "granq-ao[nvidia]"``).
+* :mod:`granq_ao.integrations.torchao`: torchao 0.18 PT2E QAT (``GranQQuantizer``) and a
+  ``quantize_`` QAT config (``pip install "granq-ao[torchao]"``).
 """
