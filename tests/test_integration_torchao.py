@@ -78,7 +78,7 @@ def prepared_resnet20():
 
 
 # ----------------------------------------------------------------------------- placement
-@pytest.mark.parametrize("placement, activations", [("paper", 19), ("all", 33)])
+@pytest.mark.parametrize("placement, activations", [("paper", 19), ("all", 34)])
 def test_resnet20_fake_quant_counts(prepared_resnet20, placement, activations):
     prepared = prepared_resnet20[placement]
     calls = granq_fake_quant_calls(prepared)
@@ -97,7 +97,7 @@ def test_paper_placement_quantizes_relu_outputs_only(prepared_resnet20):
 
 def test_all_placement_quantizes_each_value_once(prepared_resnet20):
     prepared = prepared_resnet20["all"]
-    modules = dict(prepared.named_modules())
+    modules = dict(prepared.named_modules(remove_duplicate=False))
     for node in prepared.graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], GranQPT2EFakeQuantize):
             source = node.args[0]
@@ -107,6 +107,10 @@ def test_all_placement_quantizes_each_value_once(prepared_resnet20):
     assert any(user.op == "call_module" for user in first.users)
     output = next(n for n in prepared.graph.nodes if n.op == "output")
     assert output.args[0][0].op == "call_module"
+    # the pool's output is fake-quantized by its input's instance (as torch.ao shares observers)
+    pool = next(n for n in prepared.graph.nodes if n.target == torch.ops.aten.avg_pool2d.default)
+    (pool_user,) = pool.users
+    assert modules[pool_user.target] is modules[pool.args[0].target]
 
 
 # ----------------------------------------------------------------------------- training, batch sizes
@@ -143,7 +147,6 @@ def test_matches_torch_ao_fx_bit_for_bit(prepared_resnet20, placement):
     x = torch.randn(6, 3, 32, 32)
     fx = granq_ao.prepare_qat_fx(resnet20().train(), granq_ao.get_granq_qat_qconfig_mapping(
         scheme(act_placement=placement)), (x[:2],))
-    # FX also calls the pool's (shared) fake-quant on its 1x1 output: an exact no-op for GranQ
     assert granq_ao.count_activation_fake_quant_calls(fx) == {"paper": 19, "all": 34}[placement]
     pt2e = copy.deepcopy(prepared_resnet20[placement])
     move_exported_model_to_train(pt2e)
@@ -152,6 +155,29 @@ def test_matches_torch_ao_fx_bit_for_bit(prepared_resnet20, placement):
         fx.eval()
         move_exported_model_to_eval(pt2e)
         assert torch.equal(fx(x), pt2e(x))  # eval form: running statistics
+
+
+@pytest.mark.parametrize("options", [
+    dict(symmetric_acts=True, symmetric_weights=True),
+    dict(act_granularity="channel", weight_granularity="kernel"),
+    dict(act_granularity="tensor", weight_granularity="tensor"),
+    dict(act_granularity="granq_iterative", act_placement="paper"),
+], ids=["symmetric", "channel-kernel", "tensor", "iterative-paper"])
+def test_matches_torch_ao_fx_for_other_options(options):
+    """Other granularities and grids, on a net with a conv bias, a residual add and a pool whose
+    output FX quantizes with its input's fake-quant (not a no-op on symmetric or channel grids)."""
+    torch.manual_seed(0)
+    model, x = SmallNet(), torch.randn(5, 3, 16, 16)
+    options = scheme(weight_bits=3, act_bits=5, **options)
+    fx = granq_ao.prepare_qat_fx(copy.deepcopy(model).train(), granq_ao.get_granq_qat_qconfig_mapping(options),
+                                 (x[:2],))
+    pt2e = prepare_qat_pt2e(export_for_qat(copy.deepcopy(model), (x[:2],)), GranQQuantizer(options))
+    assert granq_ao.count_activation_fake_quant_calls(fx) == len(granq_fake_quant_calls(pt2e)["activation"])
+    with torch.no_grad():
+        assert torch.equal(fx(x), pt2e(x))
+        fx.eval()
+        move_exported_model_to_eval(pt2e)
+        assert torch.equal(fx(x), pt2e(x))
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -176,7 +202,7 @@ def test_convert_equals_qat_eval(converted):
     prepared, model = converted
     calls = granq_fake_quant_calls(prepared)
     n_calls = len(calls["activation"]) + len(calls["weight"])
-    assert n_calls == 9
+    assert n_calls == 10
     assert op_counts(model) == {name: n_calls for name in GRANQ_OPS}
     assert not fake_quant_modules(model)
     with torch.no_grad():

@@ -8,6 +8,8 @@
   block's output is quantized. ``add`` chains the same way into a ReLU (residual blocks).
 * ReLU outputs: :func:`granq_ao.relu.is_relu_call` on the ATen op (``relu``, ``relu_``,
   ``hardtanh(min_val=0)`` ...), the paper's activation points.
+* pooling: ``aten.max_pool*d``, ``avg_pool*d``, ``adaptive_avg_pool*d`` (ops whose output
+  torch.ao and torchao's x86 quantizer quantize with their input's quantizer).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch.fx import Node
 
 from granq_ao.relu import is_relu_call
 
-__all__ = ["WEIGHTED_OPS", "is_weighted", "is_relu_node", "is_residual_add", "chain_tail", "tensor_inputs",
+__all__ = ["WEIGHTED_OPS", "POOL_OPS", "is_weighted", "is_pool", "is_relu_node", "is_residual_add", "chain_tail", "tensor_inputs",
            "reaches_placeholder"]
 
 _aten = torch.ops.aten
@@ -30,6 +32,8 @@ _BATCH_NORMS = frozenset({
     _aten.batch_norm.default, _aten._native_batch_norm_legit_no_training.default,
 })
 _ADDS = frozenset({_aten.add.Tensor, _aten.add_.Tensor})
+POOL_OPS = frozenset(getattr(_aten, f"{kind}{dims}d").default for kind in ("max_pool", "avg_pool", "adaptive_avg_pool")
+                     for dims in (1, 2, 3))
 
 
 def _is_call(node: Node, targets) -> bool:
@@ -39,6 +43,11 @@ def _is_call(node: Node, targets) -> bool:
 def is_weighted(node: Node) -> bool:
     """A conv or linear call (its input is ``args[0]``, its weight ``args[1]``)."""
     return _is_call(node, WEIGHTED_OPS)
+
+
+def is_pool(node: Node) -> bool:
+    """A max/average pooling call with one tensor output (its input is ``args[0]``)."""
+    return _is_call(node, POOL_OPS)
 
 
 def is_relu_node(node: Node) -> bool:

@@ -11,15 +11,16 @@ What is annotated (``scheme = quantizer.scheme``; specs from :func:`.specs.granq
   (``w * gamma / sqrt(var + eps)`` fake-quantized, as torch.ao's ``ConvBn2d``);
 * activations (``scheme.activation``, GranQ per (sample, channel) by default), by ``scheme.placement``:
 
-  - ``"all"`` (what torchao's x86 quantizer and torch.ao FX quantize around these ops): the
-    input of every conv/linear, both inputs of every residual ``add``, and the output of every
-    chain ``conv/linear [-> bn] [-> relu]`` and ``add [-> relu]``. One value is fake-quantized
-    once (its output and input specs are equal: torchao shares one fake-quant).
+  - ``"all"`` (what torch.ao FX and torchao's x86 quantizer quantize around these ops): the
+    input of every conv/linear, both inputs of every residual ``add``, the output of every
+    chain ``conv/linear [-> bn] [-> relu]`` and ``add [-> relu]``, and the input and output of
+    max/average pooling (the output with the input's fake-quant, as torch.ao shares its
+    observer). One value is fake-quantized once (its output and input specs are equal:
+    torchao shares one fake-quant). ResNet-20: 34 calls, the FX path's.
   - ``"paper"``: only the outputs of ReLU/ReLU6 (19 in ResNet-20), as the paper's code does.
     The input image, BN outputs, residual sums and logits stay float.
 
-Transposed convolutions, pooling and reshapes are not annotated (pooling a GranQ-quantized
-value per (n, c) adds nothing: a pooled 1x1 channel has an empty range).
+Transposed convolutions and reshapes are not annotated.
 """
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ from typing import Any, Optional
 
 import torch
 from torch.fx import GraphModule, Node
-from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer, SharedQuantizationSpec
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
 from granq_ao.config import GranQScheme
 from granq_ao.granularity import PerTensor
 
-from .patterns import chain_tail, is_relu_node, is_residual_add, is_weighted, tensor_inputs
+from .patterns import chain_tail, is_pool, is_relu_node, is_residual_add, is_weighted, tensor_inputs
 from .specs import granq_spec
 
 __all__ = ["GranQQuantizer"]
@@ -86,6 +87,10 @@ class GranQQuantizer(Quantizer):
                 for value in tensor_inputs(node):
                     annotation.input_qspec_map[value] = self.activation_spec
                 _annotation(chain_tail(node)).output_qspec = self.activation_spec
+            elif not paper and is_pool(node):
+                annotation = _annotation(node)
+                annotation.input_qspec_map[node.args[0]] = self.activation_spec
+                annotation.output_qspec = SharedQuantizationSpec((node.args[0], node))
         return model
 
     def validate(self, model: GraphModule) -> None:
