@@ -95,6 +95,23 @@ def test_paper_placement_quantizes_relu_outputs_only(prepared_resnet20):
     assert sources == [torch.ops.aten.relu_.default] * 19
 
 
+def test_paper_placement_relu6_yes_leaky_relu_no():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            x = nn.functional.relu6(self.conv1(x))
+            x = nn.functional.leaky_relu(self.conv2(x), 0.1)
+            return torch.relu(self.conv3(x))
+
+    prepared = prepare(Block(), "paper", size=4)
+    nodes = {n.name: n for n in prepared.graph.nodes}
+    sources = [str(nodes[name].args[0].target) for name in granq_fake_quant_calls(prepared)["activation"]]
+    assert sources == ["aten.relu6.default", "aten.relu.default"]  # leaky_relu (signed) skipped
+
+
 def test_all_placement_quantizes_each_value_once(prepared_resnet20):
     prepared = prepared_resnet20["all"]
     modules = dict(prepared.named_modules(remove_duplicate=False))

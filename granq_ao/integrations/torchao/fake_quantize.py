@@ -43,14 +43,15 @@ class GranQPT2EFakeQuantize(FakeQuantizeBase):
         config: the :class:`~granq_ao.config.GranQConfig` (bits, granularity, axis, symmetric,
             fused, check_finite). Required.
         dtype, quant_min, quant_max, qscheme, is_dynamic: what torchao's prepare passes from the
-            ``QuantizationSpec``; ``quant_min``/``quant_max`` must be the config's grid.
+            ``QuantizationSpec``; ``quant_min``/``quant_max`` must be the config's grid. ``dtype``
+            defaults to the grid's (``torch.int8`` if ``config.symmetric`` else ``torch.uint8``).
 
     Attributes: ``config``, ``dtype``, ``qscheme``, ``quant_min``, ``quant_max``, ``fake_quant_on``,
     ``is_dynamic`` (False, as torchao means it: no torchao ``choose_qparams`` op is wanted; the
     ranges are nonetheless computed from each input).
     """
 
-    def __init__(self, config: Optional[GranQConfig] = None, dtype: torch.dtype = torch.uint8,
+    def __init__(self, config: Optional[GranQConfig] = None, dtype: Optional[torch.dtype] = None,
                  quant_min: Optional[int] = None, quant_max: Optional[int] = None,
                  qscheme: Optional[torch.qscheme] = None, is_dynamic: bool = False, **unused: Any) -> None:
         super().__init__()
@@ -60,7 +61,7 @@ class GranQPT2EFakeQuantize(FakeQuantizeBase):
             raise ValueError(f"quant_min/quant_max ({quant_min}, {quant_max}) do not match the config's grid "
                              f"[{config.quant_min}, {config.quant_max}] ({config})")
         self.config = config
-        self.dtype = dtype
+        self.dtype = dtype if dtype is not None else (torch.int8 if config.symmetric else torch.uint8)
         self.qscheme = qscheme
         self.quant_min, self.quant_max = config.quant_min, config.quant_max
         self.is_dynamic = False  # torchao's "dynamic" = its own choose_qparams ops; GranQ converts itself
