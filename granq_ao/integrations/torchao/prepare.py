@@ -42,10 +42,10 @@ def export_for_qat(model: torch.nn.Module, example_inputs: Tuple[Any, ...], dyna
     return torch.export.export(model.train(), example_inputs, dynamic_shapes=dynamic_shapes).module()
 
 
-def prepare_student(model: torch.nn.Module, scheme: Optional[GranQScheme] = None,
-                    example_inputs: Tuple[Any, ...] = (), freeze_bn: bool = True) -> GraphModule:
+def prepare_student(model: torch.nn.Module, scheme: Optional[GranQScheme], example_inputs: Tuple[Any, ...],
+                    freeze_bn: bool = True) -> GraphModule:
     """A GranQ QAT student ready to train: :func:`export_for_qat` (dynamic batch) then
-    ``prepare_qat_pt2e(exported, GranQQuantizer(scheme))``.
+    ``prepare_qat_pt2e(exported, GranQQuantizer(scheme))`` (``scheme=None``: ``GranQScheme()``).
 
     ``freeze_bn=True`` (the paper's student): the graph is moved to eval form with
     ``torchao.quantization.pt2e.move_exported_model_to_eval``: batch norms normalize with their
