@@ -20,8 +20,8 @@ from torch.fx import Node
 
 from granq_ao.relu import is_relu_call
 
-__all__ = ["WEIGHTED_OPS", "POOL_OPS", "is_weighted", "is_pool", "is_relu_node", "is_residual_add", "chain_tail", "tensor_inputs",
-           "reaches_placeholder"]
+__all__ = ["WEIGHTED_OPS", "POOL_OPS", "is_weighted", "is_pool", "is_relu_node", "is_residual_add", "chain_tail",
+           "tensor_inputs", "reaches_placeholder"]
 
 _aten = torch.ops.aten
 WEIGHTED_OPS = frozenset({
