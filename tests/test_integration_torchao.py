@@ -161,7 +161,7 @@ def test_matches_torch_ao_fx_bit_for_bit(prepared_resnet20, placement):
     """Same float model (resnet20(seed=0)), same options, same input: the torch.ao FX QAT model
     and the PT2E one give identical outputs in training and eval form (both fold conv-bn as
     torch.ao's ConvBn2d: w * gamma / sqrt(var + eps) fake-quantized, conv output divided back)."""
-    x = torch.randn(6, 3, 32, 32)
+    x = torch.randn(3, 3, 32, 32)
     fx = granq_ao.prepare_qat_fx(resnet20().train(), granq_ao.get_granq_qat_qconfig_mapping(
         scheme(act_placement=placement)), (x[:2],))
     assert granq_ao.count_activation_fake_quant_calls(fx) == {"paper": 19, "all": 34}[placement]
