@@ -2,7 +2,7 @@
 no integration imports another, nobody imports another package's private names, no cycles.
 
 Layers (docs/ARCHITECTURE.md):
-    core         granq_ao.{config, functional, granularity, relu, diagnostics, ops}
+    core         granq_ao.{config, functional, granularity, relu, diagnostics, ops, qdq_graph}
     integrations granq_ao.integrations.<toolchain>   (may import the core and itself)
     zsq          granq_ao.zsq                        (may import integrations and the core)
     front        granq_ao (its __init__)             re-exports; nothing inside the package imports it
@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "granq_ao"
 CORE = {"granq_ao.config", "granq_ao.functional", "granq_ao.granularity", "granq_ao.relu",
-        "granq_ao.diagnostics", "granq_ao.ops"}
+        "granq_ao.diagnostics", "granq_ao.ops", "granq_ao.qdq_graph"}
 
 
 def module_name(path: Path) -> str:

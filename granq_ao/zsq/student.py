@@ -34,7 +34,7 @@ __all__ = ["TOOLCHAINS", "build_student", "prepare_student", "freeze_student_bat
 
 # The integrations that can build a student (each needs its own toolchain installed; imported
 # only when asked for).
-TOOLCHAINS = ("torch_ao", "modelopt")
+TOOLCHAINS = ("torch_ao", "torchao", "modelopt")
 
 
 def freeze_student_batchnorm(student: nn.Module) -> nn.Module:
@@ -63,22 +63,40 @@ def prepare_student(teacher: nn.Module, scheme: GranQScheme, example_inputs) -> 
 
 def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, example_inputs) -> nn.Module:
     """The student of ``teacher`` for ``scheme``, built by the integration ``toolchain`` (one of
-    :data:`TOOLCHAINS`); the teacher is untouched."""
+    :data:`TOOLCHAINS`), with every parameter trainable (the teacher's are frozen); the teacher is
+    untouched."""
     check_choice(toolchain, TOOLCHAINS, "toolchain")
     if toolchain == "modelopt":
         from granq_ao.integrations import modelopt
 
-        return modelopt.prepare_student(teacher, scheme, example_inputs)
-    return prepare_student(teacher, scheme, example_inputs)
+        student = modelopt.prepare_student(teacher, scheme, example_inputs)
+    elif toolchain == "torchao":
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+        from granq_ao.integrations import torchao
+
+        # An exported graph refuses .train()/.eval(); the trainer calls them (evaluation puts
+        # models in eval mode): let them mean torchao's move_exported_model_to_train/eval.
+        # The student lives in eval form (BN statistics frozen), as the others.
+        student = allow_exported_model_train_eval(torchao.prepare_student(teacher, scheme, example_inputs))
+    else:
+        student = prepare_student(teacher, scheme, example_inputs)
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    return student
 
 
 def count_fake_quants(student: nn.Module, toolchain: str = "torch_ao") -> Dict[str, int]:
     """``{"weight": n, "activation": m}``: the GranQ fake-quants a student built by ``toolchain``
     runs: torch.ao, its ``GranQFakeQuantize`` modules (weight ones are ``weight_fake_quant``
-    inside QAT conv/linear modules); modelopt, its enabled quantizers on the GranQ backend
+    inside QAT conv/linear modules); torchao, the fake-quant calls of the PT2E graph; modelopt, its enabled quantizers on the GranQ backend
     (``*.weight_quantizer`` / ``*.input_quantizer``)."""
     check_choice(toolchain, TOOLCHAINS, "toolchain")
     counts = {"weight": 0, "activation": 0}
+    if toolchain == "torchao":
+        from granq_ao.integrations import torchao
+
+        return {kind: len(calls) for kind, calls in torchao.granq_fake_quant_calls(student).items()}
     if toolchain == "modelopt":
         from granq_ao.integrations import modelopt
 

@@ -42,8 +42,9 @@ from torch.ao.quantization.quantize_fx import convert_to_reference_fx as _torch_
 from torch.fx import GraphModule
 
 from granq_ao import functional as granq_functional
+from granq_ao.qdq_graph import op_granularity
 
-from .dynamic_qdq import bypass_node, fake_quant_on, granularity_args, insert_dynamic_quant_dequant
+from .dynamic_qdq import bypass_node, fake_quant_on, insert_dynamic_quant_dequant
 from .fake_quantize import GranQFakeQuantize
 
 __all__ = ["MODES", "convert_to_reference_fx", "insert_dynamic_quant_dequant", "bake_weight_module",
@@ -128,7 +129,7 @@ def bake_weight_module(qat_module: torch.nn.Module, fold_bn: bool = False) -> to
     layer = float_module[0] if relu else float_module
     layer.weight = torch.nn.Parameter(weight_q.detach().clone(), requires_grad=False)
     if isinstance(weight_fake_quant, GranQFakeQuantize) and fake_quant_on(weight_fake_quant):
-        name, axis = granularity_args(weight_fake_quant)
+        name, axis = op_granularity(weight_fake_quant.config)
         scale, zero_point = granq_functional.compute_qparams(*granq_functional.reduce_min_max(weight, name, axis),
                                               weight_fake_quant.bits, weight_fake_quant.symmetric)
         layer.register_buffer("weight_scale", scale)

@@ -9,6 +9,9 @@ computes in eval::
     x_hat = torch.ops.granq_ao.dequantize(x_q, scale, zero_point, x)          # x where s == 0
 
 Registered ops keep the graph picklable and re-traceable (``torch.save`` of the whole model).
+The node writing is :func:`granq_ao.qdq_graph.insert_dynamic_qdq` (shared with the torchao
+integration); this module adds what is torch.ao's: the module call it replaces, a disabled
+fake-quant removed.
 
 It is used by :func:`granq_ao.convert_to_reference_fx` and by the fake-quant's own ``convert``
 hook (torch.ao's decomposed converters call it). It reads the module's public attributes only
@@ -16,38 +19,20 @@ hook (torch.ao's decomposed converters call it). It reads the module's public at
 """
 from __future__ import annotations
 
-import operator
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch.fx import GraphModule, Node
 
-from granq_ao import ops  # noqa: F401  (registers torch.ops.granq_ao.*)
-from granq_ao.granularity import PerChannel, PerSampleChannel, PerTensor
+from granq_ao.qdq_graph import insert_dynamic_qdq
 
-__all__ = ["insert_dynamic_quant_dequant", "fake_quant_on", "granularity_args", "bypass_node"]
+__all__ = ["insert_dynamic_quant_dequant", "fake_quant_on", "bypass_node"]
 
 
 def fake_quant_on(fake_quant: torch.nn.Module) -> bool:
     """Whether the fake-quant quantizes in forward (the Python mirror its forward reads, else
     torch.ao's buffer)."""
     return bool(getattr(fake_quant, "fake_quant_on", fake_quant.fake_quant_enabled[0]))
-
-
-def granularity_args(fake_quant: torch.nn.Module) -> Tuple[str, int]:
-    """``(name, axis)`` for ``functional.reduce_min_max`` (plain literals: the graph stays
-    printable). ``granq_iterative`` is exported as ``granq``: the same ranges, vectorized."""
-    granularity = fake_quant.granularity
-    if isinstance(granularity, PerTensor):
-        return "tensor", fake_quant.ch_axis
-    if isinstance(granularity, PerChannel):
-        return "channel", granularity.axis
-    if isinstance(granularity, PerSampleChannel):
-        if granularity.batch_axis != 0:
-            raise NotImplementedError(
-                f"dynamic export supports batch_axis=0 only, got {granularity.batch_axis}")
-        return "granq", granularity.axis
-    raise TypeError(f"unknown granularity {granularity!r}")
 
 
 def bypass_node(graph: torch.fx.Graph, node: Node) -> Node:
@@ -61,7 +46,7 @@ def bypass_node(graph: torch.fx.Graph, node: Node) -> Node:
 def insert_dynamic_quant_dequant(model: GraphModule, node: Node,
                                  fake_quant: Optional[torch.nn.Module] = None) -> Node:
     """Replace the call ``node`` of a ``GranQFakeQuantize`` in ``model.graph`` by the dynamic
-    ``reduce_min_max -> compute_qparams -> quantize -> dequantize`` nodes (module docstring);
+    ``choose_qparams_dynamic -> quantize -> dequantize`` op calls (module docstring);
     return the node that now holds its value. A fake-quant with ``fake_quant_enabled`` off is
     removed (its input is returned). ``model.recompile()`` is left to the caller."""
     graph = model.graph
@@ -70,15 +55,7 @@ def insert_dynamic_quant_dequant(model: GraphModule, node: Node,
     x = node.args[0]
     if not fake_quant_on(fake_quant):
         return bypass_node(graph, node)
-    name, axis = granularity_args(fake_quant)
-    bits, symmetric = fake_quant.bits, fake_quant.symmetric
-    with graph.inserting_before(node):
-        qparams = graph.call_function(torch.ops.granq_ao.choose_qparams_dynamic.default,
-                                      (x, bits, name, axis, symmetric, bool(getattr(fake_quant, "check_finite", True))))
-        scale = graph.call_function(operator.getitem, (qparams, 0))
-        zero_point = graph.call_function(operator.getitem, (qparams, 1))
-        codes = graph.call_function(torch.ops.granq_ao.quantize.default, (x, scale, zero_point, bits, symmetric))
-        x_hat = graph.call_function(torch.ops.granq_ao.dequantize.default, (codes, scale, zero_point, x))
+    x_hat = insert_dynamic_qdq(graph, x, fake_quant.config, before=node)
     node.replace_all_uses_with(x_hat)
     graph.erase_node(node)
     return x_hat

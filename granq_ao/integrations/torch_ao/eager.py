@@ -56,9 +56,10 @@ from torch.fx import GraphModule
 import granq_ao.ops  # noqa: F401  (registers torch.ops.granq_ao)
 from granq_ao.diagnostics import module_label
 from granq_ao.functional import NonFiniteInputError
+from granq_ao.qdq_graph import op_granularity
 
 from .convert import bake_weight_module
-from .dynamic_qdq import fake_quant_on, granularity_args
+from .dynamic_qdq import fake_quant_on
 from .fake_quantize import GranQFakeQuantize
 from .observer import GranQObserver
 
@@ -87,7 +88,7 @@ class DynamicQuantDequant(torch.nn.Module):
 
     @classmethod
     def from_fake_quant(cls, fake_quant: GranQFakeQuantize) -> "DynamicQuantDequant":
-        name, axis = granularity_args(fake_quant)
+        name, axis = op_granularity(fake_quant.config)
         return cls(fake_quant.bits, name, axis, fake_quant.symmetric, fake_quant.check_finite)
 
     def qparams(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

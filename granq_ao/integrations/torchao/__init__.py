@@ -1,0 +1,34 @@
+"""GranQ for torchao (0.18): PT2E QAT and a ``quantize_`` config. ``pip install "granq-ao[torchao]"``.
+
+* :class:`GranQQuantizer`: a PT2E ``Quantizer`` (``prepare_qat_pt2e`` / ``prepare_pt2e``) that
+  puts GranQ fake-quants on conv/linear weights and activations (``all`` or ``paper`` placement);
+* :class:`GranQPT2EFakeQuantize`: the fake-quant it inserts; ``convert_pt2e`` turns each into
+  explicit dynamic ``torch.ops.granq_ao`` q/dq ops equal to the QAT model in eval;
+* :func:`export_for_qat` / :func:`prepare_student`: export with a dynamic batch (and prepare);
+* :class:`GranQQATConfig`: ``torchao.quantization.quantize_`` QAT for eager conv/linear models
+  (with ``filter_fn=is_conv_or_linear``);
+* :func:`granq_fake_quant_calls`: which fake-quants a prepared graph calls (weights/activations).
+
+The math is :mod:`granq_ao.functional`; the options are :class:`granq_ao.config.GranQScheme`.
+"""
+try:
+    import torchao as _torchao  # noqa: F401
+    from torchao.quantization.pt2e import FakeQuantizeBase as _FakeQuantizeBase  # noqa: F401
+except ImportError as _error:  # pragma: no cover - exercised only without torchao
+    raise ImportError(
+        f"granq_ao.integrations.torchao needs torchao 0.18 ({_error}). Install it with:  "
+        "pip install \"granq-ao[torchao]\"") from _error
+
+from .count import granq_fake_quant_calls
+from .fake_quantize import GranQPT2EFakeQuantize
+from .prepare import export_for_qat, prepare_student
+from .qat_config import (GranQQATConfig, GranQQATConv, GranQQATConv1d, GranQQATConv2d, GranQQATConv3d, GranQQATLinear,
+                         is_conv_or_linear)
+from .quantizer import GranQQuantizer
+from .specs import granq_spec
+
+__all__ = [
+    "GranQQuantizer", "GranQPT2EFakeQuantize", "granq_spec", "export_for_qat", "prepare_student",
+    "GranQQATConfig", "GranQQATConv", "GranQQATConv1d", "GranQQATConv2d", "GranQQATConv3d", "GranQQATLinear",
+     "is_conv_or_linear", "granq_fake_quant_calls",
+]

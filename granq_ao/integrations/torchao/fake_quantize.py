@@ -1,0 +1,111 @@
+"""GranQPT2EFakeQuantize: GranQ's dynamic fake-quantization as a torchao PT2E ``FakeQuantizeBase``.
+
+Output, for ``b`` bits and the ranges of the config's granularity reduced from ``x`` itself
+(GranQ: one range per (sample n, channel c), recomputed at train AND eval time)::
+
+    s = (x_max - x_min) / (2^b - 1),  z = round(-x_min / s)
+    x_out = (clamp(round(x / s + z), 0, 2^b - 1) - z) * s      if fake-quant is enabled
+    x_out = x                                                    otherwise
+
+Gradient: straight-through (``dx = dx_out``). The math is :func:`granq_ao.functional.fake_quantize_dynamic`.
+
+torchao's ``prepare_pt2e``/``prepare_qat_pt2e`` build it from a ``QuantizationSpec`` as
+``ctr.with_args(dtype=, quant_min=, quant_max=, qscheme=, is_dynamic=)()``; the GranQ options
+travel in ``with_args(config=GranQConfig(...))``, and the spec's grid must match the config's
+(checked here). GranQ keeps no statistics: there is no observer, and ``calculate_qparams``
+has nothing to give (the ranges belong to each input). ``convert_pt2e`` calls :meth:`convert`,
+which writes the dynamic ``granq_ao`` q/dq ops into the graph (:mod:`granq_ao.qdq_graph`).
+
+Bad input: NaN/inf raise :class:`~granq_ao.functional.NonFiniteInputError`, integer tensors
+``TypeError``, a bad rank ``ValueError``; each message names this module in the running model.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e import FakeQuantizeBase
+
+from granq_ao import functional as granq_functional
+from granq_ao.config import GranQConfig
+from granq_ao.diagnostics import module_label
+from granq_ao.functional import NonFiniteInputError
+from granq_ao.qdq_graph import insert_dynamic_qdq
+
+__all__ = ["GranQPT2EFakeQuantize"]
+
+
+class GranQPT2EFakeQuantize(FakeQuantizeBase):
+    r"""Dynamic GranQ fake-quant for torchao PT2E graphs (see the module docstring).
+
+    Args:
+        config: the :class:`~granq_ao.config.GranQConfig` (bits, granularity, axis, symmetric,
+            fused, check_finite). Required.
+        dtype, quant_min, quant_max, qscheme, is_dynamic: what torchao's prepare passes from the
+            ``QuantizationSpec``; ``quant_min``/``quant_max`` must be the config's grid. ``dtype``
+            defaults to the grid's (``torch.int8`` if ``config.symmetric`` else ``torch.uint8``).
+
+    Attributes: ``config``, ``dtype``, ``qscheme``, ``quant_min``, ``quant_max``, ``fake_quant_on``,
+    ``is_dynamic`` (False, as torchao means it: no torchao ``choose_qparams`` op is wanted; the
+    ranges are nonetheless computed from each input).
+    """
+
+    def __init__(self, config: Optional[GranQConfig] = None, dtype: Optional[torch.dtype] = None,
+                 quant_min: Optional[int] = None, quant_max: Optional[int] = None,
+                 qscheme: Optional[torch.qscheme] = None, is_dynamic: bool = False, **unused: Any) -> None:
+        super().__init__()
+        if not isinstance(config, GranQConfig):
+            raise TypeError(f"GranQPT2EFakeQuantize needs config=GranQConfig(...), got {config!r}")
+        if (quant_min, quant_max) not in ((None, None), (config.quant_min, config.quant_max)):
+            raise ValueError(f"quant_min/quant_max ({quant_min}, {quant_max}) do not match the config's grid "
+                             f"[{config.quant_min}, {config.quant_max}] ({config})")
+        self.config = config
+        self.dtype = dtype if dtype is not None else (torch.int8 if config.symmetric else torch.uint8)
+        self.qscheme = qscheme
+        self.quant_min, self.quant_max = config.quant_min, config.quant_max
+        self.is_dynamic = False  # torchao's "dynamic" = its own choose_qparams ops; GranQ converts itself
+        self._fake_quant_on = True  # Python mirror of the fake_quant_enabled buffer: no device read
+
+    @property
+    def fake_quant_on(self) -> bool:
+        """Whether ``forward`` quantizes (toggle with ``enable_fake_quant``/``disable_fake_quant``)."""
+        return self._fake_quant_on
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        super().enable_fake_quant(enabled)
+        self._fake_quant_on = bool(enabled)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._fake_quant_on = bool(self.fake_quant_enabled[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fake_quant_on:
+            return x
+        try:
+            return granq_functional.fake_quantize_dynamic(x, self.config)[0]
+        except NonFiniteInputError as error:
+            raise NonFiniteInputError(f"{module_label(self)}: {error}") from None
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{module_label(self)}: {error}") from None
+
+    def calculate_qparams(self, **kwargs):
+        raise NotImplementedError(
+            "GranQ has no stored qparams: each input gets its own per-(sample, channel) ranges. "
+            "convert_pt2e writes them as dynamic granq_ao ops (GranQPT2EFakeQuantize.convert).")
+
+    def convert(self, model: GraphModule, node: Node) -> None:
+        """torchao's conversion hook: replace this module's call ``node`` by the dynamic
+        ``choose_qparams_dynamic -> quantize -> dequantize`` ops (:mod:`granq_ao.qdq_graph`); a
+        disabled fake-quant is removed (its users read its input)."""
+        graph = model.graph
+        x = node.args[0]
+        value = insert_dynamic_qdq(graph, x, self.config, before=node) if self._fake_quant_on else x
+        node.replace_all_uses_with(value)
+        graph.erase_node(node)
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, fake_quant_enabled={self._fake_quant_on}"
