@@ -176,13 +176,24 @@ class GranQObserver(ObserverBase):
                 + ("per_tensor=True" if self.per_tensor else
                    f"channels={self.min_val.numel()}, channel_mismatch={self.channel_mismatch}"))
 
+    def __setstate__(self, state) -> None:
+        # torch.load gives tensors whose storage cannot be resized; the per-channel buffers are
+        # resized in place by the first batch (record_channel_ranges): give them their own storage.
+        super().__setstate__(state)
+        for name in ("min_val", "max_val"):
+            buffer = self._buffers.get(name)
+            if buffer is not None and not buffer.untyped_storage().resizable():
+                self._buffers[name] = buffer.clone()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
         # Per-channel buffers start empty: take the saved size before torch copies into them.
         for name in ("min_val", "max_val"):
             key = prefix + name
-            if key in state_dict:
-                getattr(self, name).resize_(state_dict[key].shape)
+            current = getattr(self, name)
+            if key in state_dict and current.shape != state_dict[key].shape:
+                # a new tensor, not resize_: a loaded buffer's storage may not be resizable
+                self._buffers[name] = current.new_empty(state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
