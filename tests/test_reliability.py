@@ -49,6 +49,52 @@ class Mixed(nn.Module):
         return self.fc(self.norm(y))
 
 
+# ----------------------------------------------------------------------------- 1. whole-model pickling
+def test_prepared_qat_model_pickles_and_loads_in_a_fresh_process(tmp_path):
+    """torch.save of a prepared model failed on torch.ao's local factory_kwargs function stored in
+    every module's qconfig. Loaded in a new interpreter, the model computes the same numbers,
+    trains on, and converts to the same reference model."""
+    torch.manual_seed(0)
+    qat = prepare(Mixed(), torch.randn(2, 3, 8, 8))
+    qat(torch.randn(4, 3, 8, 8))  # observers and BN statistics hold data
+    x = torch.randn(3, 3, 8, 8)
+    qat.eval()
+    expected = qat(x)
+    expected_ref = granq_ao.convert_to_reference_fx(qat)(x)
+    path = tmp_path / "qat.pt"
+    torch.save({"model": qat, "x": x, "expected": expected, "ref": expected_ref}, path)
+    out = run_fresh(
+        "import torch, granq_ao\n"
+        f"d = torch.load({str(path)!r}, weights_only=False)\n"
+        "m = d['model']\n"
+        "assert torch.equal(m(d['x']), d['expected'])\n"
+        "assert torch.equal(granq_ao.convert_to_reference_fx(m)(d['x']), d['ref'])\n"
+        "m.train(); m(d['x']).sum().backward()\n"
+        "assert m.conv.weight.grad is not None and m.conv.weight.grad.abs().sum() > 0\n"
+        "print('ok')\n")
+    assert out.strip() == "ok"
+
+
+def test_torch_prepare_with_granq_mapping_pickles_too():
+    """The mapping's constructors (GranQ's and the torch.ao ones it keeps) pickle, so torch's own
+    prepare_qat_fx with a GranQ mapping gives a picklable model as well."""
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx as torch_prepare_qat_fx
+    import io
+    import pickle
+
+    mapping = granq_ao.get_granq_qat_qconfig_mapping(4, 4, fused="eager")
+    qat = torch_prepare_qat_fx(Mixed().train(), mapping, (torch.randn(2, 3, 8, 8),))
+    for name, module in qat.named_modules():
+        if getattr(module, "qconfig", None) is not None:
+            pickle.dumps(module.qconfig)  # raised on the local factory_kwargs function
+    buffer = io.BytesIO()
+    torch.save(qat, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded.eval()(x), qat.eval()(x))
+
+
 def test_loaded_observer_records_its_first_batch():
     """A GranQObserver saved before any batch (empty per-channel buffers) and loaded by torch.load
     got buffers whose storage cannot be resized: its first batch raised "Trying to resize storage
@@ -66,3 +112,35 @@ def test_loaded_observer_records_its_first_batch():
     other(torch.randn(2, 5, 4, 4))
     observer.load_state_dict(other.state_dict())
     assert torch.equal(observer.max_val, other.max_val)
+
+
+def test_eager_prepared_model_pickles():
+    """Eager-mode prepare_qat stores the (now picklable) qconfig on every module as well."""
+    import io
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    model.qconfig = granq_ao.get_granq_qconfig(4, 4, fused="eager")
+    qat = torch.ao.quantization.prepare_qat(model.train())
+    buffer = io.BytesIO()
+    torch.save(qat, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(loaded(x), qat(x))
+
+
+def test_converting_a_loaded_torch_prepared_model_says_what_to_do():
+    """torch.ao keeps its prepare metadata in GraphModule.meta, which pickling drops: a model
+    prepared by torch's prepare_qat_fx and loaded again cannot be converted; say so."""
+    import io
+
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx as torch_prepare_qat_fx
+
+    mapping = granq_ao.get_granq_qat_qconfig_mapping(4, 4, fused="eager")
+    qat = torch_prepare_qat_fx(nn.Sequential(nn.Conv2d(3, 4, 3)).train(), mapping, (torch.randn(1, 3, 6, 6),))
+    buffer = io.BytesIO()
+    torch.save(qat, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with pytest.raises(ValueError, match="holds no prepare metadata.*granq_ao.prepare_qat_fx.*load_state_dict"):
+        granq_ao.convert_to_reference_fx(loaded.eval())

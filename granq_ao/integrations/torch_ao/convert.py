@@ -45,6 +45,7 @@ from granq_ao import functional as granq_functional
 
 from .dynamic_qdq import bypass_node, fake_quant_on, granularity_args, insert_dynamic_quant_dequant
 from .fake_quantize import GranQFakeQuantize
+from .prepare import META_KEY, OBSERVED_ATTRS
 
 __all__ = ["MODES", "convert_to_reference_fx", "insert_dynamic_quant_dequant", "bake_weight_module",
            "weight_codes"]
@@ -189,7 +190,16 @@ def convert_to_reference_fx(graph_module: GraphModule,
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(graph_module, GraphModule):
         raise TypeError(f"expected a GraphModule from prepare_qat_fx/prepare_fx, got {type(graph_module).__name__}")
+    observed_attrs = graph_module.meta.get(META_KEY, getattr(graph_module, OBSERVED_ATTRS, None))
     graph_module = copy.deepcopy(graph_module)
+    if META_KEY not in graph_module.meta:
+        if observed_attrs is None:
+            raise ValueError(
+                "this GraphModule holds no prepare metadata: it was not made by prepare_qat_fx, or it "
+                "was prepared by torch.ao's prepare_qat_fx and then saved whole and loaded (pickling "
+                "drops GraphModule.meta). Prepare with granq_ao.prepare_qat_fx (its models convert "
+                "after torch.save/torch.load), or prepare the float model again and load_state_dict().")
+        graph_module.meta[META_KEY] = copy.deepcopy(observed_attrs)  # torch.load drops meta
     modules = dict(graph_module.named_modules(remove_duplicate=False))
     for node in list(graph_module.graph.nodes):
         if node.op != "call_module":

@@ -46,7 +46,7 @@ from granq_ao.functional import NonFiniteInputError, fused_backend
 from granq_ao.granularity import Granularity, PerTensor
 
 from .dynamic_qdq import insert_dynamic_quant_dequant
-from .observer import GranQObserver, bits_from_quant_range
+from .observer import GranQObserver, bits_from_quant_range, picklable_with_args, picklable_with_callable_args
 
 
 class GranQFakeQuantize(FakeQuantizeBase):
@@ -80,6 +80,10 @@ class GranQFakeQuantize(FakeQuantizeBase):
         >>> fq = GranQFakeQuantize(config=GranQConfig.for_activation(3, "granq"))
         >>> y = fq(torch.randn(8, 16, 32, 32))
     """
+
+    # torch.ao's constructors, but picklable: a prepared model holds them (see PicklablePartial)
+    with_args = classmethod(picklable_with_args)
+    with_callable_args = classmethod(picklable_with_callable_args)
 
     def __init__(self, observer=GranQObserver, bits: Optional[int] = None,
                  granularity: Union[str, Granularity] = "granq", ch_axis: int = 1,

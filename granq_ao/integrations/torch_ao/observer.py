@@ -25,10 +25,74 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import copy
+import functools
+import pickle
+
 import torch
-from torch.ao.quantization.observer import ObserverBase
+from torch.ao.quantization.observer import ObserverBase, _PartialWrapper
 
 from granq_ao import functional as granq_functional
+
+
+class PicklablePartial(_PartialWrapper):
+    """torch.ao's ``with_args`` constructor (``_PartialWrapper``) that pickles.
+
+    torch.ao's prepare wraps every constructor of a qconfig that accepts ``factory_kwargs``
+    with ``with_callable_args(factory_kwargs=<local function>)`` and stores that qconfig on
+    each prepared module (``module.qconfig``) and in the graph's meta: a local function cannot
+    be pickled, so ``torch.save(prepared_model)`` failed ("Can't pickle local object
+    ...get_factory_kwargs_based_on_module_device"; torch.ao's own constructors do the same).
+    This wrapper pickles without the callable arguments that cannot be pickled. Only that
+    ``factory_kwargs`` callable is concerned, and GranQ's fake-quant and observer build their
+    buffers on the CPU whatever it says (FX moves them to the model's device), so a loaded
+    qconfig builds the same modules. ``copy``/``deepcopy`` keep every callable argument.
+    """
+
+    def with_args(self, **kwargs) -> "PicklablePartial":
+        return PicklablePartial(functools.partial(self, **kwargs))
+
+    def with_callable_args(self, **kwargs) -> "PicklablePartial":
+        result = PicklablePartial(self.p)
+        result.callable_args = {**self.callable_args, **kwargs}
+        return result
+
+    def __copy__(self) -> "PicklablePartial":
+        return self.with_callable_args()
+
+    def __deepcopy__(self, memo) -> "PicklablePartial":
+        result = PicklablePartial(copy.deepcopy(self.p, memo))
+        memo[id(self)] = result
+        result.callable_args = dict(self.callable_args)  # functions: copied by reference anyway
+        return result
+
+    def __reduce__(self):
+        return _rebuild_partial, (self.p, {name: value for name, value in self.callable_args.items()
+                                           if _picklable(value)})
+
+
+def _rebuild_partial(p, callable_args) -> PicklablePartial:
+    result = PicklablePartial(p)
+    result.callable_args = dict(callable_args)
+    return result
+
+
+def _picklable(value) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:  # pickle raises AttributeError, TypeError, PicklingError, ... by object
+        return False
+    return True
+
+
+def picklable_with_args(cls_or_self, **kwargs) -> PicklablePartial:
+    """``cls.with_args(**kwargs)`` for GranQ's torch.ao classes: a :class:`PicklablePartial`."""
+    return PicklablePartial(functools.partial(cls_or_self, **kwargs))
+
+
+def picklable_with_callable_args(cls_or_self, **kwargs) -> PicklablePartial:
+    """``cls.with_callable_args(**kwargs)`` for GranQ's torch.ao classes: a :class:`PicklablePartial`."""
+    return PicklablePartial(cls_or_self).with_callable_args(**kwargs)
 
 
 class GranQObserver(ObserverBase):
@@ -51,6 +115,9 @@ class GranQObserver(ObserverBase):
 
     min_val: torch.Tensor
     max_val: torch.Tensor
+
+    with_args = classmethod(picklable_with_args)
+    with_callable_args = classmethod(picklable_with_callable_args)
 
     def __init__(self, bits: int = 8, ch_axis: int = 1, symmetric: bool = False,
                  averaging_constant: float = 0.01, dtype: torch.dtype = torch.quint8,

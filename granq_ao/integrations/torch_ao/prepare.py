@@ -1,15 +1,27 @@
 """``granq_ao.prepare_qat_fx``: torch.ao's ``prepare_qat_fx`` (same signature) plus the
-activation placement that a :class:`~.qconfig.GranQQConfigMapping` asks for."""
+activation placement that a :class:`~.qconfig.GranQQConfigMapping` asks for.
+
+It also keeps the prepare metadata torch.ao's converter needs in a plain attribute
+(:data:`OBSERVED_ATTRS`), so that a prepared model saved whole (``torch.save``) and loaded
+again can still be converted by :func:`granq_ao.convert_to_reference_fx` (torch.ao keeps it in
+``GraphModule.meta``, which pickling drops).
+"""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.quantize_fx import prepare_qat_fx as _torch_prepare_qat_fx
 from torch.fx import GraphModule
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .placement import apply_paper_placement
+
+__all__ = ["prepare_qat_fx", "OBSERVED_ATTRS", "META_KEY"]
+
+META_KEY = "_observed_graph_module_attrs"  # where torch.ao's prepare leaves its metadata
+OBSERVED_ATTRS = "granq_observed_attrs"    # our copy of it, an attribute that pickling keeps
 
 
 def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping, Dict[str, Any]],
@@ -23,4 +35,8 @@ def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping
                                      backend_config=backend_config)
     if getattr(qconfig_mapping, "act_placement", "all") == "paper":
         apply_paper_placement(prepared)
+    # An attribute survives pickling; listed as preserved, it survives deepcopy too.
+    attrs = prepared.meta[META_KEY]
+    prepared.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[OBSERVED_ATTRS] = attrs
+    setattr(prepared, OBSERVED_ATTRS, attrs)
     return prepared

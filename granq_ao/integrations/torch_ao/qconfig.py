@@ -27,11 +27,12 @@ from typing import Union
 import torch
 from torch.ao.quantization import QConfig, QConfigMapping, get_default_qat_qconfig_mapping
 from torch.ao.quantization.fake_quantize import FixedQParamsFakeQuantize
-from torch.ao.quantization.observer import ReuseInputObserver
+from torch.ao.quantization.observer import ReuseInputObserver, _PartialWrapper
 
 from granq_ao.config import GranQScheme, check_choice
 
 from .fake_quantize import GranQFakeQuantize
+from .observer import PicklablePartial
 
 __all__ = ["GranQQConfigMapping", "PlacementWarning", "get_granq_qconfig", "get_granq_qat_qconfig_mapping"]
 
@@ -129,6 +130,23 @@ def _keeps_torch_activation(qconfig: QConfig) -> bool:
     return isinstance(target, type) and issubclass(target, (FixedQParamsFakeQuantize, ReuseInputObserver))
 
 
+def _picklable_qconfig(qconfig):
+    """``qconfig`` with torch.ao's ``with_args`` constructors rewrapped as :class:`PicklablePartial`
+    (same constructor and arguments): torch's prepare then stores picklable qconfigs on the
+    modules it prepares, so the prepared model can be saved whole (``torch.save``)."""
+    if qconfig is None:
+        return None
+
+    def rewrap(constructor):
+        if isinstance(constructor, _PartialWrapper) and not isinstance(constructor, PicklablePartial):
+            result = PicklablePartial(constructor.p)
+            result.callable_args = dict(constructor.callable_args)
+            return result
+        return constructor
+
+    return QConfig(activation=rewrap(qconfig.activation), weight=rewrap(qconfig.weight))
+
+
 def get_granq_qat_qconfig_mapping(weight_bits: Union[int, GranQScheme] = 4, act_bits: int = 4,
                                   act_granularity: str = "granq", weight_granularity: str = "channel",
                                   act_placement: str = "all", backend: str = "x86",
@@ -159,8 +177,8 @@ def get_granq_qat_qconfig_mapping(weight_bits: Union[int, GranQScheme] = 4, act_
         if object_type in transposed:
             mapping.set_object_type(object_type, transpose_qconfig)
         elif object_qconfig is None or _keeps_torch_activation(object_qconfig):
-            mapping.set_object_type(object_type, object_qconfig)
+            mapping.set_object_type(object_type, _picklable_qconfig(object_qconfig))
         else:  # LayerNorm, PReLU: torch.ao's special weight handling, GranQ activation
-            mapping.set_object_type(object_type, QConfig(activation=qconfig.activation,
-                                                         weight=object_qconfig.weight))
+            mapping.set_object_type(object_type, _picklable_qconfig(
+                QConfig(activation=qconfig.activation, weight=object_qconfig.weight)))
     return mapping
