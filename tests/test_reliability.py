@@ -144,3 +144,17 @@ def test_converting_a_loaded_torch_prepared_model_says_what_to_do():
     loaded = torch.load(buffer, weights_only=False)
     with pytest.raises(ValueError, match="holds no prepare metadata.*granq_ao.prepare_qat_fx.*load_state_dict"):
         granq_ao.convert_to_reference_fx(loaded.eval())
+
+
+def test_preparing_a_prepared_model_is_refused():
+    """torch.ao's prepare_qat_fx on a prepared model failed with a Proxy TypeError."""
+    example = (torch.randn(1, 3, 6, 6),)
+    qat = prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), example[0])
+    mapping = granq_ao.get_granq_qat_qconfig_mapping(4, 4)
+    with pytest.raises(ValueError, match="already prepared.*Pass the float model.*load_state_dict"):
+        granq_ao.prepare_qat_fx(qat, mapping, example)
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3))
+    eager.qconfig = granq_ao.get_granq_qconfig(4, 4)
+    eager = torch.ao.quantization.prepare_qat(eager.train())
+    with pytest.raises(ValueError, match="already prepared"):
+        granq_ao.prepare_qat_fx(eager, mapping, example)

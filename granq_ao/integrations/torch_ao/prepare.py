@@ -1,7 +1,8 @@
 """``granq_ao.prepare_qat_fx``: torch.ao's ``prepare_qat_fx`` (same signature) plus the
 activation placement that a :class:`~.qconfig.GranQQConfigMapping` asks for.
 
-It also keeps the prepare metadata torch.ao's converter needs in a plain attribute
+It also refuses a model that is already prepared (torch.ao's fails inside its tracer, or
+prepares twice) and keeps the prepare metadata torch.ao's converter needs in a plain attribute
 (:data:`OBSERVED_ATTRS`), so that a prepared model saved whole (``torch.save``) and loaded
 again can still be converted by :func:`granq_ao.convert_to_reference_fx` (torch.ao keeps it in
 ``GraphModule.meta``, which pickling drops).
@@ -12,16 +13,30 @@ from typing import Any, Dict, Tuple, Union
 
 import torch
 from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.quantize_fx import prepare_qat_fx as _torch_prepare_qat_fx
 from torch.fx import GraphModule
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .placement import apply_paper_placement
 
-__all__ = ["prepare_qat_fx", "OBSERVED_ATTRS", "META_KEY"]
+__all__ = ["prepare_qat_fx", "check_not_prepared", "OBSERVED_ATTRS", "META_KEY"]
 
 META_KEY = "_observed_graph_module_attrs"  # where torch.ao's prepare leaves its metadata
 OBSERVED_ATTRS = "granq_observed_attrs"    # our copy of it, an attribute that pickling keeps
+
+
+def check_not_prepared(model: torch.nn.Module) -> None:
+    """``ValueError`` if ``model`` already holds fake-quant or observer modules (it was prepared)."""
+    prepared = [name for name, module in model.named_modules()
+                if isinstance(module, (FakeQuantizeBase, ObserverBase))]
+    if prepared or META_KEY in getattr(model, "meta", {}) or hasattr(model, OBSERVED_ATTRS):
+        where = f" (e.g. {prepared[0]!r})" if prepared else ""
+        raise ValueError(
+            f"the model is already prepared for QAT: it holds fake-quant/observer modules{where}. "
+            "Pass the float model to prepare_qat_fx; to restore a trained QAT model, prepare the "
+            "float model again and load_state_dict() into it.")
 
 
 def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping, Dict[str, Any]],
@@ -29,7 +44,9 @@ def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping
                    backend_config=None) -> GraphModule:
     """Like ``torch.ao.quantization.quantize_fx.prepare_qat_fx``; with a mapping made by
     ``get_granq_qat_qconfig_mapping(act_placement="paper")`` it then keeps activation
-    fake-quants on ReLU/ReLU6 outputs only (``granq_ao.placement``)."""
+    fake-quants on ReLU/ReLU6 outputs only (``granq_ao.placement``). ``ValueError`` for a model
+    that is already prepared."""
+    check_not_prepared(model)
     prepared = _torch_prepare_qat_fx(model, qconfig_mapping, example_inputs,
                                      prepare_custom_config=prepare_custom_config,
                                      backend_config=backend_config)
