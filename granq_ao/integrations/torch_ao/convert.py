@@ -164,6 +164,18 @@ def weight_codes(module: torch.nn.Module) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the converter
+def _float_weight_in_qat(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has a weight and a qconfig that quantizes weights, but no weight
+    fake-quant: torch.ao has no QAT module for it (ConvTranspose1d/2d/3d, ...), so QAT computes
+    with the float weight, while torch's converter would swap in a reference module that
+    quantizes the weight with the qconfig's observer: a model that differs from QAT."""
+    qconfig = getattr(module, "qconfig", None)
+    if qconfig is None or getattr(qconfig, "weight", None) is None or hasattr(module, "weight_fake_quant"):
+        return False
+    layer = module[0] if isinstance(module, torch.ao.nn.intrinsic._FusedModule) else module
+    return isinstance(getattr(layer, "weight", None), torch.Tensor)
+
+
 def _set_module(model: torch.nn.Module, qualified_name: str, module: torch.nn.Module) -> None:
     parent_name, _, name = qualified_name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, name, module)
@@ -212,6 +224,8 @@ def convert_to_reference_fx(graph_module: GraphModule,
                 bypass_node(graph_module.graph, node)
         elif isinstance(getattr(module, "weight_fake_quant", None), GranQFakeQuantize):
             _set_module(graph_module, str(node.target), bake_weight_module(module, fold_bn=fold_bn))
+        elif _float_weight_in_qat(module):
+            module.qconfig = None  # QAT ran it with its float weight: so does the reference model
     graph_module.graph.lint()
     graph_module.recompile()
     return _torch_convert_to_reference_fx(graph_module, convert_custom_config=convert_custom_config,

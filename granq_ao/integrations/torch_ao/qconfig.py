@@ -157,8 +157,11 @@ def get_granq_qat_qconfig_mapping(weight_bits: Union[int, GranQScheme] = 4, act_
     ``weight_bits`` may be a :class:`~granq_ao.config.GranQScheme` (the other options but
     ``backend`` are then its own). Ops with fixed output ranges (sigmoid, tanh, softmax, ...) and
     ``reshape`` keep torch.ao's qconfigs. Transposed convolutions get per-tensor weight ranges
-    (their weight's output channels are on dim 1). ``act_placement="paper"``: see
-    :class:`GranQQConfigMapping`.
+    (their weight's output channels are on dim 1) for torch's static converter; torch.ao has no
+    QAT module for them, so their weights stay float in QAT and in
+    :func:`granq_ao.convert_to_reference_fx` (activations around them are quantized in both).
+    ``nn.Embedding``/``nn.EmbeddingBag`` are left float (qconfig None). ``act_placement="paper"``:
+    see :class:`GranQQConfigMapping`.
     """
     scheme = _scheme(weight_bits, act_bits=act_bits, act_granularity=act_granularity,
                      weight_granularity=weight_granularity, act_placement=act_placement,
@@ -173,6 +176,11 @@ def get_granq_qat_qconfig_mapping(weight_bits: Union[int, GranQScheme] = 4, act_
     transposed = {torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d,
                   torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
                   torch.nn.functional.conv_transpose3d}
+    for float_only in (torch.nn.Embedding, torch.nn.EmbeddingBag):
+        # torch.ao quantizes embeddings only weight-only with float qparams (its QAT embedding
+        # asserts that qscheme): GranQ leaves them float in QAT and convert; the next op's
+        # input fake-quant quantizes what they return.
+        mapping.set_object_type(float_only, None)
     for object_type, object_qconfig in torch_default.object_type_qconfigs.items():
         if object_type in transposed:
             mapping.set_object_type(object_type, transpose_qconfig)
