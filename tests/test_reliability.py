@@ -226,3 +226,18 @@ def test_every_module_kind_is_quantized_the_same_in_qat_and_convert(kind):
         key = f"{name}.weight"
         if isinstance(weight, torch.Tensor) and key in float_weights and name not in quantized:
             assert torch.equal(weight, float_weights[key]), f"{kind}: {name} quantized only in convert"
+
+
+# ----------------------------------------------------------------------------- 3. static convert needs observed ranges
+@pytest.mark.parametrize("act", ["granq", "tensor"])
+def test_static_convert_before_any_data_is_refused(act):
+    """Converting statically before the observers saw a batch succeeded, then failed at inference
+    ("length of scales must equal to channel") or, per tensor, returned wrong outputs."""
+    example = torch.randn(2, 3, 8, 8)
+    qat = prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), example, act_granularity=act).eval()
+    with pytest.raises(ValueError, match="has seen no data.*representative batches.*mode='dynamic'"):
+        granq_ao.convert_to_reference_fx(qat, mode="static")
+    granq_ao.convert_to_reference_fx(qat)  # dynamic mode needs no observed ranges
+    qat.train()(example)
+    ref = granq_ao.convert_to_reference_fx(qat.eval(), mode="static")
+    assert ref(example).shape == (2, 4, 6, 6)

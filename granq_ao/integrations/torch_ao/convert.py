@@ -45,6 +45,7 @@ from granq_ao import functional as granq_functional
 
 from .dynamic_qdq import bypass_node, fake_quant_on, granularity_args, insert_dynamic_quant_dequant
 from .fake_quantize import GranQFakeQuantize
+from .observer import GranQObserver
 from .prepare import META_KEY, OBSERVED_ATTRS
 
 __all__ = ["MODES", "convert_to_reference_fx", "insert_dynamic_quant_dequant", "bake_weight_module",
@@ -181,6 +182,22 @@ def _set_module(model: torch.nn.Module, qualified_name: str, module: torch.nn.Mo
     setattr(model.get_submodule(parent_name) if parent_name else model, name, module)
 
 
+def _check_observed(graph_module: GraphModule) -> None:
+    """``ValueError`` naming the first GranQ activation fake-quant whose observer has recorded
+    no batch: static qparams would be placeholders (scale 1, one channel), which fail at
+    inference or silently give wrong outputs."""
+    modules = dict(graph_module.named_modules(remove_duplicate=False))
+    for node in graph_module.graph.nodes:
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        observer = getattr(module, "activation_post_process", None)
+        if (isinstance(module, GranQFakeQuantize) and fake_quant_on(module)
+                and isinstance(observer, GranQObserver) and not observer.has_data):
+            raise ValueError(
+                f"mode='static' needs the observers' running ranges, but {node.target!r} has seen no "
+                "data: run the QAT model on representative batches first (with observers enabled, "
+                "e.g. a few batches in train mode), or convert with mode='dynamic' (ranges from each input).")
+
+
 def convert_to_reference_fx(graph_module: GraphModule,
                             convert_custom_config=None,
                             _remove_qconfig: bool = True,
@@ -203,6 +220,8 @@ def convert_to_reference_fx(graph_module: GraphModule,
     if not isinstance(graph_module, GraphModule):
         raise TypeError(f"expected a GraphModule from prepare_qat_fx/prepare_fx, got {type(graph_module).__name__}")
     observed_attrs = graph_module.meta.get(META_KEY, getattr(graph_module, OBSERVED_ATTRS, None))
+    if mode == "static":
+        _check_observed(graph_module)
     graph_module = copy.deepcopy(graph_module)
     if META_KEY not in graph_module.meta:
         if observed_attrs is None:

@@ -169,6 +169,11 @@ class GranQObserver(ObserverBase):
     def qscheme(self, value) -> None:  # ObserverBase/with_args may assign it; it is derived here
         pass
 
+    @property
+    def has_data(self) -> bool:
+        """Whether a (non-empty) batch was recorded: static qparams exist only then."""
+        return not bool(torch.isinf(self.min_val_tensor))
+
     # -- recording
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Record ``x``'s per-channel and per-tensor ranges; return ``x`` unchanged."""
