@@ -241,3 +241,70 @@ def test_static_convert_before_any_data_is_refused(act):
     qat.train()(example)
     ref = granq_ao.convert_to_reference_fx(qat.eval(), mode="static")
     assert ref(example).shape == (2, 4, 6, 6)
+
+
+# ----------------------------------------------------------------------------- 4. ranges that overflow, float64
+def reference_fake_quantize(x, bits: int, dims) -> "np.ndarray":
+    """The asymmetric formula in numpy float64 (an independent implementation), reduced over dims."""
+    import numpy as np
+
+    a = x.numpy().astype(np.float64)
+    lo, hi = a.min(axis=dims, keepdims=True), a.max(axis=dims, keepdims=True)
+    scale = (hi - lo) / (2**bits - 1)
+    safe = np.where(scale > 0, scale, 1.0)
+    zero_point = np.where(scale > 0, np.round(-lo / safe), 0.0)
+    codes = np.clip(np.round(a / safe + zero_point), 0, 2**bits - 1)
+    return np.where(scale > 0, (codes - zero_point) * safe, a)
+
+
+@pytest.mark.parametrize("fused", ["eager", "compiled"])
+@pytest.mark.parametrize("granularity", ["granq", "tensor"])
+def test_float32_range_that_overflows_is_refused(fused, granularity):
+    """Finite values near +-3e38 give max - min = inf: the output was all NaN, with no error even
+    with check_finite. It is refused now, with the range and the ways out."""
+    from granq_ao.functional import NonFiniteInputError
+
+    x = torch.tensor([3e38, -3e38, 1.0, 2.0]).reshape(1, 1, 4)
+    with pytest.raises(NonFiniteInputError, match=r"too wide.*overflows torch.float32.*Scale the input down"):
+        granq_ao.fake_quantize(x, 4, granularity, fused=fused)
+    with pytest.raises(NonFiniteInputError, match="overflows"):
+        torch.ops.granq_ao.choose_qparams_dynamic(x, 4, granularity, 1, False, True)
+    with pytest.raises(NonFiniteInputError, match=r"GranQFakeQuantize.*overflows"):
+        granq_ao.GranQFakeQuantize(bits=4, granularity=granularity, fused=fused)(x)
+    # the symmetric scale (max |x| / 7.5) does not overflow: quantized exactly as the formula says
+    out = granq_ao.fake_quantize(x, 4, granularity, symmetric=True, fused=fused)
+    scale = 3e38 / 7.5
+    expected = torch.clamp(torch.round(x.double() / scale), -8, 7) * scale
+    assert torch.isfinite(out).all() and torch.allclose(out.double(), expected, rtol=1e-6)
+    # NaN input keeps its own message
+    with pytest.raises(NonFiniteInputError, match="NaN or infinite"):
+        granq_ao.fake_quantize(torch.tensor([[[float("nan"), 1.0]]]), 4, granularity, fused=fused)
+
+
+@pytest.mark.parametrize("fused", ["eager", "compiled"])
+def test_float64_input_is_computed_in_float64(fused):
+    """float64 was computed in float32: 1e300 was reported as "NaN or infinite", 1e-50 became 0 and a
+    constant slice 0.1 came back as 0.10000000149. Now the ranges, qparams and output are float64
+    and equal the formula computed in float64."""
+    import numpy as np
+
+    x = torch.tensor([[[1e300, -2e300, 5e299, 0.0], [1e-50, 3e-50, -2e-50, 7e-51],
+                       [0.1, 0.1, 0.1, 0.1]]], dtype=torch.float64)
+    out, x_min, x_max = granq_ao.functional.fake_quantize_dynamic(x, 4, fused=fused)
+    assert out.dtype == x_min.dtype == torch.float64
+    assert np.array_equal(out.numpy(), reference_fake_quantize(x, 4, (2,)))
+    assert out[0, 2].tolist() == [0.1] * 4  # constant slice: passes through exactly
+    assert (out[0, 1] != 0).all()
+    # the dynamic reference ops agree
+    scale, zero_point = torch.ops.granq_ao.choose_qparams_dynamic(x, 4, "granq", 1, False, True)
+    codes = torch.ops.granq_ao.quantize(x, scale, zero_point, 4, False)
+    assert torch.equal(torch.ops.granq_ao.dequantize(codes, scale, zero_point, x), out)
+
+
+def test_prepared_model_runs_on_the_meta_device():
+    """The finiteness check read a flag from the device: on meta tensors "Tensor.item() cannot be
+    called on meta tensors". Meta tensors hold no values; shapes propagate."""
+    qat = prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(1, 3, 5, 5)).to("meta")
+    out = qat(torch.empty(2, 3, 5, 5, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 4, 3, 3)
+    assert granq_ao.fake_quantize(torch.empty(2, 3, 4, device="meta"), 4).shape == (2, 3, 4)
