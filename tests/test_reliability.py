@@ -301,6 +301,23 @@ def test_float64_input_is_computed_in_float64(fused):
     assert torch.equal(torch.ops.granq_ao.dequantize(codes, scale, zero_point, x), out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_prepared_model_moved_to_another_dtype_trains_and_converts(dtype):
+    """model.double() made the observers' buffers float64 and the next batch failed ("expected dtype
+    double for `end`"). Every float dtype now trains and converts (dynamic) to the same numbers;
+    the static export, whose torch ops take float32 only, says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 2))
+    qat = prepare(model, torch.randn(1, 3, 5, 5)).to(dtype)
+    x = torch.randn(2, 3, 5, 5, dtype=dtype)
+    qat(x).float().sum().backward()
+    qat(x)
+    qat.eval()
+    assert torch.equal(granq_ao.convert_to_reference_fx(qat)(x), qat(x))
+    with pytest.raises(ValueError, match=r"float32 only.*model.float\(\).*mode='dynamic'"):
+        granq_ao.convert_to_reference_fx(qat, mode="static")
+
+
 def test_prepared_model_runs_on_the_meta_device():
     """The finiteness check read a flag from the device: on meta tensors "Tensor.item() cannot be
     called on meta tensors". Meta tensors hold no values; shapes propagate."""

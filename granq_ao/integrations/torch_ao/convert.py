@@ -34,6 +34,7 @@ the QAT model computes them. See docs/CONVERSION.md.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -182,10 +183,17 @@ def _set_module(model: torch.nn.Module, qualified_name: str, module: torch.nn.Mo
     setattr(model.get_submodule(parent_name) if parent_name else model, name, module)
 
 
-def _check_observed(graph_module: GraphModule) -> None:
-    """``ValueError`` naming the first GranQ activation fake-quant whose observer has recorded
-    no batch: static qparams would be placeholders (scale 1, one channel), which fail at
+def _check_static(graph_module: GraphModule) -> None:
+    """``ValueError`` for a model that is not float32 (torch's static quantize ops take float32
+    only), or naming the first GranQ activation fake-quant whose observer has recorded no batch: static qparams would be placeholders (scale 1, one channel), which fail at
     inference or silently give wrong outputs."""
+    dtypes = {t.dtype for t in itertools.chain(graph_module.parameters(), graph_module.buffers())
+              if t.is_floating_point()} - {torch.float32}
+    if dtypes:
+        raise ValueError(
+            f"mode='static' emits torch.quantize_per_channel/per_tensor, which take float32 only, but the "
+            f"model holds {', '.join(sorted(map(str, dtypes)))} tensors: convert model.float() first, "
+            "or use mode='dynamic' (any float dtype).")
     modules = dict(graph_module.named_modules(remove_duplicate=False))
     for node in graph_module.graph.nodes:
         module = modules.get(str(node.target)) if node.op == "call_module" else None
@@ -221,7 +229,7 @@ def convert_to_reference_fx(graph_module: GraphModule,
         raise TypeError(f"expected a GraphModule from prepare_qat_fx/prepare_fx, got {type(graph_module).__name__}")
     observed_attrs = graph_module.meta.get(META_KEY, getattr(graph_module, OBSERVED_ATTRS, None))
     if mode == "static":
-        _check_observed(graph_module)
+        _check_static(graph_module)
     graph_module = copy.deepcopy(graph_module)
     if META_KEY not in graph_module.meta:
         if observed_attrs is None:

@@ -180,7 +180,7 @@ class GranQObserver(ObserverBase):
         if x.numel() == 0:
             return x
         if self.per_tensor or x.dim() < 2:
-            self._record_tensor(x.detach().amin().float(), x.detach().amax().float())
+            self._record_tensor(x.detach().amin(), x.detach().amax())
             if not self.per_tensor:
                 self._channel_mismatch.fill_(True)
             return x
@@ -194,14 +194,15 @@ class GranQObserver(ObserverBase):
         channel on ``ch_axis``; any shape when ``per_tensor``): reduced further to per channel,
         without touching the input."""
         if self.per_tensor:
-            self._record_tensor(x_min.amin().float(), x_max.amax().float())
+            self._record_tensor(x_min.amin(), x_max.amax())
             return
         dims = [d for d in range(x_min.dim()) if d != self.ch_axis % x_min.dim()]
         self.record_channel_ranges(x_min.amin(dim=dims).flatten(), x_max.amax(dim=dims).flatten())
 
     @torch.no_grad()
     def record_channel_ranges(self, channel_min: torch.Tensor, channel_max: torch.Tensor) -> None:
-        channel_min, channel_max = channel_min.float(), channel_max.float()
+        # in the buffers' dtype: float32, or whatever model.double()/.half()/.bfloat16() made them
+        channel_min, channel_max = channel_min.to(self.min_val.dtype), channel_max.to(self.max_val.dtype)
         self._record_tensor(channel_min.min(), channel_max.max())
         if self.min_val.numel() == 0:
             self.min_val.resize_(channel_min.shape).copy_(channel_min)
@@ -215,6 +216,8 @@ class GranQObserver(ObserverBase):
     def _record_tensor(self, tensor_min: torch.Tensor, tensor_max: torch.Tensor) -> None:
         # Branch-free (no host sync on GPU): the first batch (running range still +-inf) is taken
         # as is, later ones are averaged in (lerp of an infinite start is NaN; where() drops it).
+        tensor_min = tensor_min.to(self.min_val_tensor.dtype)
+        tensor_max = tensor_max.to(self.max_val_tensor.dtype)
         first = torch.isinf(self.min_val_tensor)
         a = self.averaging_constant
         self.min_val_tensor.copy_(torch.where(first, tensor_min, self.min_val_tensor.lerp(tensor_min, a)))
