@@ -325,3 +325,27 @@ def test_prepared_model_runs_on_the_meta_device():
     out = qat(torch.empty(2, 3, 5, 5, device="meta"))
     assert out.device.type == "meta" and out.shape == (2, 4, 3, 3)
     assert granq_ao.fake_quantize(torch.empty(2, 3, 4, device="meta"), 4).shape == (2, 3, 4)
+
+
+# ----------------------------------------------------------------------------- 5. also seen
+@pytest.mark.parametrize("other", [dict(weight_bits=8, act_bits=8), dict(symmetric_acts=True),
+                                   dict(act_granularity="tensor"), dict(weight_granularity="kernel")])
+def test_state_dict_from_other_quantization_settings_is_refused(other):
+    """A 4-bit state_dict loaded silently into a model prepared with 8 bits (or symmetric): the
+    settings that shape the numbers travel with the state_dict and are compared on load."""
+    def build(**kwargs):
+        torch.manual_seed(0)
+        return prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(1, 3, 5, 5), **kwargs)
+
+    trained = build(weight_bits=4, act_bits=4)
+    trained(torch.randn(2, 3, 5, 5))
+    state = trained.state_dict()
+    same = build(weight_bits=4, act_bits=4)
+    same.load_state_dict(state)
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(same.eval()(x), trained.eval()(x))
+    with pytest.raises(RuntimeError, match=r"saved from a 4-bit asymmetric .* this one is .*Prepare the model "
+                                           r"with the settings it was trained with"):
+        build(**{"weight_bits": 4, "act_bits": 4, **other}).load_state_dict(state)
+    # a state_dict saved before the settings were saved still loads
+    build(weight_bits=4, act_bits=4).load_state_dict({k: v for k, v in state.items() if "_extra_state" not in k})
