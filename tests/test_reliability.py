@@ -4,6 +4,7 @@ guarantees."""
 from __future__ import annotations
 
 import os
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -349,3 +350,27 @@ def test_state_dict_from_other_quantization_settings_is_refused(other):
         build(**{"weight_bits": 4, "act_bits": 4, **other}).load_state_dict(state)
     # a state_dict saved before the settings were saved still loads
     build(weight_bits=4, act_bits=4).load_state_dict({k: v for k, v in state.items() if "_extra_state" not in k})
+
+
+def test_paper_placement_on_a_model_without_relu_warns():
+    """act_placement="paper" on a model with no ReLU left zero activation quantizers silently."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Conv2d(4, 4, 1))
+    with pytest.warns(granq_ao.PlacementWarning, match="left no activation fake-quant.*ReLU.*has none.*act_placement='all'"):
+        qat = prepare(model, torch.randn(1, 3, 6, 6), act_placement="paper")
+    assert granq_ao.count_activation_fake_quant_calls(qat) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", granq_ao.PlacementWarning)
+        qat = prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(1, 3, 6, 6), act_placement="paper")
+    assert granq_ao.count_activation_fake_quant_calls(qat) == 1
+
+
+# ----------------------------------------------------------------------------- NVIDIA pytorch-quantization adapter
+def test_nvidia_after_relu_placement_without_relu_warns():
+    gq = pytest.importorskip("granq_ao.integrations.pytorch_quantization")
+    from pytorch_quantization import nn as quant_nn
+
+    model = nn.Sequential(quant_nn.QuantConv2d(3, 4, 3), nn.Sigmoid(), quant_nn.QuantConv2d(4, 4, 1))
+    with pytest.warns(UserWarning, match="no quant module fed by a ReLU.*only_after_relu=False"):
+        replaced = gq.replace_input_quantizers(model, gq.GranQDescriptor(num_bits=4), only_after_relu=True,
+                                               example_inputs=torch.randn(1, 3, 6, 6))
+    assert replaced == []

@@ -16,6 +16,7 @@ module-order heuristics, sees residual adds and functional ReLUs.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -131,6 +132,11 @@ def replace_input_quantizers(model: torch.nn.Module, quant_desc: Any = None, *,
         if example_inputs is None:
             raise ValueError("only_after_relu=True needs example_inputs to follow the data flow")
         selected = set(find_relu_fed_modules(model, example_inputs, candidates))
+        if candidates and not selected:
+            warnings.warn(
+                "only_after_relu=True found no quant module fed by a ReLU/ReLU6 output: no input "
+                "quantizer was replaced (the paper placement quantizes ReLU outputs only). Use "
+                "only_after_relu=False to quantize every quant module's input.", UserWarning, stacklevel=2)
     else:
         selected = set(candidates)
     replaced = []

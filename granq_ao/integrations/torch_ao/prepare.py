@@ -9,6 +9,7 @@ again can still be converted by :func:`granq_ao.convert_to_reference_fx` (torch.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Tuple, Union
 
 import torch
@@ -19,7 +20,8 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx as _torch_prepare_q
 from torch.fx import GraphModule
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .placement import apply_paper_placement
+from .placement import apply_paper_placement, count_activation_fake_quant_calls
+from .qconfig import PlacementWarning
 
 __all__ = ["prepare_qat_fx", "check_not_prepared", "OBSERVED_ATTRS", "META_KEY"]
 
@@ -44,7 +46,8 @@ def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping
                    backend_config=None) -> GraphModule:
     """Like ``torch.ao.quantization.quantize_fx.prepare_qat_fx``; with a mapping made by
     ``get_granq_qat_qconfig_mapping(act_placement="paper")`` it then keeps activation
-    fake-quants on ReLU/ReLU6 outputs only (``granq_ao.placement``). ``ValueError`` for a model
+    fake-quants on ReLU/ReLU6 outputs only (``granq_ao.placement``), and warns
+    (:class:`~.qconfig.PlacementWarning`) if that leaves none. ``ValueError`` for a model
     that is already prepared."""
     check_not_prepared(model)
     prepared = _torch_prepare_qat_fx(model, qconfig_mapping, example_inputs,
@@ -52,6 +55,11 @@ def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping
                                      backend_config=backend_config)
     if getattr(qconfig_mapping, "act_placement", "all") == "paper":
         apply_paper_placement(prepared)
+        if count_activation_fake_quant_calls(prepared) == 0:
+            warnings.warn(
+                "act_placement='paper' left no activation fake-quant: the paper placement quantizes "
+                "ReLU/ReLU6 outputs only and this model has none, so its activations stay float. Use "
+                "act_placement='all' to quantize them.", PlacementWarning, stacklevel=2)
     # An attribute survives pickling; listed as preserved, it survives deepcopy too.
     attrs = prepared.meta[META_KEY]
     prepared.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[OBSERVED_ATTRS] = attrs
