@@ -374,3 +374,57 @@ def test_nvidia_after_relu_placement_without_relu_warns():
         replaced = gq.replace_input_quantizers(model, gq.GranQDescriptor(num_bits=4), only_after_relu=True,
                                                example_inputs=torch.randn(1, 3, 6, 6))
     assert replaced == []
+
+
+def nvidia_calibrate(model, batches):
+    """pytorch-quantization's documented calibration: collect_stats then compute_amax."""
+    from pytorch_quantization import calib
+    from pytorch_quantization import nn as quant_nn
+
+    quantizers = [m for m in model.modules() if isinstance(m, quant_nn.TensorQuantizer)]
+    for module in quantizers:
+        if module._calibrator is not None:
+            module.disable_quant()
+            module.enable_calib()
+        else:
+            module.disable()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for module in quantizers:
+        if module._calibrator is not None:
+            module.enable_quant()
+            module.disable_calib()
+        else:
+            module.enable()
+    for module in quantizers:
+        if module._calibrator is not None:
+            if isinstance(module._calibrator, calib.MaxCalibrator):
+                module.load_calib_amax()
+            else:
+                module.load_calib_amax("percentile", percentile=99.99)
+
+
+def test_nvidia_compute_amax_after_disable_others():
+    """After quant_modules.initialize() and replace_input_quantizers(..., disable_others=True) the
+    usual compute_amax step died with "Calibrator returned None" on the disabled quantizers."""
+    gq = pytest.importorskip("granq_ao.integrations.pytorch_quantization")
+    from pytorch_quantization import quant_modules
+
+    torch.manual_seed(0)
+    quant_modules.initialize()
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(16, 2))
+    finally:
+        quant_modules.deactivate()
+    replaced = gq.replace_input_quantizers(model, gq.GranQDescriptor(num_bits=4, fused=False), only_after_relu=True,
+                                           example_inputs=torch.randn(1, 3, 6, 6), disable_others=True)
+    assert replaced == ["2"]
+    nvidia_calibrate(model, [torch.randn(4, 3, 6, 6)])
+    for name in ("0", "4"):  # disabled: float, no amax, still disabled
+        quantizer = getattr(model, name)._input_quantizer
+        assert isinstance(quantizer, gq.DisabledTensorQuantizer) and quantizer._disabled
+        assert "_amax" not in quantizer._buffers
+        assert getattr(model, name)._weight_quantizer.amax is not None  # weights calibrated as usual
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(model[0]._input_quantizer(x), x)
