@@ -428,3 +428,36 @@ def test_nvidia_compute_amax_after_disable_others():
         assert getattr(model, name)._weight_quantizer.amax is not None  # weights calibrated as usual
     x = torch.randn(2, 3, 6, 6)
     assert torch.equal(model[0]._input_quantizer(x), x)
+
+
+def test_nvidia_set_default_quant_desc_with_granq_descriptor_names_the_fix():
+    """QuantConv2d.set_default_quant_desc_input(GranQDescriptor(...)) failed with pytorch-quantization's
+    "{} is not an instance of QuantDescriptor!"; NVIDIA's quant modules cannot hold GranQ
+    quantizers, so the error now names the GranQ module and helpers to use."""
+    gq = pytest.importorskip("granq_ao.integrations.pytorch_quantization")
+    from pytorch_quantization import nn as quant_nn
+    from pytorch_quantization.tensor_quant import QuantDescriptor
+
+    with pytest.raises(TypeError, match=r"QuantConv2d.*GranQConv2d.set_default_quant_desc_input.*replace_input"):
+        quant_nn.QuantConv2d.set_default_quant_desc_input(gq.GranQDescriptor(num_bits=4))
+    with pytest.raises(TypeError, match=r"GranQMaxPool2d.set_default_quant_desc_input"):
+        quant_nn.QuantMaxPool2d.set_default_quant_desc_input(gq.GranQDescriptor(num_bits=4))
+    with pytest.raises(TypeError, match=r"GranQLinear.set_default_quant_desc_weight"):
+        quant_nn.QuantLinear.set_default_quant_desc_weight(gq.GranQDescriptor(num_bits=4))
+    before = quant_nn.QuantConv2d.default_quant_desc_input
+    try:  # NVIDIA's own descriptors work as before, and the GranQ modules take GranQ's
+        quant_nn.QuantConv2d.set_default_quant_desc_input(QuantDescriptor(num_bits=6))
+        assert quant_nn.QuantConv2d(3, 4, 3)._input_quantizer.num_bits == 6
+        with pytest.raises(ValueError, match="not an instance of QuantDescriptor"):
+            quant_nn.QuantConv2d.set_default_quant_desc_input("8 bits")
+    finally:
+        quant_nn.QuantConv2d.default_quant_desc_input = before
+    saved = gq.GranQConv2d.__dict__.get("default_quant_desc_input")
+    try:
+        gq.GranQConv2d.set_default_quant_desc_input(gq.GranQDescriptor(num_bits=3, fused=False))
+        assert gq.GranQConv2d(3, 4, 3)._input_quantizer.num_bits == 3
+    finally:
+        if saved is None:
+            del gq.GranQConv2d.default_quant_desc_input
+        else:
+            gq.GranQConv2d.default_quant_desc_input = saved
