@@ -461,3 +461,27 @@ def test_nvidia_set_default_quant_desc_with_granq_descriptor_names_the_fix():
             del gq.GranQConv2d.default_quant_desc_input
         else:
             gq.GranQConv2d.default_quant_desc_input = saved
+
+
+class ExportsDifferently(nn.Module):
+    """Adds 0.01 only in the exported graph: a stand-in for a backend that rounds differently."""
+
+    def forward(self, x):
+        return x + 0.01 if torch.onnx.is_in_onnx_export() else x
+
+
+def test_nvidia_onnx_export_warns_when_onnxruntime_differs_from_pytorch():
+    """An export mixing NVIDIA's 8-bit quantizers with GranQ differed from PyTorch by 0.157 with no
+    warning. export_onnx now runs the graph in onnxruntime on the example inputs and warns with the
+    difference and its cause; a faithful export stays silent."""
+    gq = pytest.importorskip("granq_ao.integrations.pytorch_quantization")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    with gq.granq_quant_modules(gq.GranQDescriptor(num_bits=4, fused=False)):
+        conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gq.OnnxMismatchWarning)
+        gq.export_onnx(conv, x)
+    with pytest.warns(gq.OnnxMismatchWarning, match=r"differs from PyTorch's by up to 0.01.*not bit-exact"):
+        gq.export_onnx(nn.Sequential(conv, ExportsDifferently()), x)

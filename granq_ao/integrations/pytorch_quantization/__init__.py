@@ -41,7 +41,7 @@ from ._modules import (
     granq_quant_modules,
     initialize,
 )
-from ._onnx import baked_weight_quantizers, export_onnx
+from ._onnx import OnnxMismatchWarning, baked_weight_quantizers, export_onnx
 from ._placement import (
     DisabledTensorQuantizer,
     find_relu_fed_modules,
@@ -57,4 +57,5 @@ __all__ = [
     "GRANQ_MODULES", "DEFAULT_PATCHED_MODULES", "initialize", "deactivate", "granq_quant_modules",
     "replace_input_quantizers", "find_relu_fed_modules", "quant_modules_with_input_quantizer",
     "load_quant_state_dict", "export_onnx", "baked_weight_quantizers", "DisabledTensorQuantizer",
+    "OnnxMismatchWarning",
 ]
