@@ -485,3 +485,22 @@ def test_nvidia_onnx_export_warns_when_onnxruntime_differs_from_pytorch():
         gq.export_onnx(conv, x)
     with pytest.warns(gq.OnnxMismatchWarning, match=r"differs from PyTorch's by up to 0.01.*not bit-exact"):
         gq.export_onnx(nn.Sequential(conv, ExportsDifferently()), x)
+
+
+# ----------------------------------------------------------------------------- documented guarantees
+def test_sample_output_does_not_depend_on_other_samples_at_a_fixed_batch_size():
+    """What README promises: at a given batch size, replacing the other samples of the batch leaves a
+    sample's output bit for bit unchanged (GranQ ranges are per sample). Across batch sizes it is not
+    promised: PyTorch may sum in another order at another batch size, and a low-bit step amplifies a
+    one-ulp difference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    qat = prepare(model, torch.randn(2, 3, 12, 12), act_placement="paper")
+    qat(torch.randn(8, 3, 12, 12))
+    qat.eval()
+    sample = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        first = qat(torch.cat([sample, torch.randn(3, 3, 12, 12)]))[0]
+        second = qat(torch.cat([sample, torch.randn(3, 3, 12, 12) * 10]))[0]
+    assert torch.equal(first, second)
