@@ -346,15 +346,20 @@ def fused_backend(fused: Any = "auto") -> str:
     return fused
 
 
+def _on_meta(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args)
+
+
 def _run(fn, fused: str, *args):
     """Run ``fn(*args)`` eagerly or compiled (same Python function, same numbers); ``fused`` is
     already normalized (one of ``FUSED_MODES``)."""
     global _auto_backend
     if fused == "auto":
         fused = _env_fused()
-    if fused == "eager" or torch.compiler.is_compiling() or _tracing():
+    if fused == "eager" or torch.compiler.is_compiling() or _tracing() or _on_meta(args):
         # Inside a user's torch.compile region the eager ops are traced and fused anyway; an
-        # exporting tracer records the eager ops (compiling under it fails).
+        # exporting tracer records the eager ops (compiling under it fails); meta tensors hold
+        # no values (inductor cannot compile for them).
         return fn(*args)
     if fused == "compiled":
         return _get_compiled(fn, args)(*args)

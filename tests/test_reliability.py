@@ -504,3 +504,16 @@ def test_sample_output_does_not_depend_on_other_samples_at_a_fixed_batch_size():
         first = qat(torch.cat([sample, torch.randn(3, 3, 12, 12)]))[0]
         second = qat(torch.cat([sample, torch.randn(3, 3, 12, 12) * 10]))[0]
     assert torch.equal(first, second)
+
+
+def test_meta_tensors_do_not_switch_the_auto_path_to_eager(monkeypatch):
+    """torch.compile cannot compile for meta tensors; the auto path used to take that failure as
+    "compiling is not usable here" and fell back to eager for the whole process, with a warning."""
+    from granq_ao import functional
+
+    monkeypatch.setattr(functional, "_auto_backend", None)
+    monkeypatch.delenv("GRANQ_FUSED", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        granq_ao.fake_quantize(torch.empty(2, 3, 4, device="meta"), 4, fused="auto")
+    assert functional.fused_backend("auto") != "eager"
