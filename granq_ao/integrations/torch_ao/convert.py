@@ -185,8 +185,9 @@ def _set_module(model: torch.nn.Module, qualified_name: str, module: torch.nn.Mo
 
 def _check_static(graph_module: GraphModule) -> None:
     """``ValueError`` for a model that is not float32 (torch's static quantize ops take float32
-    only), or naming the first GranQ activation fake-quant whose observer has recorded no batch: static qparams would be placeholders (scale 1, one channel), which fail at
-    inference or silently give wrong outputs."""
+    only), or naming the first GranQ activation fake-quant whose observer has recorded no batch:
+    static qparams would be placeholders (scale 1, one channel), which fail at inference or
+    silently give wrong outputs."""
     dtypes = {t.dtype for t in itertools.chain(graph_module.parameters(), graph_module.buffers())
               if t.is_floating_point()} - {torch.float32}
     if dtypes:

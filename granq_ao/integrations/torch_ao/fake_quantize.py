@@ -28,6 +28,11 @@ Bad input: integer tensors raise ``TypeError``; NaN/inf raise
 each message names this module (its qualified name in the model that called it). An empty
 tensor is returned as is; constant slices pass through exactly (see ``granq_ao.functional``).
 
+State: the enable flags, the observer's running ranges, and (as extra state) the settings that
+shape the numbers: ``[bits, symmetric, granularity, axis, quant_min, quant_max]``.
+``load_state_dict`` reports a fake-quant whose saved settings differ from its own (a 4-bit
+checkpoint into an 8-bit model); state_dicts saved without them load as before.
+
 Attributes read by torch.ao FX: ``activation_post_process``, ``dtype``, ``qscheme``,
 ``ch_axis``, ``is_dynamic`` (False: torch.ao's "dynamic" means something else),
 ``quant_min``, ``quant_max``, ``eps`` (on the observer).

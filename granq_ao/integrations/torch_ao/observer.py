@@ -23,11 +23,10 @@ then per-tensor (``qscheme`` becomes ``per_tensor_affine``), which is valid for 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import copy
 import functools
 import pickle
+from typing import Optional, Tuple
 
 import torch
 from torch.ao.quantization.observer import ObserverBase, _PartialWrapper
