@@ -4,11 +4,12 @@ guarantees."""
 from __future__ import annotations
 
 import os
-import warnings
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -245,10 +246,8 @@ def test_static_convert_before_any_data_is_refused(act):
 
 
 # ----------------------------------------------------------------------------- 4. ranges that overflow, float64
-def reference_fake_quantize(x, bits: int, dims) -> "np.ndarray":
+def reference_fake_quantize(x, bits: int, dims) -> np.ndarray:
     """The asymmetric formula in numpy float64 (an independent implementation), reduced over dims."""
-    import numpy as np
-
     a = x.numpy().astype(np.float64)
     lo, hi = a.min(axis=dims, keepdims=True), a.max(axis=dims, keepdims=True)
     scale = (hi - lo) / (2**bits - 1)
@@ -287,8 +286,6 @@ def test_float64_input_is_computed_in_float64(fused):
     """float64 was computed in float32: 1e300 was reported as "NaN or infinite", 1e-50 became 0 and a
     constant slice 0.1 came back as 0.10000000149. Now the ranges, qparams and output are float64
     and equal the formula computed in float64."""
-    import numpy as np
-
     x = torch.tensor([[[1e300, -2e300, 5e299, 0.0], [1e-50, 3e-50, -2e-50, 7e-51],
                        [0.1, 0.1, 0.1, 0.1]]], dtype=torch.float64)
     out, x_min, x_max = granq_ao.functional.fake_quantize_dynamic(x, 4, fused=fused)
