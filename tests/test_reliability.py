@@ -97,6 +97,25 @@ def test_torch_prepare_with_granq_mapping_pickles_too():
     assert torch.equal(loaded.eval()(x), qat.eval()(x))
 
 
+def test_prepared_model_pickles_with_torch_default_mapping_and_a_granq_global_qconfig():
+    """granq_ao.prepare_qat_fx makes every stored qconfig picklable, whatever mapping it came from:
+    torch's default mapping keeps torch.ao's own fixed-qparams constructors (sigmoid), which carry
+    the same local function."""
+    import io
+
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+
+    mapping = get_default_qat_qconfig_mapping("x86").set_global(granq_ao.get_granq_qconfig(4, 4, fused="eager"))
+    qat = granq_ao.prepare_qat_fx(Mixed().train(), mapping, (torch.randn(2, 3, 8, 8),))
+    buffer = io.BytesIO()
+    torch.save(qat, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded.eval()(x), qat.eval()(x))
+    assert torch.equal(granq_ao.convert_to_reference_fx(loaded)(x), granq_ao.convert_to_reference_fx(qat)(x))
+
+
 def test_loaded_observer_records_its_first_batch():
     """A GranQObserver saved before any batch (empty per-channel buffers) and loaded by torch.load
     got buffers whose storage cannot be resized: its first batch raised "Trying to resize storage

@@ -13,7 +13,7 @@ import warnings
 from typing import Any, Dict, Tuple, Union
 
 import torch
-from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization import QConfig, QConfigMapping
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.quantize_fx import prepare_qat_fx as _torch_prepare_qat_fx
@@ -21,7 +21,7 @@ from torch.fx import GraphModule
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .placement import apply_paper_placement, count_activation_fake_quant_calls
-from .qconfig import PlacementWarning
+from .qconfig import PlacementWarning, picklable_qconfig
 
 __all__ = ["prepare_qat_fx", "check_not_prepared", "OBSERVED_ATTRS", "META_KEY"]
 
@@ -39,6 +39,21 @@ def check_not_prepared(model: torch.nn.Module) -> None:
             f"the model is already prepared for QAT: it holds fake-quant/observer modules{where}. "
             "Pass the float model to prepare_qat_fx; to restore a trained QAT model, prepare the "
             "float model again and load_state_dict() into it.")
+
+
+def _make_qconfigs_picklable(prepared: GraphModule, attrs: Any) -> None:
+    """Rewrap every qconfig torch.ao stored (on the modules and per node) with picklable
+    constructors, whatever mapping it came from (e.g. torch's default mapping with a GranQ
+    global qconfig: its fixed-qparams constructors carry torch.ao's local function too)."""
+    for module in prepared.modules():
+        if isinstance(getattr(module, "qconfig", None), QConfig):
+            module.qconfig = picklable_qconfig(module.qconfig)
+    for name in ("node_name_to_qconfig", "equalization_node_name_to_qconfig"):
+        table = getattr(attrs, name, None)
+        if isinstance(table, dict):
+            for key, qconfig in table.items():
+                if isinstance(qconfig, QConfig):
+                    table[key] = picklable_qconfig(qconfig)
 
 
 def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping, Dict[str, Any]],
@@ -62,6 +77,7 @@ def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping
                 "act_placement='all' to quantize them.", PlacementWarning, stacklevel=2)
     # An attribute survives pickling; listed as preserved, it survives deepcopy too.
     attrs = prepared.meta[META_KEY]
+    _make_qconfigs_picklable(prepared, attrs)
     prepared.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[OBSERVED_ATTRS] = attrs
     setattr(prepared, OBSERVED_ATTRS, attrs)
     return prepared

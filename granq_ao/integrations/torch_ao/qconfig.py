@@ -130,7 +130,7 @@ def _keeps_torch_activation(qconfig: QConfig) -> bool:
     return isinstance(target, type) and issubclass(target, (FixedQParamsFakeQuantize, ReuseInputObserver))
 
 
-def _picklable_qconfig(qconfig):
+def picklable_qconfig(qconfig):
     """``qconfig`` with torch.ao's ``with_args`` constructors rewrapped as :class:`PicklablePartial`
     (same constructor and arguments): torch's prepare then stores picklable qconfigs on the
     modules it prepares, so the prepared model can be saved whole (``torch.save``)."""
@@ -185,8 +185,8 @@ def get_granq_qat_qconfig_mapping(weight_bits: Union[int, GranQScheme] = 4, act_
         if object_type in transposed:
             mapping.set_object_type(object_type, transpose_qconfig)
         elif object_qconfig is None or _keeps_torch_activation(object_qconfig):
-            mapping.set_object_type(object_type, _picklable_qconfig(object_qconfig))
+            mapping.set_object_type(object_type, picklable_qconfig(object_qconfig))
         else:  # LayerNorm, PReLU: torch.ao's special weight handling, GranQ activation
-            mapping.set_object_type(object_type, _picklable_qconfig(
+            mapping.set_object_type(object_type, picklable_qconfig(
                 QConfig(activation=qconfig.activation, weight=object_qconfig.weight)))
     return mapping
