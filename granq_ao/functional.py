@@ -18,8 +18,15 @@ a constant slice (``x_max == x_min``); symmetric, an all-zero slice. (A symmetri
 slice ``v != 0`` is quantized like any other: ``s = |v| / ((2^b - 1) / 2)``, as torch.ao does.) Backward is the straight-through estimator: ``dL/dx = dL/dx_hat``, the
 gradient passes unchanged (no clipping mask, no gradient to the ranges), as in the paper.
 
-Numbers are computed in float32 and returned in the input's dtype (fp16/bf16 inputs included;
-min/max are exact in any float dtype, so ranges are reduced in the input's dtype).
+Numbers are computed in float32 (float64 for float64 input: its ranges, tiny values and constant
+slices would not survive a float32 cast) and returned in the input's dtype (fp16/bf16 inputs
+included; min/max are exact in any float dtype, so ranges are reduced in the input's dtype).
+Ranges, scales and zero points are float32, or float64 for float64 input.
+
+Input that cannot be quantized is refused with :class:`NonFiniteInputError` (``check_finite``,
+the default): NaN or +-inf, and, on the asymmetric grid, a finite range whose width
+``x_max - x_min`` overflows the compute dtype (float32 values near +-3.4e38), which would give
+an infinite scale and NaN outputs.
 
 Two code paths compute the same numbers:
 
@@ -106,15 +113,31 @@ def _check_input(x: torch.Tensor, granularity: Granularity) -> None:
         )
 
 
-def check_finite_ranges(x_min: torch.Tensor, x_max: torch.Tensor) -> None:
+def check_finite_ranges(x_min: torch.Tensor, x_max: torch.Tensor, symmetric: bool = True) -> None:
     """Raise :class:`NonFiniteInputError` unless every range is finite. min/max propagate NaN
-    and +-inf, so checking the small range tensors checks all of ``x`` (one host sync)."""
-    _raise_unless_finite(_all_finite(x_min, x_max))
+    and +-inf, so checking the small range tensors checks all of ``x`` (one host sync).
+    ``symmetric=False`` (the asymmetric grid, whose scale is ``(x_max - x_min) / (2^b - 1)``)
+    also refuses finite ranges whose width ``x_max - x_min`` overflows the compute dtype."""
+    _raise_unless_finite(_all_finite(x_min, x_max, symmetric), x_min, x_max)
 
 
-def _all_finite(x_min: torch.Tensor, x_max: torch.Tensor) -> torch.Tensor:
-    """0-dim bool tensor: every range is finite (computed inside the compiled step too)."""
-    return torch.isfinite(x_min).all() & torch.isfinite(x_max).all()
+def _all_finite(x_min: torch.Tensor, x_max: torch.Tensor, symmetric: bool = True) -> torch.Tensor:
+    """0-dim bool tensor: every range is finite and, asymmetric, so is its width (computed
+    inside the compiled step too)."""
+    finite = torch.isfinite(x_min).all() & torch.isfinite(x_max).all()
+    if not symmetric:
+        finite = finite & torch.isfinite(x_max - x_min).all()
+    return finite
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 tensors, else float32 (fp16/bf16/float32): the dtype GranQ computes in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _to_compute(t: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``t`` in the compute dtype of ``like`` (default: of ``t`` itself)."""
+    return t.to(_compute_dtype((t if like is None else like).dtype))
 
 
 def _tracing() -> bool:
@@ -123,26 +146,41 @@ def _tracing() -> bool:
 
 
 _NON_FINITE_MESSAGE = "input holds NaN or infinite values; GranQ cannot quantize them"
+_ASSERT_MESSAGE = ("input holds NaN or infinite values, or a range whose width max - min overflows; "
+                   "GranQ cannot quantize them")
 
 
-def _raise_unless_finite(all_finite: torch.Tensor) -> None:
+def _overflow_message(x_min: torch.Tensor, x_max: torch.Tensor) -> str:
+    width = x_max - x_min
+    index = int(torch.nonzero(~torch.isfinite(width).flatten())[0])
+    low, high = float(x_min.flatten()[index]), float(x_max.flatten()[index])
+    return (f"a range of the input is too wide to quantize: max - min = {high:.4g} - ({low:.4g}) "
+            f"overflows {x_min.dtype} (largest {torch.finfo(x_min.dtype).max:.4g}). Scale the input "
+            "down, use symmetric=True (scale from max |x|), or quantize it in float64.")
+
+
+def _raise_unless_finite(all_finite: torch.Tensor, x_min: Optional[torch.Tensor] = None,
+                         x_max: Optional[torch.Tensor] = None) -> None:
     """Eager: one host read of the flag, :class:`NonFiniteInputError` if it is False. Inside a
     user's ``torch.compile`` region: a device-side assert instead (no graph break; it fails the
     call with a ``RuntimeError`` carrying the same message). While tracing for export: nothing
     (a traced ``bool()`` is not recorded in the graph; it would only warn)."""
-    if _tracing():
+    if _tracing() or all_finite.device.type == "meta":  # meta tensors hold no values to check
         return
     if torch.compiler.is_compiling():
-        torch._assert_async(all_finite, _NON_FINITE_MESSAGE)
+        torch._assert_async(all_finite, _ASSERT_MESSAGE)
         return
     if not bool(all_finite):
+        if (x_min is not None and x_max is not None and bool(torch.isfinite(x_min).all())
+                and bool(torch.isfinite(x_max).all())):
+            raise NonFiniteInputError(_overflow_message(x_min, x_max))
         raise NonFiniteInputError(_NON_FINITE_MESSAGE)
 
 
 # ----------------------------------------------------------------------------- ranges
 def reduce_min_max(x: torch.Tensor, granularity: GranularityLike = "granq", axis: int = 1,
                    check_finite: bool = False, iterative: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Float32 ``(x_min, x_max)`` reduced over every dim the granularity does not keep.
+    """Float32 (float64 for float64 ``x``) ``(x_min, x_max)`` reduced over every dim the granularity does not keep.
 
     The result has ``x``'s rank with size 1 on reduced dims (it broadcasts against ``x``).
     ``iterative=True`` (or the name ``"granq_iterative"``) computes the very same numbers with a
@@ -154,7 +192,7 @@ def reduce_min_max(x: torch.Tensor, granularity: GranularityLike = "granq", axis
     granularity = check_input(x, granularity, axis)
     kept = granularity.kept_dims(x.dim())
     if x.numel() == 0:
-        no_range = x.new_zeros(_kept_shape(x, kept), dtype=torch.float32)
+        no_range = x.new_zeros(_kept_shape(x, kept), dtype=_compute_dtype(x.dtype))
         return no_range, no_range
     if iterative:
         x_min, x_max = _reduce_min_max_loop(x, kept)
@@ -163,7 +201,7 @@ def reduce_min_max(x: torch.Tensor, granularity: GranularityLike = "granq", axis
         if reduced:
             x_min, x_max = _min_max_over(x, reduced)
         else:  # every dim kept: each element is its own range
-            x_min = x_max = x.float()
+            x_min = x_max = _to_compute(x)
     if check_finite:
         check_finite_ranges(x_min, x_max)
     return x_min, x_max
@@ -175,9 +213,9 @@ def _reduced_dims(granularity: Granularity, ndim: int) -> Tuple[int, ...]:
 
 
 def _min_max_over(x: torch.Tensor, reduced: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Float32 keepdim min/max over ``reduced`` (never empty: ``amin(dim=())`` would reduce over
+    """Keepdim min/max (compute dtype: float32, float64 for float64) over ``reduced`` (never empty: ``amin(dim=())`` would reduce over
     ALL dims). min/max of fp16/bf16 values are exact: reduced in x's dtype, then cast."""
-    return x.amin(dim=reduced, keepdim=True).float(), x.amax(dim=reduced, keepdim=True).float()
+    return _to_compute(x.amin(dim=reduced, keepdim=True)), _to_compute(x.amax(dim=reduced, keepdim=True))
 
 
 def ranges_shape(x: torch.Tensor, granularity: GranularityLike = "granq", axis: int = 1) -> list:
@@ -192,8 +230,8 @@ def _kept_shape(x: torch.Tensor, kept: Tuple[int, ...]) -> list:
 
 
 def _reduce_min_max_loop(x: torch.Tensor, kept: Tuple[int, ...]):
-    x_min = x.new_empty(_kept_shape(x, kept), dtype=torch.float32)
-    x_max = x.new_empty(_kept_shape(x, kept), dtype=torch.float32)
+    x_min = x.new_empty(_kept_shape(x, kept), dtype=_compute_dtype(x.dtype))
+    x_max = x.new_empty(_kept_shape(x, kept), dtype=_compute_dtype(x.dtype))
     moved = x.movedim(kept, tuple(range(len(kept))))
     for index in torch.cartesian_prod(*[torch.arange(x.shape[d]) for d in kept]).reshape(-1, len(kept)).tolist():
         block = moved[tuple(index)]
@@ -207,13 +245,13 @@ def _reduce_min_max_loop(x: torch.Tensor, kept: Tuple[int, ...]):
 
 def compute_qparams(x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool = False
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Float32 ``(scale, zero_point)`` from ranges (the module docstring's formula).
+    """``(scale, zero_point)`` from ranges, float32 (float64 for float64 ranges), (the module docstring's formula).
 
     ``scale`` is 0 where the range is empty (those values pass through unchanged);
-    ``zero_point`` holds integers stored as float32 (0 there).
+    ``zero_point`` holds integers stored as floats (0 there).
     """
     q_min, q_max = quant_range(bits, symmetric)
-    return _qparams(x_min.float(), x_max.float(), q_min, q_max, symmetric)
+    return _qparams(_to_compute(x_min), _to_compute(x_max, x_min), q_min, q_max, symmetric)
 
 
 def _qparams(x_min: torch.Tensor, x_max: torch.Tensor, q_min: int, q_max: int, symmetric: bool):
@@ -233,7 +271,7 @@ def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
 
 def _codes(xf: torch.Tensor, safe_scale: torch.Tensor, zero_point: torch.Tensor, q_min: int,
            q_max: int) -> torch.Tensor:
-    """``clamp(round(x / s + z), q_min, q_max)`` as a new float32 tensor: the one rounding
+    """``clamp(round(x / s + z), q_min, q_max)`` as a new tensor (``xf``'s dtype): the one rounding
     expression of the package (fake-quant, integer codes, conversion). One new tensor, then in
     place: eager ~2.5x faster than a fresh tensor per op; compiled, fused either way. ``xf`` is
     never written (it may alias the caller's input)."""
@@ -242,8 +280,8 @@ def _codes(xf: torch.Tensor, safe_scale: torch.Tensor, zero_point: torch.Tensor,
 
 def _fake_quantize_elementwise(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                                q_min: int, q_max: int) -> torch.Tensor:
-    """``(clamp(round(x / s + z), q_min, q_max) - z) * s`` in float32; ``x`` itself where s == 0."""
-    xf = x.float()
+    """``(clamp(round(x / s + z), q_min, q_max) - z) * s`` in the compute dtype; ``x`` itself where s == 0."""
+    xf = _to_compute(x)
     has_range = scale > 0
     safe_scale = _safe_scale(scale)
     x_hat = _codes(xf, safe_scale, zero_point, q_min, q_max).sub_(zero_point).mul_(safe_scale)
@@ -265,7 +303,7 @@ def _dynamic_fake_quantize(x: torch.Tensor, reduced: Tuple[int, ...], q_min: int
     x_min, x_max = _min_max_over(x, reduced)
     scale, zero_point = _qparams(x_min, x_max, q_min, q_max, symmetric)
     x_hat = _fake_quantize_elementwise(x, scale, zero_point, q_min, q_max)
-    return x_hat, x_min, x_max, _all_finite(x_min, x_max), scale, zero_point
+    return x_hat, x_min, x_max, _all_finite(x_min, x_max, symmetric), scale, zero_point
 
 
 _auto_backend: Optional[str] = None  # "compiled" | "eager", decided at the first auto call
@@ -308,15 +346,20 @@ def fused_backend(fused: Any = "auto") -> str:
     return fused
 
 
+def _on_meta(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args)
+
+
 def _run(fn, fused: str, *args):
     """Run ``fn(*args)`` eagerly or compiled (same Python function, same numbers); ``fused`` is
     already normalized (one of ``FUSED_MODES``)."""
     global _auto_backend
     if fused == "auto":
         fused = _env_fused()
-    if fused == "eager" or torch.compiler.is_compiling() or _tracing():
+    if fused == "eager" or torch.compiler.is_compiling() or _tracing() or _on_meta(args):
         # Inside a user's torch.compile region the eager ops are traced and fused anyway; an
-        # exporting tracer records the eager ops (compiling under it fails).
+        # exporting tracer records the eager ops (compiling under it fails); meta tensors hold
+        # no values (inductor cannot compile for them).
         return fn(*args)
     if fused == "compiled":
         return _get_compiled(fn, args)(*args)
@@ -373,7 +416,7 @@ def fake_quantize_with_qparams(x: torch.Tensor, scale: torch.Tensor, zero_point:
     """Fake-quantize ``x`` with given (broadcastable) qparams; straight-through gradient."""
     if x.numel() == 0:
         return x.clone()
-    return _StraightThrough.apply(x, scale.float(), zero_point.float(), int(q_min), int(q_max),
+    return _StraightThrough.apply(x, _to_compute(scale, x), _to_compute(zero_point, x), int(q_min), int(q_max),
                                   normalize_fused(fused))
 
 
@@ -414,14 +457,14 @@ def fake_quantize_dynamic(x: torch.Tensor, bits: Union[int, GranQConfig] = 4,
                           fused: Any = "auto", check_finite: bool = True
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fake_quantize` that also returns the ranges it used: ``(x_hat, x_min, x_max)``
-    (float32, keepdim). Ranges, qparams and the elementwise step run as one (compiled) function;
+    (float32, or float64 for float64 ``x``; keepdim). Ranges, qparams and the elementwise step run as one (compiled) function;
     the NaN/inf check reads the small range tensors afterwards."""
     config = _config(bits, granularity, axis, symmetric, fused, check_finite)
     granularity = config.granularity
     _check_input(x, granularity)
     reduced = _reduced_dims(granularity, x.dim())  # validates the axis even for empty input
     if x.numel() == 0:  # defined result for an empty batch: nothing to quantize, no ranges
-        no_range = x.new_empty(0, dtype=torch.float32)
+        no_range = x.new_empty(0, dtype=_compute_dtype(x.dtype))
         return x.clone(), no_range, no_range
     if not reduced or config.iterative or _tracing():
         # Tracers (TorchScript ONNX export) record these plain ops; the fused Function is opaque to them.
@@ -431,7 +474,7 @@ def fake_quantize_dynamic(x: torch.Tensor, bits: Union[int, GranQConfig] = 4,
     x_hat, x_min, x_max, all_finite = _DynamicStraightThrough.apply(x, reduced, config.quant_min, config.quant_max,
                                                                     config.symmetric, config.fused)
     if config.check_finite:
-        _raise_unless_finite(all_finite)
+        _raise_unless_finite(all_finite, x_min, x_max)
     return x_hat, x_min, x_max
 
 
@@ -444,7 +487,7 @@ def fake_quantize_from_ranges(x: torch.Tensor, x_min: torch.Tensor, x_max: torch
     if x.numel() == 0:
         return x.clone()
     if check_finite:
-        check_finite_ranges(x_min, x_max)
+        check_finite_ranges(x_min, x_max, symmetric)
     scale, zero_point = compute_qparams(x_min, x_max, bits, symmetric)
     return fake_quantize_with_qparams(x, scale, zero_point, q_min, q_max, fused)
 
@@ -455,7 +498,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bit
     int8 (symmetric). Where ``s == 0`` the code is ``z`` (``dequantize`` then restores nothing:
     use :func:`fake_quantize` semantics via ``dequantize(..., passthrough=x)``)."""
     q_min, q_max = quant_range(bits, symmetric)
-    x_q = _codes(x.float(), _safe_scale(scale.float()), zero_point.float(), q_min, q_max)
+    x_q = _codes(_to_compute(x), _safe_scale(_to_compute(scale, x)), _to_compute(zero_point, x), q_min, q_max)
     return x_q.to(torch.int8 if symmetric else torch.uint8)
 
 
@@ -464,8 +507,9 @@ def dequantize(x_q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                ) -> torch.Tensor:
     """``x_hat = (x_q - z) * s``; where ``s == 0`` the value of ``passthrough`` (the original
     input) is returned, which makes ``dequantize(quantize(x))`` equal ``fake_quantize(x)``."""
-    scale = scale.float()
-    x_hat = (x_q.float() - zero_point.float()) * _safe_scale(scale)
+    compute = _compute_dtype(dtype)
+    scale = scale.to(compute)
+    x_hat = (x_q.to(compute) - zero_point.to(compute)) * _safe_scale(scale)
     if passthrough is not None:
-        x_hat = torch.where(scale > 0, x_hat, passthrough.float())
+        x_hat = torch.where(scale > 0, x_hat, passthrough.to(compute))
     return x_hat.to(dtype)

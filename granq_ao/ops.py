@@ -9,6 +9,7 @@ with ``torch.export`` and round-trips through ``torch.export.save``/``load`` (im
     scale, zero_point = granq_ao::choose_qparams_dynamic(x, b, granularity, axis, symmetric, check_finite)
         # x_min, x_max over the reduced dims (GranQ: per (n, c));  s = (x_max - x_min) / (2^b - 1),
         # z = round(-x_min / s)  (symmetric: s = max|x| / ((2^b - 1) / 2), z = 0);  float32, keepdim
+        # (float64 for float64 x)
     x_q   = granq_ao::quantize(x, scale, zero_point, b, symmetric)
         # clamp(round(x / s + z), q_min, q_max) as uint8 (int8 when symmetric)
     x_hat = granq_ao::dequantize(x_q, scale, zero_point, x)
@@ -32,15 +33,18 @@ __all__ = ["choose_qparams_dynamic", "quantize", "dequantize"]
 @torch.library.custom_op("granq_ao::choose_qparams_dynamic", mutates_args=())
 def choose_qparams_dynamic(x: torch.Tensor, bits: int, granularity: str, axis: int, symmetric: bool,
                            check_finite: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, zero_point)`` (float32, keepdim) from ``x``'s own ranges (module docstring)."""
-    x_min, x_max = functional.reduce_min_max(x, granularity, axis, check_finite=check_finite)
+    """``(scale, zero_point)`` (float32, float64 for float64 ``x``; keepdim) from ``x``'s own ranges (module docstring)."""
+    x_min, x_max = functional.reduce_min_max(x, granularity, axis)
+    if check_finite:
+        functional.check_finite_ranges(x_min, x_max, symmetric)
     return functional.compute_qparams(x_min, x_max, bits, symmetric)
 
 
 @choose_qparams_dynamic.register_fake
 def _choose_qparams_dynamic_fake(x, bits, granularity, axis, symmetric, check_finite):
     shape = functional.ranges_shape(x, granularity, axis)
-    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("granq_ao::quantize", mutates_args=())

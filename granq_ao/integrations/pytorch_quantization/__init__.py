@@ -41,8 +41,9 @@ from ._modules import (
     granq_quant_modules,
     initialize,
 )
-from ._onnx import baked_weight_quantizers, export_onnx
+from ._onnx import OnnxMismatchWarning, baked_weight_quantizers, export_onnx
 from ._placement import (
+    DisabledTensorQuantizer,
     find_relu_fed_modules,
     load_quant_state_dict,
     quant_modules_with_input_quantizer,
@@ -55,5 +56,6 @@ __all__ = [
     "GranQAvgPool2d", "GranQAdaptiveAvgPool2d", "GranQMaxPool2d",
     "GRANQ_MODULES", "DEFAULT_PATCHED_MODULES", "initialize", "deactivate", "granq_quant_modules",
     "replace_input_quantizers", "find_relu_fed_modules", "quant_modules_with_input_quantizer",
-    "load_quant_state_dict", "export_onnx", "baked_weight_quantizers",
+    "load_quant_state_dict", "export_onnx", "baked_weight_quantizers", "DisabledTensorQuantizer",
+    "OnnxMismatchWarning",
 ]

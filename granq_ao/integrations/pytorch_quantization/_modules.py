@@ -9,6 +9,11 @@ another ``GranQTensorQuantizer``.
 ``pytorch_quantization.quant_modules.initialize()`` does with its own classes, so that models
 built afterwards get GranQ quantizers; ``deactivate()`` puts back exactly the objects that
 were there. ``granq_quant_modules(...)`` is the same as a context manager. Calls nest.
+
+pytorch-quantization's own ``QuantConv2d.set_default_quant_desc_input`` (and ``_weight``, on
+every quant module) is wrapped when this module is imported: given a ``GranQDescriptor`` it
+raises a ``TypeError`` naming the GranQ module to use instead of NVIDIA's "{} is not an instance
+of QuantDescriptor!"; any other value is handled by pytorch-quantization as before.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from pytorch_quantization import nn as quant_nn
 from pytorch_quantization.nn import TensorQuantizer
+from pytorch_quantization.nn.modules import _utils as quant_nn_utils
 from pytorch_quantization.tensor_quant import QuantDescriptor
 
 from ._quantizer import GranQDescriptor, GranQTensorQuantizer, as_granq_descriptor
@@ -136,6 +142,35 @@ GRANQ_MODULES: Dict[str, type] = {
 }
 #: Patched by default: the layers with weights.
 DEFAULT_PATCHED_MODULES: Tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+
+
+def _refusing_granq_descriptor(original: classmethod, role: str) -> classmethod:
+    """pytorch-quantization's ``set_default_quant_desc_<role>`` that refuses a ``GranQDescriptor``
+    with a message naming what to use (its own check said "{} is not an instance of
+    QuantDescriptor!"); every other value goes to the original."""
+    function = original.__func__
+
+    def set_default(cls, value):
+        if isinstance(value, GranQDescriptor):
+            name = cls.__name__[len("Quant"):] if cls.__name__.startswith("Quant") else cls.__name__
+            granq = f"GranQ{name}" if name in GRANQ_MODULES else "GranQConv2d (etc.)"
+            raise TypeError(
+                f"{cls.__name__}.set_default_quant_desc_{role}: {cls.__name__} is pytorch-quantization's own "
+                "module, whose quantizers are NVIDIA TensorQuantizers and cannot take a GranQDescriptor. Use "
+                f"granq_ao.integrations.pytorch_quantization.{granq}.set_default_quant_desc_{role}(...), "
+                "initialize(input_desc=...), or replace_input_quantizers(model, desc) on a built model.")
+        return function(cls, value)
+
+    set_default.__doc__ = function.__doc__
+    set_default._granq_refuses = True
+    return classmethod(set_default)
+
+
+for _mixin in (quant_nn_utils.QuantMixin, quant_nn_utils.QuantInputMixin):
+    for _role in ("input", "weight"):
+        _original = _mixin.__dict__.get(f"set_default_quant_desc_{_role}")
+        if isinstance(_original, classmethod) and not getattr(_original.__func__, "_granq_refuses", False):
+            setattr(_mixin, f"set_default_quant_desc_{_role}", _refusing_granq_descriptor(_original, _role))
 
 
 class _Patch:

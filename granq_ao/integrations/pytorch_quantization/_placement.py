@@ -18,16 +18,41 @@ module-order heuristics, sees residual adds and functional ReLUs.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from pytorch_quantization.nn import TensorQuantizer
 
 from granq_ao import relu
+
 from ._quantizer import GranQTensorQuantizer, as_granq_descriptor
 
 __all__ = ["quant_modules_with_input_quantizer", "find_relu_fed_modules", "replace_input_quantizers",
-           "load_quant_state_dict"]
+           "load_quant_state_dict", "DisabledTensorQuantizer"]
+
+
+class DisabledTensorQuantizer(TensorQuantizer):
+    """pytorch-quantization's ``TensorQuantizer`` as ``replace_input_quantizers(...,
+    disable_others=True)`` leaves it: disabled (its input stays float, as in the paper).
+
+    Disabled, its calibrator never sees a tensor, so pytorch-quantization's usual
+    ``compute_amax`` step (``load_calib_amax()`` on every quantizer that has a calibrator) raised
+    "Calibrator returned None". Here ``load_calib_amax`` leaves a disabled quantizer whose
+    calibrator has seen nothing as it is (no amax, float). Everything else is
+    ``TensorQuantizer``'s: ``enable()`` turns it back on and it calibrates as usual.
+    """
+
+    def load_calib_amax(self, *args: Any, **kwargs: Any) -> None:
+        if self._disabled and not _calibrator_has_data(self._calibrator):
+            return
+        super().load_calib_amax(*args, **kwargs)
+
+
+def _calibrator_has_data(calibrator: Any) -> bool:
+    """Whether a pytorch-quantization calibrator collected anything (max: ``_calib_amax``,
+    histogram: ``_calib_hist``)."""
+    return any(getattr(calibrator, name, None) is not None for name in ("_calib_amax", "_calib_hist"))
 
 
 def quant_modules_with_input_quantizer(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
@@ -76,7 +101,9 @@ def replace_input_quantizers(model: torch.nn.Module, quant_desc: Any = None, *,
             needs ``example_inputs`` (see :func:`find_relu_fed_modules`).
         example_inputs: a tensor or tuple of forward arguments for the data-flow pass.
         disable_others: disable the input quantizers of the quant modules not replaced (the
-            paper leaves the image and the pooled classifier input in float).
+            paper leaves the image and the pooled classifier input in float); they become
+            :class:`DisabledTensorQuantizer` (pytorch-quantization's usual calibration loop
+            leaves them float instead of failing on their empty calibrators).
         module_filter: optional ``(name, module) -> bool`` to narrow the candidates further.
 
     Returns the names of the modules whose input quantizer was replaced, in model order.
@@ -90,6 +117,11 @@ def replace_input_quantizers(model: torch.nn.Module, quant_desc: Any = None, *,
         if example_inputs is None:
             raise ValueError("only_after_relu=True needs example_inputs to follow the data flow")
         selected = set(find_relu_fed_modules(model, example_inputs, candidates))
+        if candidates and not selected:
+            warnings.warn(
+                "only_after_relu=True found no quant module fed by a ReLU/ReLU6 output: no input "
+                "quantizer was replaced (the paper placement quantizes ReLU outputs only). Use "
+                "only_after_relu=False to quantize every quant module's input.", UserWarning, stacklevel=2)
     else:
         selected = set(candidates)
     replaced = []
@@ -100,7 +132,10 @@ def replace_input_quantizers(model: torch.nn.Module, quant_desc: Any = None, *,
             module._input_quantizer = quantizer  # holds no tensors: nothing to move to a device
             replaced.append(name)
         elif disable_others:
-            module._input_quantizer.disable()
+            quantizer = module._input_quantizer
+            quantizer.disable()
+            if type(quantizer) is TensorQuantizer:
+                quantizer.__class__ = DisabledTensorQuantizer  # same state, calibration-loop safe
     return replaced
 
 

@@ -34,6 +34,7 @@ the QAT model computes them. See docs/CONVERSION.md.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -46,6 +47,8 @@ from granq_ao.qdq_graph import op_granularity
 
 from .dynamic_qdq import bypass_node, fake_quant_on, insert_dynamic_quant_dequant
 from .fake_quantize import GranQFakeQuantize
+from .observer import GranQObserver
+from .prepare import META_KEY, OBSERVED_ATTRS
 
 __all__ = ["MODES", "convert_to_reference_fx", "insert_dynamic_quant_dequant", "bake_weight_module",
            "weight_codes"]
@@ -164,9 +167,45 @@ def weight_codes(module: torch.nn.Module) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the converter
+def _float_weight_in_qat(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has a weight and a qconfig that quantizes weights, but no weight
+    fake-quant: torch.ao has no QAT module for it (ConvTranspose1d/2d/3d, ...), so QAT computes
+    with the float weight, while torch's converter would swap in a reference module that
+    quantizes the weight with the qconfig's observer: a model that differs from QAT."""
+    qconfig = getattr(module, "qconfig", None)
+    if qconfig is None or getattr(qconfig, "weight", None) is None or hasattr(module, "weight_fake_quant"):
+        return False
+    layer = module[0] if isinstance(module, torch.ao.nn.intrinsic._FusedModule) else module
+    return isinstance(getattr(layer, "weight", None), torch.Tensor)
+
+
 def _set_module(model: torch.nn.Module, qualified_name: str, module: torch.nn.Module) -> None:
     parent_name, _, name = qualified_name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, name, module)
+
+
+def _check_static(graph_module: GraphModule) -> None:
+    """``ValueError`` for a model that is not float32 (torch's static quantize ops take float32
+    only), or naming the first GranQ activation fake-quant whose observer has recorded no batch:
+    static qparams would be placeholders (scale 1, one channel), which fail at inference or
+    silently give wrong outputs."""
+    dtypes = {t.dtype for t in itertools.chain(graph_module.parameters(), graph_module.buffers())
+              if t.is_floating_point()} - {torch.float32}
+    if dtypes:
+        raise ValueError(
+            f"mode='static' emits torch.quantize_per_channel/per_tensor, which take float32 only, but the "
+            f"model holds {', '.join(sorted(map(str, dtypes)))} tensors: convert model.float() first, "
+            "or use mode='dynamic' (any float dtype).")
+    modules = dict(graph_module.named_modules(remove_duplicate=False))
+    for node in graph_module.graph.nodes:
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        observer = getattr(module, "activation_post_process", None)
+        if (isinstance(module, GranQFakeQuantize) and fake_quant_on(module)
+                and isinstance(observer, GranQObserver) and not observer.has_data):
+            raise ValueError(
+                f"mode='static' needs the observers' running ranges, but {node.target!r} has seen no "
+                "data: run the QAT model on representative batches first (with observers enabled, "
+                "e.g. a few batches in train mode), or convert with mode='dynamic' (ranges from each input).")
 
 
 def convert_to_reference_fx(graph_module: GraphModule,
@@ -190,7 +229,19 @@ def convert_to_reference_fx(graph_module: GraphModule,
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(graph_module, GraphModule):
         raise TypeError(f"expected a GraphModule from prepare_qat_fx/prepare_fx, got {type(graph_module).__name__}")
+    observed_attrs = graph_module.meta.get(META_KEY, getattr(graph_module, OBSERVED_ATTRS, None))
+    if mode == "static":
+        _check_static(graph_module)
     graph_module = copy.deepcopy(graph_module)
+    if META_KEY not in graph_module.meta:
+        if observed_attrs is None:
+            raise ValueError(
+                "this GraphModule holds no prepare metadata: it was not made by prepare_qat_fx, or it "
+                "was prepared by torch.ao's prepare_qat_fx and then saved whole and loaded (pickling "
+                "drops GraphModule.meta), or it is a copy.deepcopy of a loaded model. Prepare with "
+                "granq_ao.prepare_qat_fx and convert the loaded model itself, or prepare the float "
+                "model again and load_state_dict().")
+        graph_module.meta[META_KEY] = copy.deepcopy(observed_attrs)  # torch.load drops meta
     modules = dict(graph_module.named_modules(remove_duplicate=False))
     for node in list(graph_module.graph.nodes):
         if node.op != "call_module":
@@ -203,6 +254,8 @@ def convert_to_reference_fx(graph_module: GraphModule,
                 bypass_node(graph_module.graph, node)
         elif isinstance(getattr(module, "weight_fake_quant", None), GranQFakeQuantize):
             _set_module(graph_module, str(node.target), bake_weight_module(module, fold_bn=fold_bn))
+        elif _float_weight_in_qat(module):
+            module.qconfig = None  # QAT ran it with its float weight: so does the reference model
     graph_module.graph.lint()
     graph_module.recompile()
     return _torch_convert_to_reference_fx(graph_module, convert_custom_config=convert_custom_config,

@@ -28,6 +28,11 @@ Bad input: integer tensors raise ``TypeError``; NaN/inf raise
 each message names this module (its qualified name in the model that called it). An empty
 tensor is returned as is; constant slices pass through exactly (see ``granq_ao.functional``).
 
+State: the enable flags, the observer's running ranges, and (as extra state) the settings that
+shape the numbers: ``[bits, symmetric, granularity, axis, quant_min, quant_max]``.
+``load_state_dict`` reports a fake-quant whose saved settings differ from its own (a 4-bit
+checkpoint into an 8-bit model); state_dicts saved without them load as before.
+
 Attributes read by torch.ao FX: ``activation_post_process``, ``dtype``, ``qscheme``,
 ``ch_axis``, ``is_dynamic`` (False: torch.ao's "dynamic" means something else),
 ``quant_min``, ``quant_max``, ``eps`` (on the observer).
@@ -47,7 +52,20 @@ from granq_ao.granularity import Granularity, PerTensor
 
 from .dynamic_qdq import insert_dynamic_quant_dequant
 from .eager_guard import refuse_torch_eager_convert
-from .observer import GranQObserver, bits_from_quant_range
+from .observer import GranQObserver, bits_from_quant_range, picklable_with_args, picklable_with_callable_args
+
+
+_GRANULARITY_CODES = ("granq", "channel", "tensor", "kernel")
+
+
+def _describe(settings: torch.Tensor) -> str:
+    """``4-bit asymmetric granq (axis 1, grid [0, 15])`` from :meth:`GranQFakeQuantize._settings`."""
+    values = [int(v) for v in settings.flatten().tolist()]
+    if len(values) != 6 or not 0 <= values[2] < len(_GRANULARITY_CODES):
+        return f"unknown ({values})"
+    bits, symmetric, granularity, axis, q_min, q_max = values
+    return (f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'} {_GRANULARITY_CODES[granularity]} "
+            f"(axis {axis}, grid [{q_min}, {q_max}])")
 
 
 class GranQFakeQuantize(FakeQuantizeBase):
@@ -81,6 +99,10 @@ class GranQFakeQuantize(FakeQuantizeBase):
         >>> fq = GranQFakeQuantize(config=GranQConfig.for_activation(3, "granq"))
         >>> y = fq(torch.randn(8, 16, 32, 32))
     """
+
+    # torch.ao's constructors, but picklable: a prepared model holds them (see PicklablePartial)
+    with_args = classmethod(picklable_with_args)
+    with_callable_args = classmethod(picklable_with_callable_args)
 
     def __init__(self, observer=GranQObserver, bits: Optional[int] = None,
                  granularity: Union[str, Granularity] = "granq", ch_axis: int = 1,
@@ -154,10 +176,36 @@ class GranQFakeQuantize(FakeQuantizeBase):
         super().enable_observer(enabled)
         self._observer_on = bool(enabled)
 
+    # -- the settings that shape the numbers, saved with the state_dict and checked on load
+    def _settings(self) -> torch.Tensor:
+        """``[bits, symmetric, granularity, axis, quant_min, quant_max]`` as int64 (granularity: its
+        index in :data:`_GRANULARITY_CODES`)."""
+        name = "granq" if self.config.name == "granq_iterative" else self.config.name  # same ranges
+        axis = getattr(self.granularity, "axis", self.ch_axis)
+        return torch.tensor([self.bits, int(self.symmetric), _GRANULARITY_CODES.index(name), axis,
+                             self.quant_min, self.quant_max], dtype=torch.int64)
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self._settings()
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked in _load_from_state_dict, where a mismatch can be reported with the module's name
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "_extra_state"
+        saved = state_dict.get(key)
+        if isinstance(saved, torch.Tensor) and not torch.equal(saved.cpu(), self._settings()):
+            error_msgs.append(
+                f"{prefix.rstrip('.') or type(self).__name__}: the state_dict was saved from a "
+                f"{_describe(saved)} fake-quant, this one is {_describe(self._settings())}. Prepare the "
+                "model with the settings it was trained with (bits, symmetric, granularity) before "
+                "load_state_dict().")
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+        if key not in state_dict and key in missing_keys:  # saved before the settings were saved
+            missing_keys.remove(key)
         self._fake_quant_on = bool(self.fake_quant_enabled[0])
         self._observer_on = bool(self.observer_enabled[0])
 

@@ -23,14 +23,77 @@ then per-tensor (``qscheme`` becomes ``per_tensor_affine``), which is valid for 
 """
 from __future__ import annotations
 
+import copy
+import functools
+import pickle
 from typing import Optional, Tuple
 
 import torch
-from torch.ao.quantization.observer import ObserverBase
+from torch.ao.quantization.observer import ObserverBase, _PartialWrapper
 
 from granq_ao import functional as granq_functional
 
 from .eager_guard import refuse_torch_eager_convert
+
+
+class PicklablePartial(_PartialWrapper):
+    """torch.ao's ``with_args`` constructor (``_PartialWrapper``) that pickles.
+
+    torch.ao's prepare wraps every constructor of a qconfig that accepts ``factory_kwargs``
+    with ``with_callable_args(factory_kwargs=<local function>)`` and stores that qconfig on
+    each prepared module (``module.qconfig``) and in the graph's meta: a local function cannot
+    be pickled, so ``torch.save(prepared_model)`` failed ("Can't pickle local object
+    ...get_factory_kwargs_based_on_module_device"; torch.ao's own constructors do the same).
+    This wrapper pickles without the callable arguments that cannot be pickled. Only that
+    ``factory_kwargs`` callable is concerned, and GranQ's fake-quant and observer build their
+    buffers on the CPU whatever it says (FX moves them to the model's device), so a loaded
+    qconfig builds the same modules. ``copy``/``deepcopy`` keep every callable argument.
+    """
+
+    def with_args(self, **kwargs) -> "PicklablePartial":
+        return PicklablePartial(functools.partial(self, **kwargs))
+
+    def with_callable_args(self, **kwargs) -> "PicklablePartial":
+        result = PicklablePartial(self.p)
+        result.callable_args = {**self.callable_args, **kwargs}
+        return result
+
+    def __copy__(self) -> "PicklablePartial":
+        return self.with_callable_args()
+
+    def __deepcopy__(self, memo) -> "PicklablePartial":
+        result = PicklablePartial(copy.deepcopy(self.p, memo))
+        memo[id(self)] = result
+        result.callable_args = dict(self.callable_args)  # functions: copied by reference anyway
+        return result
+
+    def __reduce__(self):
+        return _rebuild_partial, (self.p, {name: value for name, value in self.callable_args.items()
+                                           if _picklable(value)})
+
+
+def _rebuild_partial(p, callable_args) -> PicklablePartial:
+    result = PicklablePartial(p)
+    result.callable_args = dict(callable_args)
+    return result
+
+
+def _picklable(value) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:  # pickle raises AttributeError, TypeError, PicklingError, ... by object
+        return False
+    return True
+
+
+def picklable_with_args(cls_or_self, **kwargs) -> PicklablePartial:
+    """``cls.with_args(**kwargs)`` for GranQ's torch.ao classes: a :class:`PicklablePartial`."""
+    return PicklablePartial(functools.partial(cls_or_self, **kwargs))
+
+
+def picklable_with_callable_args(cls_or_self, **kwargs) -> PicklablePartial:
+    """``cls.with_callable_args(**kwargs)`` for GranQ's torch.ao classes: a :class:`PicklablePartial`."""
+    return PicklablePartial(cls_or_self).with_callable_args(**kwargs)
 
 
 class GranQObserver(ObserverBase):
@@ -53,6 +116,9 @@ class GranQObserver(ObserverBase):
 
     min_val: torch.Tensor
     max_val: torch.Tensor
+
+    with_args = classmethod(picklable_with_args)
+    with_callable_args = classmethod(picklable_with_callable_args)
 
     def __init__(self, bits: int = 8, ch_axis: int = 1, symmetric: bool = False,
                  averaging_constant: float = 0.01, dtype: torch.dtype = torch.quint8,
@@ -104,13 +170,18 @@ class GranQObserver(ObserverBase):
     def qscheme(self, value) -> None:  # ObserverBase/with_args may assign it; it is derived here
         pass
 
+    @property
+    def has_data(self) -> bool:
+        """Whether a (non-empty) batch was recorded: static qparams exist only then."""
+        return not bool(torch.isinf(self.min_val_tensor))
+
     # -- recording
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Record ``x``'s per-channel and per-tensor ranges; return ``x`` unchanged."""
         if x.numel() == 0:
             return x
         if self.per_tensor or x.dim() < 2:
-            self._record_tensor(x.detach().amin().float(), x.detach().amax().float())
+            self._record_tensor(x.detach().amin(), x.detach().amax())
             if not self.per_tensor:
                 self._channel_mismatch.fill_(True)
             return x
@@ -124,14 +195,15 @@ class GranQObserver(ObserverBase):
         channel on ``ch_axis``; any shape when ``per_tensor``): reduced further to per channel,
         without touching the input."""
         if self.per_tensor:
-            self._record_tensor(x_min.amin().float(), x_max.amax().float())
+            self._record_tensor(x_min.amin(), x_max.amax())
             return
         dims = [d for d in range(x_min.dim()) if d != self.ch_axis % x_min.dim()]
         self.record_channel_ranges(x_min.amin(dim=dims).flatten(), x_max.amax(dim=dims).flatten())
 
     @torch.no_grad()
     def record_channel_ranges(self, channel_min: torch.Tensor, channel_max: torch.Tensor) -> None:
-        channel_min, channel_max = channel_min.float(), channel_max.float()
+        # in the buffers' dtype: float32, or whatever model.double()/.half()/.bfloat16() made them
+        channel_min, channel_max = channel_min.to(self.min_val.dtype), channel_max.to(self.max_val.dtype)
         self._record_tensor(channel_min.min(), channel_max.max())
         if self.min_val.numel() == 0:
             self.min_val.resize_(channel_min.shape).copy_(channel_min)
@@ -145,6 +217,8 @@ class GranQObserver(ObserverBase):
     def _record_tensor(self, tensor_min: torch.Tensor, tensor_max: torch.Tensor) -> None:
         # Branch-free (no host sync on GPU): the first batch (running range still +-inf) is taken
         # as is, later ones are averaged in (lerp of an infinite start is NaN; where() drops it).
+        tensor_min = tensor_min.to(self.min_val_tensor.dtype)
+        tensor_max = tensor_max.to(self.max_val_tensor.dtype)
         first = torch.isinf(self.min_val_tensor)
         a = self.averaging_constant
         self.min_val_tensor.copy_(torch.where(first, tensor_min, self.min_val_tensor.lerp(tensor_min, a)))
@@ -180,13 +254,24 @@ class GranQObserver(ObserverBase):
                 + ("per_tensor=True" if self.per_tensor else
                    f"channels={self.min_val.numel()}, channel_mismatch={self.channel_mismatch}"))
 
+    def __setstate__(self, state) -> None:
+        # torch.load gives tensors whose storage cannot be resized; the per-channel buffers are
+        # resized in place by the first batch (record_channel_ranges): give them their own storage.
+        super().__setstate__(state)
+        for name in ("min_val", "max_val"):
+            buffer = self._buffers.get(name)
+            if buffer is not None and not buffer.untyped_storage().resizable():
+                self._buffers[name] = buffer.clone()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
         # Per-channel buffers start empty: take the saved size before torch copies into them.
         for name in ("min_val", "max_val"):
             key = prefix + name
-            if key in state_dict:
-                getattr(self, name).resize_(state_dict[key].shape)
+            current = getattr(self, name)
+            if key in state_dict and current.shape != state_dict[key].shape:
+                # a new tensor, not resize_: a loaded buffer's storage may not be resizable
+                self._buffers[name] = current.new_empty(state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 

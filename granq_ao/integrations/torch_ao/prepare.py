@@ -1,15 +1,59 @@
 """``granq_ao.prepare_qat_fx``: torch.ao's ``prepare_qat_fx`` (same signature) plus the
-activation placement that a :class:`~.qconfig.GranQQConfigMapping` asks for."""
+activation placement that a :class:`~.qconfig.GranQQConfigMapping` asks for.
+
+It also refuses a model that is already prepared (torch.ao's fails inside its tracer, or
+prepares twice) and keeps the prepare metadata torch.ao's converter needs in a plain attribute
+(:data:`OBSERVED_ATTRS`), so that a prepared model saved whole (``torch.save``) and loaded
+again can still be converted by :func:`granq_ao.convert_to_reference_fx` (torch.ao keeps it in
+``GraphModule.meta``, which pickling drops).
+"""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Tuple, Union
 
 import torch
-from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization import QConfig, QConfigMapping
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from torch.ao.quantization.observer import ObserverBase
 from torch.ao.quantization.quantize_fx import prepare_qat_fx as _torch_prepare_qat_fx
 from torch.fx import GraphModule
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .placement import apply_paper_placement
+from .placement import apply_paper_placement, count_activation_fake_quant_calls
+from .qconfig import PlacementWarning, picklable_qconfig
+
+__all__ = ["prepare_qat_fx", "check_not_prepared", "OBSERVED_ATTRS", "META_KEY"]
+
+META_KEY = "_observed_graph_module_attrs"  # where torch.ao's prepare leaves its metadata
+OBSERVED_ATTRS = "granq_observed_attrs"    # our copy of it, an attribute that pickling keeps
+
+
+def check_not_prepared(model: torch.nn.Module) -> None:
+    """``ValueError`` if ``model`` already holds fake-quant or observer modules (it was prepared)."""
+    prepared = [name for name, module in model.named_modules()
+                if isinstance(module, (FakeQuantizeBase, ObserverBase))]
+    if prepared or META_KEY in getattr(model, "meta", {}) or hasattr(model, OBSERVED_ATTRS):
+        where = f" (e.g. {prepared[0]!r})" if prepared else ""
+        raise ValueError(
+            f"the model is already prepared for QAT: it holds fake-quant/observer modules{where}. "
+            "Pass the float model to prepare_qat_fx; to restore a trained QAT model, prepare the "
+            "float model again and load_state_dict() into it.")
+
+
+def _make_qconfigs_picklable(prepared: GraphModule, attrs: Any) -> None:
+    """Rewrap every qconfig torch.ao stored (on the modules and per node) with picklable
+    constructors, whatever mapping it came from (e.g. torch's default mapping with a GranQ
+    global qconfig: its fixed-qparams constructors carry torch.ao's local function too)."""
+    for module in prepared.modules():
+        if isinstance(getattr(module, "qconfig", None), QConfig):
+            module.qconfig = picklable_qconfig(module.qconfig)
+    for name in ("node_name_to_qconfig", "equalization_node_name_to_qconfig"):
+        table = getattr(attrs, name, None)
+        if isinstance(table, dict):
+            for key, qconfig in table.items():
+                if isinstance(qconfig, QConfig):
+                    table[key] = picklable_qconfig(qconfig)
 
 
 def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping, Dict[str, Any]],
@@ -17,10 +61,23 @@ def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping
                    backend_config=None) -> GraphModule:
     """Like ``torch.ao.quantization.quantize_fx.prepare_qat_fx``; with a mapping made by
     ``get_granq_qat_qconfig_mapping(act_placement="paper")`` it then keeps activation
-    fake-quants on ReLU/ReLU6 outputs only (``granq_ao.placement``)."""
+    fake-quants on ReLU/ReLU6 outputs only (``granq_ao.placement``), and warns
+    (:class:`~.qconfig.PlacementWarning`) if that leaves none. ``ValueError`` for a model
+    that is already prepared."""
+    check_not_prepared(model)
     prepared = _torch_prepare_qat_fx(model, qconfig_mapping, example_inputs,
                                      prepare_custom_config=prepare_custom_config,
                                      backend_config=backend_config)
     if getattr(qconfig_mapping, "act_placement", "all") == "paper":
         apply_paper_placement(prepared)
+        if count_activation_fake_quant_calls(prepared) == 0:
+            warnings.warn(
+                "act_placement='paper' left no activation fake-quant: the paper placement quantizes "
+                "ReLU/ReLU6 outputs only and this model has none, so its activations stay float. Use "
+                "act_placement='all' to quantize them.", PlacementWarning, stacklevel=2)
+    # An attribute survives pickling; listed as preserved, it survives deepcopy too.
+    attrs = prepared.meta[META_KEY]
+    _make_qconfigs_picklable(prepared, attrs)
+    prepared.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[OBSERVED_ATTRS] = attrs
+    setattr(prepared, OBSERVED_ATTRS, attrs)
     return prepared

@@ -27,11 +27,12 @@ from typing import Union
 import torch
 from torch.ao.quantization import QConfig, QConfigMapping, get_default_qat_qconfig_mapping
 from torch.ao.quantization.fake_quantize import FixedQParamsFakeQuantize
-from torch.ao.quantization.observer import ReuseInputObserver
+from torch.ao.quantization.observer import ReuseInputObserver, _PartialWrapper
 
 from granq_ao.config import GranQScheme, check_choice
 
 from .fake_quantize import GranQFakeQuantize
+from .observer import PicklablePartial
 
 __all__ = ["GranQQConfigMapping", "PlacementWarning", "get_granq_qconfig", "get_granq_qat_qconfig_mapping"]
 
@@ -129,6 +130,23 @@ def _keeps_torch_activation(qconfig: QConfig) -> bool:
     return isinstance(target, type) and issubclass(target, (FixedQParamsFakeQuantize, ReuseInputObserver))
 
 
+def picklable_qconfig(qconfig):
+    """``qconfig`` with torch.ao's ``with_args`` constructors rewrapped as :class:`PicklablePartial`
+    (same constructor and arguments): torch's prepare then stores picklable qconfigs on the
+    modules it prepares, so the prepared model can be saved whole (``torch.save``)."""
+    if qconfig is None:
+        return None
+
+    def rewrap(constructor):
+        if isinstance(constructor, _PartialWrapper) and not isinstance(constructor, PicklablePartial):
+            result = PicklablePartial(constructor.p)
+            result.callable_args = dict(constructor.callable_args)
+            return result
+        return constructor
+
+    return QConfig(activation=rewrap(qconfig.activation), weight=rewrap(qconfig.weight))
+
+
 def get_granq_qat_qconfig_mapping(weight_bits: Union[int, GranQScheme] = 4, act_bits: int = 4,
                                   act_granularity: str = "granq", weight_granularity: str = "channel",
                                   act_placement: str = "all", backend: str = "x86",
@@ -139,8 +157,11 @@ def get_granq_qat_qconfig_mapping(weight_bits: Union[int, GranQScheme] = 4, act_
     ``weight_bits`` may be a :class:`~granq_ao.config.GranQScheme` (the other options but
     ``backend`` are then its own). Ops with fixed output ranges (sigmoid, tanh, softmax, ...) and
     ``reshape`` keep torch.ao's qconfigs. Transposed convolutions get per-tensor weight ranges
-    (their weight's output channels are on dim 1). ``act_placement="paper"``: see
-    :class:`GranQQConfigMapping`.
+    (their weight's output channels are on dim 1) for torch's static converter; torch.ao has no
+    QAT module for them, so their weights stay float in QAT and in
+    :func:`granq_ao.convert_to_reference_fx` (activations around them are quantized in both).
+    ``nn.Embedding``/``nn.EmbeddingBag`` are left float (qconfig None). ``act_placement="paper"``:
+    see :class:`GranQQConfigMapping`.
     """
     scheme = _scheme(weight_bits, act_bits=act_bits, act_granularity=act_granularity,
                      weight_granularity=weight_granularity, act_placement=act_placement,
@@ -155,12 +176,17 @@ def get_granq_qat_qconfig_mapping(weight_bits: Union[int, GranQScheme] = 4, act_
     transposed = {torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d,
                   torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
                   torch.nn.functional.conv_transpose3d}
+    for float_only in (torch.nn.Embedding, torch.nn.EmbeddingBag):
+        # torch.ao quantizes embeddings only weight-only with float qparams (its QAT embedding
+        # asserts that qscheme): GranQ leaves them float in QAT and convert; the next op's
+        # input fake-quant quantizes what they return.
+        mapping.set_object_type(float_only, None)
     for object_type, object_qconfig in torch_default.object_type_qconfigs.items():
         if object_type in transposed:
             mapping.set_object_type(object_type, transpose_qconfig)
         elif object_qconfig is None or _keeps_torch_activation(object_qconfig):
-            mapping.set_object_type(object_type, object_qconfig)
+            mapping.set_object_type(object_type, picklable_qconfig(object_qconfig))
         else:  # LayerNorm, PReLU: torch.ao's special weight handling, GranQ activation
-            mapping.set_object_type(object_type, QConfig(activation=qconfig.activation,
-                                                         weight=object_qconfig.weight))
+            mapping.set_object_type(object_type, picklable_qconfig(
+                QConfig(activation=qconfig.activation, weight=object_qconfig.weight)))
     return mapping
