@@ -2,7 +2,7 @@
 no integration imports another, nobody imports another package's private names, no cycles.
 
 Layers (docs/ARCHITECTURE.md):
-    core         granq_ao.{config, functional, granularity, relu, diagnostics, ops, qdq_graph}
+    core         granq_ao.{config, functional, granularity, relu, diagnostics, ops, qdq_graph, onnx_export}
     integrations granq_ao.integrations.<toolchain>   (may import the core and itself)
     zsq          granq_ao.zsq                        (may import integrations and the core)
     front        granq_ao (its __init__)             re-exports; nothing inside the package imports it
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "granq_ao"
-CORE = {"granq_ao.config", "granq_ao.functional", "granq_ao.granularity", "granq_ao.relu",
+CORE = {"granq_ao.config", "granq_ao.functional", "granq_ao.granularity", "granq_ao.relu", "granq_ao.onnx_export",
         "granq_ao.diagnostics", "granq_ao.ops", "granq_ao.qdq_graph"}
 
 

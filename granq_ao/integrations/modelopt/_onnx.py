@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import warnings
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
+
+from granq_ao.onnx_export import as_input_tuple, export_onnx_bytes, write_bytes
 
 from ._backend import is_granq_quantizer
 
@@ -59,31 +60,14 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, f: Union[str, io.By
             ``True``: ``torch.export`` + onnxscript. Both emit the same GranQ ops.
         opset_version: default 17 for TorchScript, the exporter's default for dynamo.
     """
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = as_input_tuple(example_inputs)
     was_training = model.training
     model.eval()
     try:
-        with granq_export_mode(model), warnings.catch_warnings():
-            # Python-side shape checks (e.g. ``inputs.numel() == 0``) are constant for any batch size.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            if dynamo:
-                dynamic_shapes = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
-                program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                            input_names=list(input_names), output_names=list(output_names),
-                                            opset_version=opset_version, verbose=False)
-                data = program.model_proto.SerializeToString()
-            else:
-                buffer = io.BytesIO()
-                axes = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
-                torch.onnx.export(model, args, buffer, dynamo=False, input_names=list(input_names),
-                                  output_names=list(output_names), dynamic_axes=axes,
-                                  opset_version=opset_version or 17)
-                data = buffer.getvalue()
+        with granq_export_mode(model):
+            data = export_onnx_bytes(model, args, dynamo=dynamo, opset_version=opset_version,
+                                     input_names=input_names, output_names=output_names,
+                                     dynamic_batch=dynamic_batch)
     finally:
         model.train(was_training)
-    if isinstance(f, str):
-        with open(f, "wb") as handle:
-            handle.write(data)
-    elif f is not None:
-        f.write(data)
-    return data
+    return write_bytes(data, f)

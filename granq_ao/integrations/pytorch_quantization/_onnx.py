@@ -21,6 +21,8 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from granq_ao.onnx_export import as_input_tuple, export_onnx_bytes, write_bytes
+
 __all__ = ["export_onnx", "baked_weight_quantizers", "OnnxMismatchWarning"]
 
 
@@ -111,34 +113,17 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, f: Union[str, io.By
             warn (:class:`OnnxMismatchWarning`) when its outputs differ from the model's in eval
             by more than float noise (see :func:`_check_against_onnxruntime`).
     """
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = as_input_tuple(example_inputs)
     was_training = model.training
     model.eval()
     bake = baked_weight_quantizers(model) if bake_weights else contextlib.nullcontext()
     try:
-        with bake, warnings.catch_warnings():
-            # Python-side shape checks (e.g. ``x.numel() == 0``) are constant for any batch size.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            if dynamo:
-                dynamic_shapes = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
-                program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                            input_names=list(input_names), output_names=list(output_names),
-                                            opset_version=opset_version, verbose=False)
-                data = program.model_proto.SerializeToString()
-            else:
-                buffer = io.BytesIO()
-                axes = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
-                torch.onnx.export(model, args, buffer, dynamo=False, input_names=list(input_names),
-                                  output_names=list(output_names), dynamic_axes=axes,
-                                  opset_version=opset_version or 17)
-                data = buffer.getvalue()
+        with bake:
+            data = export_onnx_bytes(model, args, dynamo=dynamo, opset_version=opset_version,
+                                     input_names=input_names, output_names=output_names,
+                                     dynamic_batch=dynamic_batch)
     finally:
         model.train(was_training)
     if check:
         _check_against_onnxruntime(model, args, data)
-    if isinstance(f, str):
-        with open(f, "wb") as handle:
-            handle.write(data)
-    elif f is not None:
-        f.write(data)
-    return data
+    return write_bytes(data, f)
