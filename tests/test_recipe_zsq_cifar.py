@@ -157,8 +157,9 @@ def _cli_error(recipe, argv, capsys):
 
 def test_cli_errors(env, tmp_path, capsys):
     recipe = load_recipe()
-    assert "expected bits in [2, 8], got 9" in _cli_error(recipe, ["--wbits", "9"], capsys)
-    assert "expected bits in [2, 8], got 1" in _cli_error(recipe, ["--abits", "1"], capsys)
+    assert "bits must be an integer in [2, 8], got 9" in _cli_error(recipe, ["--wbits", "9"], capsys)
+    assert "bits must be an integer in [2, 8], got 1" in _cli_error(recipe, ["--abits", "1"], capsys)
+    assert "bits must be an integer in [2, 8], got 'four'" in _cli_error(recipe, ["--abits", "four"], capsys)
     assert "invalid choice" in _cli_error(recipe, ["--dataset", "mnist"], capsys)
     err = _cli_error(recipe, TINY + ["--dataset", "cifar10", "--out", str(tmp_path / "x"), "--teacher-weights",
                                      str(env / "weights" / "resnet20_cifar100.pth")], capsys)

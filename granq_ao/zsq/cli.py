@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
-from granq_ao.config import ACT_GRANULARITIES, FUSED_MODES, MAX_BITS, MIN_BITS, PLACEMENTS, WEIGHT_GRANULARITIES
+from granq_ao.config import (ACT_GRANULARITIES, FUSED_MODES, MAX_BITS, MIN_BITS, PLACEMENTS, WEIGHT_GRANULARITIES,
+                             check_bits)
 
 from .checkpoint import load_checkpoint
 from .distributed import DistributedContext
@@ -66,7 +67,11 @@ def _integer(text: str, minimum: int, maximum: int, what: str) -> int:
 
 
 def bits(text: str) -> int:
-    return _integer(text, MIN_BITS, MAX_BITS, f"bits in [{MIN_BITS}, {MAX_BITS}]")
+    try:
+        return check_bits(int(text))
+    except ValueError as error:  # int() of a non-number, or check_bits' own message
+        message = str(error) if "bits" in str(error) else f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def positive_int(text: str) -> int:
