@@ -64,6 +64,7 @@ def build_trainer(dataset: str, bits: int, batch_size: int, act_granularity: str
 def timed_phases(trainer: ZSQTrainer, sampler: torch.Generator) -> Dict[str, float]:
     """The steps of ``ZSQTrainer.train_step`` (student trained), timed one by one (seconds)."""
     cfg = trainer.config
+    cpu_start = time.process_time()
     marks = [time.perf_counter()]
     z, labels = trainer.generator.sample_inputs(trainer.local_batch, sampler, trainer.device)
     images = trainer.generator(z, labels)
@@ -87,7 +88,9 @@ def timed_phases(trainer: ZSQTrainer, sampler: torch.Generator) -> Dict[str, flo
     loss_s.backward()
     trainer.optimizer_s.step()
     marks.append(time.perf_counter())
-    return {name: marks[i + 1] - marks[i] for i, name in enumerate(PHASES)}
+    out = {name: marks[i + 1] - marks[i] for i, name in enumerate(PHASES)}
+    out["cpu_s"] = time.process_time() - cpu_start  # CPU time of this process (all threads)
+    return out
 
 
 def operator_table(trainer: ZSQTrainer, sampler: torch.Generator, top: int) -> List[Dict[str, object]]:
@@ -146,18 +149,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     result: Dict[str, object] = {"environment": env, "settings": vars(args)}
     for fold in (False, True):
         name = "fold_bn" if fold else "default"
-        totals = [sum(p.values()) for p in phases[fold]]
-        result[name] = {"s_per_iter": quartiles(totals),
+        totals = [sum(p[ph] for ph in PHASES) for p in phases[fold]]
+        result[name] = {"s_per_iter": quartiles(totals), "cpu_s_per_iter": quartiles([p["cpu_s"] for p in phases[fold]]),
                         "phases_median_s": {ph: statistics.median(p[ph] for p in phases[fold]) for ph in PHASES}}
     ratio = result["fold_bn"]["s_per_iter"]["median"] / result["default"]["s_per_iter"]["median"]
     result["fold_over_default"] = ratio
+    cpu_ratio = result["fold_bn"]["cpu_s_per_iter"]["median"] / result["default"]["cpu_s_per_iter"]["median"]
+    result["fold_over_default_cpu"] = cpu_ratio
     print("\nphase medians, s (default | fold_bn):")
     for ph in PHASES:
         print(f"  {ph:18s} {result['default']['phases_median_s'][ph]:8.4f} | {result['fold_bn']['phases_median_s'][ph]:8.4f}")
     for name in ("default", "fold_bn"):
         q = result[name]["s_per_iter"]
         print(f"  {name:18s} s/iter median {q['median']:.4f} [q1 {q['q1']:.4f}, q3 {q['q3']:.4f}, min {q['min']:.4f}] n={q['n']}")
-    print(f"  fold_bn / default (medians): {ratio:.3f}")
+        c = result[name]["cpu_s_per_iter"]
+        print(f"  {'':18s} CPU s/iter median {c['median']:.4f} [q1 {c['q1']:.4f}, q3 {c['q3']:.4f}]")
+    print(f"  fold_bn / default (medians): wall {ratio:.3f}, CPU time {cpu_ratio:.3f}")
 
     # evaluation cost (real subset, default student)
     if evalset is not None:
