@@ -170,3 +170,21 @@ def test_training_mode_bn_keeps_torch_ao_forward(students):
     overridden.bn.train(), plain.bn.train()
     assert torch.equal(overridden(x), plain(x))
     overridden.bn.eval(), plain.bn.eval()
+
+
+def test_checkpoint_written_before_fold_bn_existed_still_resumes():
+    """A checkpoint whose config has no ``fold_bn`` key was written with the default (False)."""
+    from types import SimpleNamespace
+
+    from granq_ao.zsq.trainer import CHECKPOINT_FORMAT, ZSQTrainer
+
+    saved = ZSQConfig().to_dict()
+    del saved["fold_bn"]
+    checkpoint = {"format": CHECKPOINT_FORMAT, "config": saved, "run_info": {}, "world_size": 1}
+
+    def trainer_with(config):
+        return SimpleNamespace(config=config, run_info={}, ctx=SimpleNamespace(world_size=1))
+
+    ZSQTrainer._check_resumable(trainer_with(ZSQConfig()), checkpoint)  # no error
+    with pytest.raises(ValueError, match="fold_bn"):
+        ZSQTrainer._check_resumable(trainer_with(ZSQConfig(fold_bn=True)), checkpoint)
