@@ -137,7 +137,9 @@ def build_generator(dataset: str, seed: int, checkpoint: Optional[str]) -> Tuple
     generator = GDFQGenerator(NUM_CLASSES[dataset])
     source = f"untrained GDFQGenerator (random init, torch.manual_seed({seed}))"
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        from granq_ao.zsq.checkpoint import load_checkpoint
+
+        state = load_checkpoint(Path(checkpoint))  # weights only
         generator.load_state_dict(state["generator"] if "generator" in state else state)
         source = f"GDFQGenerator from {checkpoint}"
     return generator.train(), source
