@@ -95,3 +95,17 @@ def test_quick_run_writes_table_json_and_plot(fidelity, teacher_and_images, tmp_
         s = entry["summary"]
         assert s["n_batches"] == 1 and len(s["layers"]) == 19
         assert s["granq"]["rel"] < s["tensor"]["rel"]
+
+
+def test_generator_checkpoint_is_loaded(fidelity, tmp_path):
+    from granq_ao.zsq.generator import GDFQGenerator
+
+    trained = GDFQGenerator(10)
+    with torch.no_grad():
+        trained.project.weight.fill_(0.5)
+    torch.save({"generator": trained.state_dict(), "epoch": 3}, tmp_path / "checkpoint.pt")
+    generator, source = fidelity.build_generator("cifar10", 0, str(tmp_path / "checkpoint.pt"))
+    assert generator.training and str(tmp_path) in source and "untrained" not in source
+    assert torch.equal(generator.project.weight, trained.project.weight)
+    untrained, source = fidelity.build_generator("cifar10", 0, None)
+    assert "untrained" in source and not torch.equal(untrained.project.weight, trained.project.weight)
