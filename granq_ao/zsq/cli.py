@@ -38,7 +38,7 @@ __all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_
 # ``weight_bits``); short aliases (--wbits, --abits, --iters, --lr-g, --loss) are kept.
 FLAG_FIELDS = ("weight_bits", "act_bits", "act_granularity", "weight_granularity", "act_placement", "toolchain",
                "epochs", "iters_per_epoch", "batch_size", "warmup_epochs", "lr", "lr_generator", "lr_milestones",
-               "temperature", "student_loss", "seed", "eval_batch_size")
+               "temperature", "student_loss", "seed", "eval_batch_size", "fold_bn")
 
 
 @dataclass
@@ -133,6 +133,9 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
     add("--student-loss", "--loss", choices=STUDENT_LOSSES, default=None,
         help="student loss: entropy = GranQ/AdaDFQ -T^2 H(softmax((t-s)/T)); kl = T^2 KL distillation")
     add("--seed", type=seed, default=None, help="(default 0)")
+    add("--fold-bn", action="store_true", default=None,
+        help="student: compute each frozen conv-BN as conv(x, fq(w*sf), folded bias) instead of torch.ao's "
+             "divide-then-BN (same parameters and function up to float rounding; faster)")
     add("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add("--out", default=None, help="output folder (default runs/<recipe>_<settings>_<time>)")
     add("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

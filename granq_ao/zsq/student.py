@@ -29,6 +29,7 @@ from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 
 from granq_ao.config import GranQScheme, check_choice
 from granq_ao.integrations.torch_ao import GranQFakeQuantize, get_granq_qat_qconfig_mapping, prepare_qat_fx
+from granq_ao.integrations.torch_ao.frozen_bn import fold_frozen_batchnorm
 
 __all__ = ["TOOLCHAINS", "build_student", "prepare_student", "freeze_student_batchnorm", "count_fake_quants"]
 
@@ -47,25 +48,34 @@ def freeze_student_batchnorm(student: nn.Module) -> nn.Module:
     return student
 
 
-def prepare_student(teacher: nn.Module, scheme: GranQScheme, example_inputs) -> torch.fx.GraphModule:
+def prepare_student(teacher: nn.Module, scheme: GranQScheme, example_inputs, fold_bn: bool = False
+                    ) -> torch.fx.GraphModule:
     """A trainable fake-quantized copy of ``teacher`` (module docstring) for ``scheme``, traced
     with ``example_inputs`` (a tuple, e.g. ``(torch.zeros(1, 3, 32, 32),)``); the teacher is
     untouched. The returned GraphModule is in eval mode with BN statistics frozen; all its
-    parameters require gradients."""
+    parameters require gradients. ``fold_bn=True``: the fused Conv-BN modules compute
+    ``conv(x, fq(w * sf), beta + (b - mean) * sf)`` instead of torch.ao's divide-then-BN (same
+    parameters and function, float rounding aside; see
+    :mod:`granq_ao.integrations.torch_ao.frozen_bn`)."""
     student = copy.deepcopy(teacher).train()
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     student = prepare_qat_fx(student, get_granq_qat_qconfig_mapping(scheme), example_inputs)
     freeze_student_batchnorm(student)
+    if fold_bn:
+        fold_frozen_batchnorm(student)
     student.eval()
     return student
 
 
-def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, example_inputs) -> nn.Module:
+def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, example_inputs,
+                  fold_bn: bool = False) -> nn.Module:
     """The student of ``teacher`` for ``scheme``, built by the integration ``toolchain`` (one of
     :data:`TOOLCHAINS`), with every parameter trainable (the teacher's are frozen); the teacher is
-    untouched."""
+    untouched. ``fold_bn`` (torch.ao only): see :func:`prepare_student`."""
     check_choice(toolchain, TOOLCHAINS, "toolchain")
+    if fold_bn and toolchain != "torch_ao":
+        raise ValueError(f"fold_bn is implemented for the torch_ao student only, not {toolchain!r}")
     if toolchain == "modelopt":
         from granq_ao.integrations import modelopt
 
@@ -80,7 +90,7 @@ def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, examp
         # The student lives in eval form (BN statistics frozen), as the others.
         student = allow_exported_model_train_eval(torchao.prepare_student(teacher, scheme, example_inputs))
     else:
-        student = prepare_student(teacher, scheme, example_inputs)
+        student = prepare_student(teacher, scheme, example_inputs, fold_bn=fold_bn)
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     return student

@@ -98,10 +98,15 @@ class ZSQConfig:
     seed: int = 0
     eval_batch_size: int = 256
     toolchain: str = "torch_ao"           # which integration builds the student (see zsq.student)
+    fold_bn: bool = False                 # frozen student BN folded into its convs' forward (same math)
 
     def validate(self) -> "ZSQConfig":
         """Raise ``ValueError`` with a readable message for any bad field; return self."""
         problems = []
+        if not isinstance(self.fold_bn, bool):
+            problems.append(f"fold_bn must be True or False, got {self.fold_bn!r}")
+        elif self.fold_bn and self.toolchain != "torch_ao":
+            problems.append(f"fold_bn is implemented for the torch_ao student only, not {self.toolchain!r}")
         if self.toolchain not in TOOLCHAINS:
             problems.append(f"toolchain must be one of {', '.join(TOOLCHAINS)}; got {self.toolchain!r}")
         try:
@@ -333,7 +338,8 @@ class ZSQTrainer:
             parameter.requires_grad_(False)
         self.teacher.to(self.device)
         example_inputs = (torch.zeros(2, channels, image_size, image_size),)  # batch >= 2: torch.export
-        self.student = build_student(cfg.toolchain, self.teacher, cfg.scheme(fused), example_inputs).to(self.device)
+        self.student = build_student(cfg.toolchain, self.teacher, cfg.scheme(fused), example_inputs,
+                                     fold_bn=cfg.fold_bn).to(self.device)
         self.fake_quants = count_fake_quants(self.student, cfg.toolchain)
         if generator is None:
             generator = GDFQGenerator(num_classes, cfg.latent_dim, img_size=image_size, channels=channels)
@@ -374,8 +380,9 @@ class ZSQTrainer:
             raise ValueError(f"checkpoint format {checkpoint.get('format')!r} is not {CHECKPOINT_FORMAT}")
         saved = checkpoint["config"]
         current = self.config.to_dict()
-        changed = [f"{k}: checkpoint {saved.get(k)!r} != now {current[k]!r}" for k in current
-                   if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+        defaults = ZSQConfig().to_dict()  # a field added after the checkpoint was written: its default
+        changed = [f"{k}: checkpoint {saved.get(k, defaults[k])!r} != now {current[k]!r}" for k in current
+                   if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != current[k]]
         saved_info = checkpoint.get("run_info", {})
         changed += [f"{k}: checkpoint {saved_info.get(k)!r} != now {v!r}" for k, v in self.run_info.items()
                     if k not in DESCRIPTIVE_INFO and saved_info.get(k) != v]

@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Where one zero-shot QAT iteration spends its time, and what ``fold_bn`` saves.
+
+Builds the recipe's trainer (``granq_ao.zsq.ZSQTrainer``, ResNet-20 teacher from ``../shared/data``,
+no output folder) and
+
+1. **phases**: runs the steps of ``ZSQTrainer.train_step`` one by one with a timer between them
+   (generator forward, teacher forward with BN-statistics hooks, student forward, generator
+   backward + Adam step, student forward on the detached images, student backward + SGD step),
+   median over ``--reps`` iterations, and the evaluation of the student on the real test subset;
+2. **operators**: ``torch.profiler`` over one full ``train_step``: the operators with the largest
+   self CPU time;
+3. **fold_bn A/B**: two trainers with the same seed, ``fold_bn=False`` and ``fold_bn=True``, whose
+   ``train_step`` calls alternate (A, B, A, B, ...) in this one process, so that machine load hits
+   both alike; median and quartiles of s/iter, and the ratio of the medians.
+
+    python benchmarks/profile_iteration.py --dataset cifar100 --bits 3 --batch-size 200 --reps 6
+    python benchmarks/profile_iteration.py --quick          # batch 8, 2 reps: a smoke run
+
+Timings are wall-clock on whatever the machine is doing: the header prints the load average;
+compare the two variants only by their ratio inside one run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from granq_ao.zsq.data import NUM_CLASSES, load_cifar_test  # noqa: E402
+from granq_ao.zsq.losses import generator_loss, record_batchnorm_inputs, student_loss  # noqa: E402
+from granq_ao.zsq.teachers import build_cifar_teacher  # noqa: E402
+from granq_ao.zsq.trainer import ZSQConfig, ZSQTrainer  # noqa: E402
+
+PHASES = ("generator_fwd", "teacher_fwd", "student_fwd_g", "g_backward_step", "student_fwd_s", "s_backward_step")
+
+
+def build_trainer(dataset: str, bits: int, batch_size: int, act_granularity: str, fold_bn: bool, seed: int,
+                  eval_data=None) -> ZSQTrainer:
+    torch.manual_seed(seed)
+    teacher, _ = build_cifar_teacher(dataset, allow_download=False)
+    config = ZSQConfig(weight_bits=bits, act_bits=bits, act_granularity=act_granularity, batch_size=batch_size,
+                       epochs=1, iters_per_epoch=1, warmup_epochs=0, seed=seed, fold_bn=fold_bn)
+    trainer = ZSQTrainer(config, teacher, None, num_classes=NUM_CLASSES[dataset], eval_data=eval_data,
+                         tensorboard=False, progress=False, log=lambda _: None, fused="eager")
+    trainer.student.eval()
+    trainer.generator.train()
+    return trainer
+
+
+def timed_phases(trainer: ZSQTrainer, sampler: torch.Generator) -> Dict[str, float]:
+    """The steps of ``ZSQTrainer.train_step`` (student trained), timed one by one (seconds)."""
+    cfg = trainer.config
+    cpu_start = time.process_time()
+    marks = [time.perf_counter()]
+    z, labels = trainer.generator.sample_inputs(trainer.local_batch, sampler, trainer.device)
+    images = trainer.generator(z, labels)
+    marks.append(time.perf_counter())
+    with record_batchnorm_inputs(trainer.teacher) as bn_records:
+        teacher_logits = trainer.teacher(images)
+    marks.append(time.perf_counter())
+    student_logits = trainer.student(images)
+    marks.append(time.perf_counter())
+    loss_g, _ = generator_loss(teacher_logits, student_logits, labels, bn_records, cfg.alpha_ds, cfg.alpha_as,
+                               cfg.beta, cfg.gamma, cfg.entropy_lower, cfg.entropy_upper)
+    params = [p for p in trainer.generator.parameters() if p.requires_grad]
+    trainer.optimizer_g.zero_grad(set_to_none=True)
+    loss_g.backward(inputs=params)
+    trainer.optimizer_g.step()
+    marks.append(time.perf_counter())
+    student_logits = trainer.student(images.detach())
+    marks.append(time.perf_counter())
+    loss_s = student_loss(cfg.student_loss, teacher_logits.detach(), student_logits, cfg.temperature)
+    trainer.optimizer_s.zero_grad(set_to_none=True)
+    loss_s.backward()
+    trainer.optimizer_s.step()
+    marks.append(time.perf_counter())
+    out = {name: marks[i + 1] - marks[i] for i, name in enumerate(PHASES)}
+    out["cpu_s"] = time.process_time() - cpu_start  # CPU time of this process (all threads)
+    return out
+
+
+def operator_table(trainer: ZSQTrainer, sampler: torch.Generator, top: int) -> List[Dict[str, object]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.train_step(sampler, train_student=True)
+    rows = []
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    for event in events[:top]:
+        rows.append({"op": event.key, "calls": event.count, "self_ms": event.self_cpu_time_total / 1e3,
+                     "self_share": event.self_cpu_time_total / total})
+    return rows
+
+
+def quartiles(values: Sequence[float]) -> Dict[str, float]:
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
+    return {"median": statistics.median(ordered), "q1": q[0], "q3": q[2], "min": ordered[0], "n": len(ordered)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="cifar100", choices=("cifar10", "cifar100"))
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--act-granularity", default="granq")
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=6, help="timed iterations per variant (after 1 warm-up)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="batch 8, 2 reps, no evaluation timing")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.reps = 8, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "loadavg_start": os.getloadavg(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    print(f"profile one iteration: {args.dataset} W{args.bits}A{args.bits} {args.act_granularity}, batch "
+          f"{args.batch_size}, {args.reps} reps; threads {env['threads']}, load average {env['loadavg_start']}")
+    evalset = None if args.quick else load_cifar_test(args.dataset)
+    trainers = {False: build_trainer(args.dataset, args.bits, args.batch_size, args.act_granularity, False, 0, evalset),
+                True: build_trainer(args.dataset, args.bits, args.batch_size, args.act_granularity, True, 0, evalset)}
+    samplers = {fold: torch.Generator().manual_seed(1) for fold in trainers}
+
+    # 1. phases, 3. A/B (the phase run is the A/B run: alternating fold off / on)
+    for fold, trainer in trainers.items():  # warm-up
+        timed_phases(trainer, samplers[fold])
+    phases: Dict[bool, List[Dict[str, float]]] = {False: [], True: []}
+    for _ in range(args.reps):
+        for fold in (False, True):
+            phases[fold].append(timed_phases(trainers[fold], samplers[fold]))
+    result: Dict[str, object] = {"environment": env, "settings": vars(args)}
+    for fold in (False, True):
+        name = "fold_bn" if fold else "default"
+        totals = [sum(p[ph] for ph in PHASES) for p in phases[fold]]
+        result[name] = {"s_per_iter": quartiles(totals), "cpu_s_per_iter": quartiles([p["cpu_s"] for p in phases[fold]]),
+                        "phases_median_s": {ph: statistics.median(p[ph] for p in phases[fold]) for ph in PHASES}}
+    ratio = result["fold_bn"]["s_per_iter"]["median"] / result["default"]["s_per_iter"]["median"]
+    result["fold_over_default"] = ratio
+    cpu_ratio = result["fold_bn"]["cpu_s_per_iter"]["median"] / result["default"]["cpu_s_per_iter"]["median"]
+    result["fold_over_default_cpu"] = cpu_ratio
+    print("\nphase medians, s (default | fold_bn):")
+    for ph in PHASES:
+        print(f"  {ph:18s} {result['default']['phases_median_s'][ph]:8.4f} | {result['fold_bn']['phases_median_s'][ph]:8.4f}")
+    for name in ("default", "fold_bn"):
+        q = result[name]["s_per_iter"]
+        print(f"  {name:18s} s/iter median {q['median']:.4f} [q1 {q['q1']:.4f}, q3 {q['q3']:.4f}, min {q['min']:.4f}] n={q['n']}")
+        c = result[name]["cpu_s_per_iter"]
+        print(f"  {'':18s} CPU s/iter median {c['median']:.4f} [q1 {c['q1']:.4f}, q3 {c['q3']:.4f}]")
+    print(f"  fold_bn / default (medians): wall {ratio:.3f}, CPU time {cpu_ratio:.3f}")
+
+    # evaluation cost (real subset, default student)
+    if evalset is not None:
+        start = time.perf_counter()
+        trainers[False].evaluate(trainers[False].student)
+        eval_default = time.perf_counter() - start
+        start = time.perf_counter()
+        trainers[True].evaluate(trainers[True].student)
+        eval_fold = time.perf_counter() - start
+        result["evaluation_s"] = {"default": eval_default, "fold_bn": eval_fold, "images": len(evalset)}
+        print(f"  evaluation of the student on {len(evalset)} images: default {eval_default:.2f} s, "
+              f"fold_bn {eval_fold:.2f} s (once each)")
+
+    # 2. operators of one train_step, each variant
+    for fold in (False, True):
+        name = "fold_bn" if fold else "default"
+        result[f"operators_{name}"] = operator_table(trainers[fold], samplers[fold], args.top)
+        print(f"\ntop operators by self CPU time, one train_step ({name}):")
+        for row in result[f"operators_{name}"]:
+            print(f"  {row['op'][:40]:40s} calls {row['calls']:5d}  self {row['self_ms']:9.2f} ms  "
+                  f"{100 * row['self_share']:5.1f}%")
+    env["loadavg_end"] = os.getloadavg()
+    print(f"\nload average at end {env['loadavg_end']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
