@@ -111,7 +111,19 @@ CANDIDATES: Dict[str, str] = {
     "granq": "GranQFakeQuantize granularity=granq (module, auto backend)",
     "granq_fn_eager": "functional.fake_quantize granq, fused='eager'",
     "granq_fn_compiled": "functional.fake_quantize granq, fused='compiled' (torch.compile)",
+    "torchao_intx": "torchao IntxFakeQuantizer per-token asymmetric on the (N*C, H*W) view (= GranQ's numbers)",
+    "modelopt_dynamic": "modelopt TensorQuantizer type=dynamic axis=(0, 1), symmetric abs-max (not GranQ's numbers)",
 }
+# Candidates from an optional toolchain: timed by default only where that package is installed.
+OPTIONAL_CANDIDATES: Dict[str, str] = {"torchao_intx": "torchao", "modelopt_dynamic": "modelopt"}
+
+
+def available_candidates() -> List[str]:
+    """Every candidate whose toolchain is installed here (the default ``--candidates``)."""
+    import importlib.util
+
+    return [name for name in CANDIDATES
+            if name not in OPTIONAL_CANDIDATES or importlib.util.find_spec(OPTIONAL_CANDIDATES[name]) is not None]
 QAT_CONFIGS: Dict[str, str] = {
     "float": "no quantization",
     "granq_all": "granq_ao.prepare_qat_fx, get_granq_qat_qconfig_mapping(act_placement='all')",
@@ -253,6 +265,23 @@ def make_fake_quant(name: str, bits: int, device: torch.device) -> Callable[[tor
         return lambda x: F.fake_quantize(x, bits, "granq", fused="eager")
     if name == "granq_fn_compiled":
         return lambda x: F.fake_quantize(x, bits, "granq", fused="compiled")
+    if name == "torchao_intx":
+        # torchao's own dynamic QAT fake-quant, one asymmetric range per row of the (N*C, H*W)
+        # view: GranQ's per-(sample, channel) ranges (0 lies in every range of these inputs, so
+        # torchao's range widening to include 0 changes nothing; tested equal).
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+        from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+        dtype = getattr(torch, f"int{bits}")
+        quantizer = IntxFakeQuantizer(IntxFakeQuantizeConfig(dtype=dtype, granularity="per_token",
+                                                             is_symmetric=False)).to(device)
+        return lambda x: quantizer(x.reshape(x.shape[0] * x.shape[1], -1)).reshape(x.shape)
+    if name == "modelopt_dynamic":
+        # modelopt's closest shipped quantizer: dynamic amax per (sample, channel), symmetric.
+        from modelopt.torch.quantization.config import QuantizerAttributeConfig
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+        return TensorQuantizer(QuantizerAttributeConfig(num_bits=bits, axis=(0, 1), type="dynamic")).to(device)
     raise ValueError(f"unknown candidate {name!r}; expected one of {', '.join(CANDIDATES)}")
 
 
@@ -299,7 +328,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
     return times
 
 
-def run_latency(batches: Sequence[int] = DEFAULT_BATCHES, candidates: Sequence[str] = tuple(CANDIDATES),
+def run_latency(batches: Sequence[int] = DEFAULT_BATCHES, candidates: Optional[Sequence[str]] = None,
                 bits: int = 3, device: torch.device = torch.device("cpu"), reps: int = 10,
                 warmup: int = 2, min_time_s: float = 0.5, max_reps: int = 200,
                 iterative: str = "all", iterative_reps: int = 2, dtype: torch.dtype = torch.float32,
@@ -310,7 +339,9 @@ def run_latency(batches: Sequence[int] = DEFAULT_BATCHES, candidates: Sequence[s
     except ``granq_iterative`` (far slower): timed alone with ``iterative_reps`` calls after one
     warm-up call, on ``iterative`` = ``"all"`` shapes, ``"target"`` (only ``TARGET_SHAPE``) or
     ``"off"``. Ratio columns are None when their reference candidate is not measured.
+    ``candidates=None``: :func:`available_candidates`.
     """
+    candidates = available_candidates() if candidates is None else candidates
     unknown = [c for c in candidates if c not in CANDIDATES]
     if unknown:
         raise ValueError(f"unknown candidates {unknown}; expected some of {', '.join(CANDIDATES)}")
@@ -592,7 +623,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",") if v],
                         default=list(DEFAULT_BATCHES), help="comma-separated batch sizes (default 16,32,64,128,200)")
     parser.add_argument("--candidates", type=lambda s: [v for v in s.split(",") if v],
-                        default=list(CANDIDATES), help=f"comma-separated subset of: {', '.join(CANDIDATES)}")
+                        default=available_candidates(),
+                        help=f"comma-separated subset of: {', '.join(CANDIDATES)} (default: all whose toolchain "
+                             f"is installed)")
     parser.add_argument("--quick", action="store_true",
                         help="few repetitions, granq_iterative only at the target shape (CI smoke)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

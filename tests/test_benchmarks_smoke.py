@@ -36,7 +36,8 @@ ROW_KEYS = {"shape", "candidate"} | {f"{mode}_{key}" for mode in MODES
 
 def test_candidate_and_shape_vocabulary(bench):
     assert list(bench.CANDIDATES) == EAGER_CANDIDATES[:5] + ["granq_iterative", "granq", "granq_fn_eager",
-                                                              "granq_fn_compiled"]
+                                                              "granq_fn_compiled", "torchao_intx", "modelopt_dynamic"]
+    assert set(bench.OPTIONAL_CANDIDATES) == {"torchao_intx", "modelopt_dynamic"}
     assert bench.act_shapes([16, 200]) == [(16, 16, 32, 32), (16, 32, 16, 16), (16, 64, 8, 8),
                                            (200, 16, 32, 32), (200, 32, 16, 16), (200, 64, 8, 8)]
     assert bench.TARGET_SHAPE in bench.act_shapes(bench.DEFAULT_BATCHES)
@@ -115,6 +116,28 @@ def test_candidates_fake_quantize(bench):
         y = bench.make_fake_quant(name, 3, cpu)(x)
         assert torch.allclose(y, expected, rtol=0, atol=1e-6) and torch.unique(y).numel() <= 8, name
     assert torch.equal(bench.make_fake_quant("clone", 3, cpu)(x), x)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_torchao_intx_candidate_computes_granq_numbers(bench, bits):
+    """The issue's measured lead, kept tested: torchao's per-token IntxFakeQuantizer on the
+    (N*C, H*W) view gives exactly GranQ's fake-quantized values (0.0 difference)."""
+    pytest.importorskip("torchao")
+    from granq_ao import functional as F
+
+    x = torch.randn(8, 16, 6, 6)
+    y = bench.make_fake_quant("torchao_intx", bits, torch.device("cpu"))(x)
+    assert torch.equal(y, F.fake_quantize(x, bits, "granq", fused="eager"))
+
+
+def test_modelopt_dynamic_candidate_is_symmetric_per_sample_channel(bench):
+    """modelopt's dynamic quantizer is symmetric abs-max per (n, c): not GranQ's numbers."""
+    pytest.importorskip("modelopt")
+    x = torch.randn(4, 8, 5, 5)
+    y = bench.make_fake_quant("modelopt_dynamic", 4, torch.device("cpu"))(x)
+    amax = x.abs().amax(dim=(2, 3), keepdim=True)
+    assert torch.allclose(y, torch.round(x / amax * 7).clamp(-8, 7) * amax / 7, atol=1e-6)
+    assert not torch.equal(y, __import__("granq_ao").functional.fake_quantize(x, 4, "granq", fused="eager"))
 
 
 def test_qat_counts_and_columns(bench):
