@@ -221,7 +221,7 @@ def test_presets():
     config = cli.resolve_config(args, parser, recipe.preset_values).validate()
     assert (args.dataset, config.weight_bits, config.act_bits, config.act_granularity,
             config.weight_granularity, config.act_placement, config.toolchain) == (
-        "cifar10", 4, 4, "granq", "channel", "paper", "torch_ao")
+        "cifar10", 4, 4, "granq", "channel", "paper", "fx")
 
 
 def test_cli_refuses_bad_values_before_any_work(env, tmp_path, capsys):

@@ -133,7 +133,7 @@ def hand_fake_quantize(x, bits, dims):
 
 def test_activation_errors_match_an_independent_computation(files):
     teacher, _, classes = build_imagenet_teacher("resnet18", str(files / "resnet18_3.pth"), SIZE)
-    student = build_student("torch_ao", teacher, ZSQConfig(act_bits=3).scheme("eager"),
+    student = build_student("fx", teacher, ZSQConfig(act_bits=3).scheme("eager"),
                             (torch.zeros(1, 3, SIZE, SIZE),))
     dataset, _, _ = load_imagenet_val(str(files / "val"), SIZE)
     images = pictures.first_images(dataset, 6, IMAGENET_NORMALIZATION)

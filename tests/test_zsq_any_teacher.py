@@ -133,26 +133,26 @@ def test_modelopt_student_trains_and_resumes(tmp_path):
             assert torch.equal(value, b.state_dict()[key]), key
 
 
-def test_torchao_student_trains_and_matches_the_torch_ao_student(tmp_path):
-    """ZSQConfig.toolchain="torchao": the student is a PT2E GranQ QAT graph. Its fake-quants sit
+def test_pt2e_student_trains_and_matches_the_fx_student(tmp_path):
+    """ZSQConfig.toolchain="pt2e": the student is a (torchao) PT2E GranQ QAT graph. Its fake-quants sit
     where the torch.ao student's do, its accuracy before QAT is the torch.ao student's (the two
     QAT models are bit-equal in forward), and it trains (its weights move, losses stay finite)."""
     pytest.importorskip("torchao")
     data = fake_dataset()
     results = {}
-    for toolchain in ("torch_ao", "torchao"):
+    for toolchain in ("fx", "pt2e"):
         torch.manual_seed(0)
         config = tiny_config(toolchain=toolchain, act_placement="paper", epochs=1, warmup_epochs=0, iters_per_epoch=2)
         student, results[toolchain] = zero_shot_qat(TinyNet().eval(), config, num_classes=5, image_size=16,
                                                     eval_data=data, out_dir=tmp_path / toolchain, **QUIET)
         assert torch.isfinite(student(torch.randn(3, 3, 16, 16))).all()  # any batch size
-    ao, pt2e = results["torch_ao"], results["torchao"]
+    ao, pt2e = results["fx"], results["pt2e"]
     assert pt2e["fake_quants"] == ao["fake_quants"] == {"weight": 3, "activation": 2}
     assert pt2e["pre_qat_acc"] == ao["pre_qat_acc"]  # same student before training
     import json
     import math
 
-    row = json.loads((tmp_path / "torchao" / "metrics.jsonl").read_text().splitlines()[0])
+    row = json.loads((tmp_path / "pt2e" / "metrics.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["loss_s"]) and math.isfinite(row["loss_g"])
-    before = torch.load(tmp_path / "torchao" / "checkpoint.pt", weights_only=True)["student"]
+    before = torch.load(tmp_path / "pt2e" / "checkpoint.pt", weights_only=True)["student"]
     assert before.keys() and all(torch.isfinite(v).all() for v in before.values() if v.is_floating_point())

@@ -120,7 +120,7 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
         help="weight ranges: channel = per output channel (default); kernel = per (out, in) slice (official code)")
     add("--act-placement", choices=PLACEMENTS, default=None,
         help="paper: activations quantized after ReLU only (default); all: the toolchain's placement")
-    add("--toolchain", choices=TOOLCHAINS, default=None, help="integration that builds the student (default torch_ao)")
+    add("--toolchain", choices=TOOLCHAINS, default=None, help="integration that builds the student: fx = torch.ao FX (default), pt2e = torchao PT2E, modelopt")
     add("--epochs", type=positive_int, default=None)
     add("--iters-per-epoch", "--iters", type=positive_int, default=None, help="iterations per epoch")
     add("--batch-size", type=positive_int, default=None, help="synthetic images per iteration (all processes)")

@@ -35,7 +35,7 @@ __all__ = ["TOOLCHAINS", "build_student", "prepare_student", "freeze_student_bat
 
 # The integrations that can build a student (each needs its own toolchain installed; imported
 # only when asked for).
-TOOLCHAINS = ("torch_ao", "torchao", "modelopt")
+TOOLCHAINS = ("fx", "pt2e", "modelopt")
 
 
 def freeze_student_batchnorm(student: nn.Module) -> nn.Module:
@@ -74,13 +74,13 @@ def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, examp
     :data:`TOOLCHAINS`), with every parameter trainable (the teacher's are frozen); the teacher is
     untouched. ``fold_bn`` (torch.ao only): see :func:`prepare_student`."""
     check_choice(toolchain, TOOLCHAINS, "toolchain")
-    if fold_bn and toolchain != "torch_ao":
-        raise ValueError(f"fold_bn is implemented for the torch_ao student only, not {toolchain!r}")
+    if fold_bn and toolchain != "fx":
+        raise ValueError(f"fold_bn is implemented for the fx student only, not {toolchain!r}")
     if toolchain == "modelopt":
         from granq_ao.integrations import modelopt
 
         student = modelopt.prepare_student(teacher, scheme, example_inputs)
-    elif toolchain == "torchao":
+    elif toolchain == "pt2e":
         from torchao.quantization.pt2e import allow_exported_model_train_eval
 
         from granq_ao.integrations import torchao
@@ -96,14 +96,14 @@ def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, examp
     return student
 
 
-def count_fake_quants(student: nn.Module, toolchain: str = "torch_ao") -> Dict[str, int]:
+def count_fake_quants(student: nn.Module, toolchain: str = "fx") -> Dict[str, int]:
     """``{"weight": n, "activation": m}``: the GranQ fake-quants a student built by ``toolchain``
     runs: torch.ao, its ``GranQFakeQuantize`` modules (weight ones are ``weight_fake_quant``
     inside QAT conv/linear modules); torchao, the fake-quant calls of the PT2E graph; modelopt, its enabled quantizers on the GranQ backend
     (``*.weight_quantizer`` / ``*.input_quantizer``)."""
     check_choice(toolchain, TOOLCHAINS, "toolchain")
     counts = {"weight": 0, "activation": 0}
-    if toolchain == "torchao":
+    if toolchain == "pt2e":
         from granq_ao.integrations import torchao
 
         return {kind: len(calls) for kind, calls in torchao.granq_fake_quant_calls(student).items()}

@@ -97,7 +97,7 @@ class ZSQConfig:
     entropy_upper: float = 0.8
     seed: int = 0
     eval_batch_size: int = 256
-    toolchain: str = "torch_ao"           # which integration builds the student (see zsq.student)
+    toolchain: str = "fx"                 # which integration builds the student: fx | pt2e | modelopt
     fold_bn: bool = False                 # frozen student BN folded into its convs' forward (same math)
 
     def validate(self) -> "ZSQConfig":
@@ -105,8 +105,8 @@ class ZSQConfig:
         problems = []
         if not isinstance(self.fold_bn, bool):
             problems.append(f"fold_bn must be True or False, got {self.fold_bn!r}")
-        elif self.fold_bn and self.toolchain != "torch_ao":
-            problems.append(f"fold_bn is implemented for the torch_ao student only, not {self.toolchain!r}")
+        elif self.fold_bn and self.toolchain != "fx":
+            problems.append(f"fold_bn is implemented for the fx student only, not {self.toolchain!r}")
         if self.toolchain not in TOOLCHAINS:
             problems.append(f"toolchain must be one of {', '.join(TOOLCHAINS)}; got {self.toolchain!r}")
         try:
