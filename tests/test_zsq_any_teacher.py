@@ -156,3 +156,30 @@ def test_pt2e_student_trains_and_matches_the_fx_student(tmp_path):
     assert math.isfinite(row["loss_s"]) and math.isfinite(row["loss_g"])
     before = torch.load(tmp_path / "pt2e" / "checkpoint.pt", weights_only=True)["student"]
     assert before.keys() and all(torch.isfinite(v).all() for v in before.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("toolchain", ["fx", "pt2e", "modelopt"])
+def test_warm_up_leaves_student_and_teacher_unchanged(toolchain):
+    """A generator-only epoch must not change the student (frozen BN statistics, no student step)
+    nor the teacher, whichever toolchain built the student: the accuracy after it equals the
+    pre-QAT accuracy and every student parameter and BN statistic is unchanged (observers' running
+    ranges for a static export may record; they never change an output)."""
+    pytest.importorskip({"fx": "torch", "pt2e": "torchao", "modelopt": "modelopt"}[toolchain])
+    from granq_ao.zsq import ZSQTrainer
+
+    torch.manual_seed(0)
+    teacher = TinyNet().eval()
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    trainer = ZSQTrainer(tiny_config(toolchain=toolchain, act_placement="paper", epochs=1, warmup_epochs=1),
+                         teacher, None, num_classes=5, image_size=16, eval_data=fake_dataset(), **QUIET)
+    # (the PT2E eval-form graph still counts num_batches_tracked; it is read by nothing there)
+    student_before = {k: v.clone() for k, v in trainer.student.state_dict().items()
+                      if isinstance(v, torch.Tensor) and "activation_post_process" not in k
+                      and not k.endswith("num_batches_tracked")}
+    assert any("running_mean" in k for k in student_before)
+    results = trainer.run()
+    assert not teacher.training
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+    after = trainer.student.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in student_before.items())
+    assert results["final_acc"] == results["pre_qat_acc"]

@@ -21,6 +21,7 @@ its accuracy before QAT is the quantized teacher's (no BN drift).
 from __future__ import annotations
 
 import copy
+import types
 from typing import Dict
 
 import torch
@@ -68,6 +69,22 @@ def prepare_student(teacher: nn.Module, scheme: GranQScheme, example_inputs, fol
     return student
 
 
+def _set_training_flag(module: nn.Module, mode: bool = True) -> nn.Module:
+    module.training = bool(mode)
+    return module
+
+
+def _keep_graph_form(student: nn.Module) -> nn.Module:
+    """An exported (PT2E) student refuses ``.train()``/``.eval()``; the trainer and evaluation
+    call them. Here they only set the ``training`` flag: the graph stays in the eval form it was
+    prepared in (BN statistics frozen, as every student's; GranQ fake-quants are the same in both
+    forms). torchao's ``allow_exported_model_train_eval`` would instead move the graph to its
+    training form on ``.train()``, unfreezing the BN statistics."""
+    student.train = types.MethodType(_set_training_flag, student)
+    student.eval = types.MethodType(lambda module: _set_training_flag(module, False), student)
+    return student.eval()
+
+
 def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, example_inputs,
                   fold_bn: bool = False) -> nn.Module:
     """The student of ``teacher`` for ``scheme``, built by the integration ``toolchain`` (one of
@@ -81,14 +98,9 @@ def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, examp
 
         student = modelopt.prepare_student(teacher, scheme, example_inputs)
     elif toolchain == "pt2e":
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
-
         from granq_ao.integrations import torchao
 
-        # An exported graph refuses .train()/.eval(); the trainer calls them (evaluation puts
-        # models in eval mode): let them mean torchao's move_exported_model_to_train/eval.
-        # The student lives in eval form (BN statistics frozen), as the others.
-        student = allow_exported_model_train_eval(torchao.prepare_student(teacher, scheme, example_inputs))
+        student = _keep_graph_form(torchao.prepare_student(teacher, scheme, example_inputs))
     else:
         student = prepare_student(teacher, scheme, example_inputs, fold_bn=fold_bn)
     for parameter in student.parameters():

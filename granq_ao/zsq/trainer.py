@@ -340,6 +340,7 @@ class ZSQTrainer:
         example_inputs = (torch.zeros(2, channels, image_size, image_size),)  # batch >= 2: torch.export
         self.student = build_student(cfg.toolchain, self.teacher, cfg.scheme(fused), example_inputs,
                                      fold_bn=cfg.fold_bn).to(self.device)
+        self.teacher.eval()  # whatever a toolchain did while building the student
         self.fake_quants = count_fake_quants(self.student, cfg.toolchain)
         if generator is None:
             generator = GDFQGenerator(num_classes, cfg.latent_dim, img_size=image_size, channels=channels)

@@ -8,6 +8,7 @@ the student of the zero-shot trainer.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional, Tuple
 
 import torch
@@ -53,8 +54,9 @@ def prepare_student(model: torch.nn.Module, scheme: Optional[GranQScheme], examp
     weights) still get gradients; GranQ fake-quants behave the same in both forms. The same call
     also puts dropout in eval form. ``freeze_bn=False``: training form (batch statistics, running
     statistics updated). ``model.train()``/``.eval()`` are refused on the result (torchao's rule);
-    use ``move_exported_model_to_train/eval``.
+    use ``move_exported_model_to_train/eval``. ``model`` itself is left as it was (a copy is
+    exported: exporting for QAT puts a model in training mode).
     """
     scheme = GranQScheme() if scheme is None else scheme
-    prepared = prepare_qat_pt2e(export_for_qat(model, example_inputs), GranQQuantizer(scheme))
+    prepared = prepare_qat_pt2e(export_for_qat(copy.deepcopy(model), example_inputs), GranQQuantizer(scheme))
     return move_exported_model_to_eval(prepared) if freeze_bn else move_exported_model_to_train(prepared)
