@@ -364,3 +364,37 @@ def test_missing_torchao_names_the_extra(monkeypatch):
             __import__("granq_ao.integrations.torchao")
     finally:
         sys.modules.update(saved)
+
+
+# ----------------------------------------------------------------------------- torchvision networks
+@pytest.mark.parametrize("arch, relu_outputs", [("resnet18", 17), ("mobilenet_v2", 35)])
+def test_torchvision_networks_match_fx_train_and_convert(arch, relu_outputs):
+    """torchvision resnet18 (ReLU) and mobilenet_v2 (ReLU6, residual adds without ReLU), paper
+    placement: PT2E puts its fake-quants where the FX path does (one per ReLU/ReLU6 output),
+    computes the FX QAT model's outputs, trains at two batch sizes (dynamic batch) and converts
+    to a graph equal to the QAT model in eval."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    fx = granq_ao.prepare_qat_fx(copy.deepcopy(model).train(), granq_ao.get_granq_qat_qconfig_mapping(
+        scheme(act_placement="paper")), (x,))
+    pt2e = prepare(copy.deepcopy(model), "paper")
+    assert granq_ao.count_activation_fake_quant_calls(fx) == relu_outputs
+    assert len(granq_fake_quant_calls(pt2e)["activation"]) == relu_outputs
+    move_exported_model_to_eval(pt2e)
+    with torch.no_grad():
+        assert torch.equal(pt2e(x), fx.eval()(x))
+    move_exported_model_to_train(pt2e)
+    optimizer = torch.optim.SGD(pt2e.parameters(), lr=1e-3)
+    for batch in (2, 5):
+        loss = nn.functional.cross_entropy(pt2e(torch.randn(batch, 3, 32, 32)), torch.randint(0, 10, (batch,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    move_exported_model_to_eval(pt2e)
+    with torch.no_grad():
+        expected = pt2e(x)
+        converted = convert_pt2e(pt2e)
+        assert torch.equal(converted(x), expected)
