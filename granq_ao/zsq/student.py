@@ -32,7 +32,7 @@ from granq_ao.config import GranQScheme, check_choice
 from granq_ao.integrations.torch_ao import GranQFakeQuantize, get_granq_qat_qconfig_mapping, prepare_qat_fx
 from granq_ao.integrations.torch_ao.frozen_bn import fold_frozen_batchnorm
 
-__all__ = ["TOOLCHAINS", "build_student", "prepare_student", "freeze_student_batchnorm", "count_fake_quants"]
+__all__ = ["TOOLCHAINS", "check_student_options", "build_student", "prepare_student", "freeze_student_batchnorm", "count_fake_quants"]
 
 # The integrations that can build a student (each needs its own toolchain installed; imported
 # only when asked for).
@@ -85,14 +85,23 @@ def _keep_graph_form(student: nn.Module) -> nn.Module:
     return student.eval()
 
 
+def check_student_options(toolchain: str, fold_bn: bool = False) -> None:
+    """``ValueError`` unless ``toolchain`` is one of :data:`TOOLCHAINS` and ``fold_bn`` (a bool)
+    is asked of the fx student only."""
+    check_choice(toolchain, TOOLCHAINS, "toolchain")
+    if not isinstance(fold_bn, bool):
+        raise ValueError(f"fold_bn must be True or False, got {fold_bn!r}")
+    if fold_bn and toolchain != "fx":
+        raise ValueError(f"fold_bn is implemented for the fx student only, not {toolchain!r}")
+
+
 def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, example_inputs,
                   fold_bn: bool = False) -> nn.Module:
     """The student of ``teacher`` for ``scheme``, built by the integration ``toolchain`` (one of
-    :data:`TOOLCHAINS`), with every parameter trainable (the teacher's are frozen); the teacher is
-    untouched. ``fold_bn`` (torch.ao only): see :func:`prepare_student`."""
-    check_choice(toolchain, TOOLCHAINS, "toolchain")
-    if fold_bn and toolchain != "fx":
-        raise ValueError(f"fold_bn is implemented for the fx student only, not {toolchain!r}")
+    :data:`TOOLCHAINS`), with every parameter trainable (each integration's ``prepare_student``
+    makes them so; the teacher's stay frozen); the teacher is untouched. ``fold_bn`` (fx only):
+    see :func:`prepare_student`."""
+    check_student_options(toolchain, fold_bn)
     if toolchain == "modelopt":
         from granq_ao.integrations import modelopt
 
@@ -103,8 +112,6 @@ def build_student(toolchain: str, teacher: nn.Module, scheme: GranQScheme, examp
         student = _keep_graph_form(torchao.prepare_student(teacher, scheme, example_inputs))
     else:
         student = prepare_student(teacher, scheme, example_inputs, fold_bn=fold_bn)
-    for parameter in student.parameters():
-        parameter.requires_grad_(True)
     return student
 
 

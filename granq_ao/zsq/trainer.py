@@ -48,7 +48,7 @@ from .evaluation import accuracy_entry, check_eval_data, describe_eval_data, for
 from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, load_checkpoint, rng_state, set_rng_state
 from .generator import GDFQGenerator
 from .losses import STUDENT_LOSSES, generator_loss, record_batchnorm_inputs, student_loss
-from .student import TOOLCHAINS, build_student, count_fake_quants
+from .student import build_student, check_student_options, count_fake_quants
 
 __all__ = ["ZSQConfig", "DistributedContext", "ZSQTrainer", "lr_at_epoch", "seed_for", "CHECKPOINT_NAME",
            "RESUMABLE_CHANGES"]
@@ -103,12 +103,10 @@ class ZSQConfig:
     def validate(self) -> "ZSQConfig":
         """Raise ``ValueError`` with a readable message for any bad field; return self."""
         problems = []
-        if not isinstance(self.fold_bn, bool):
-            problems.append(f"fold_bn must be True or False, got {self.fold_bn!r}")
-        elif self.fold_bn and self.toolchain != "fx":
-            problems.append(f"fold_bn is implemented for the fx student only, not {self.toolchain!r}")
-        if self.toolchain not in TOOLCHAINS:
-            problems.append(f"toolchain must be one of {', '.join(TOOLCHAINS)}; got {self.toolchain!r}")
+        try:
+            check_student_options(self.toolchain, self.fold_bn)
+        except ValueError as error:
+            problems.append(str(error))
         try:
             self.scheme()
         except (TypeError, ValueError) as error:
@@ -340,7 +338,6 @@ class ZSQTrainer:
         example_inputs = (torch.zeros(2, channels, image_size, image_size),)  # batch >= 2: torch.export
         self.student = build_student(cfg.toolchain, self.teacher, cfg.scheme(fused), example_inputs,
                                      fold_bn=cfg.fold_bn).to(self.device)
-        self.teacher.eval()  # whatever a toolchain did while building the student
         self.fake_quants = count_fake_quants(self.student, cfg.toolchain)
         if generator is None:
             generator = GDFQGenerator(num_classes, cfg.latent_dim, img_size=image_size, channels=channels)

@@ -55,8 +55,11 @@ def prepare_student(model: torch.nn.Module, scheme: Optional[GranQScheme], examp
     also puts dropout in eval form. ``freeze_bn=False``: training form (batch statistics, running
     statistics updated). ``model.train()``/``.eval()`` are refused on the result (torchao's rule);
     use ``move_exported_model_to_train/eval``. ``model`` itself is left as it was (a copy is
-    exported: exporting for QAT puts a model in training mode).
+    exported: exporting for QAT puts a model in training mode); every parameter of the result
+    requires gradients, even where ``model``'s were frozen (a frozen teacher).
     """
     scheme = GranQScheme() if scheme is None else scheme
     prepared = prepare_qat_pt2e(export_for_qat(copy.deepcopy(model), example_inputs), GranQQuantizer(scheme))
+    for parameter in prepared.parameters():
+        parameter.requires_grad_(True)
     return move_exported_model_to_eval(prepared) if freeze_bn else move_exported_model_to_train(prepared)
