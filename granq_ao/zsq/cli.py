@@ -29,7 +29,7 @@ from .distributed import DistributedContext
 from .evaluation import format_accuracy
 from .losses import STUDENT_LOSSES
 from .student import TOOLCHAINS
-from .trainer import CHECKPOINT_NAME, RESUMABLE_CHANGES, ZSQConfig, ZSQTrainer, seed_everything
+from .trainer import CHECKPOINT_NAME, RESUMABLE_CHANGES, ZSQConfig, ZSQTrainer, refuse_finished_folder, seed_everything
 
 __all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_FIELDS",
            "saved_run_info"]
@@ -310,9 +310,11 @@ def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
     out = Path(args.out) if args.out is not None else default_out(args, config)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file, not a folder")
-    if not args.resume and (out / CHECKPOINT_NAME).exists():
-        parser.error(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it, or choose "
-                     "another --out")
+    if not args.resume:
+        try:  # before any heavy work (the trainer checks it again for its Python callers)
+            refuse_finished_folder(out)
+        except FileExistsError as error:
+            parser.error(str(error))
     try:
         context = DistributedContext.from_env(args.device)
     except (ValueError, RuntimeError) as error:

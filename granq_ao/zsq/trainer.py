@@ -156,6 +156,14 @@ class ZSQConfig:
         return cls(**values)
 
 
+def refuse_finished_folder(out_dir: os.PathLike) -> None:
+    """``FileExistsError`` when ``out_dir`` already holds a run (its checkpoint): a new run there
+    would replace it; resume it or choose another folder."""
+    if (Path(out_dir) / CHECKPOINT_NAME).exists():
+        raise FileExistsError(f"{out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to "
+                              f"continue it, or choose another --out")
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch's (CPU and CUDA) and NumPy's global generators with ``seed``."""
     torch.manual_seed(seed)
@@ -322,9 +330,8 @@ class ZSQTrainer:
                     raise FileNotFoundError(f"nothing to resume: {checkpoint_path} does not exist")
                 self.checkpoint = load_checkpoint(checkpoint_path)
                 self._check_resumable(self.checkpoint)
-            elif checkpoint_path.exists():
-                raise FileExistsError(f"{self.out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to "
-                                      f"continue it, or choose another --out")
+            else:
+                refuse_finished_folder(self.out_dir)
 
         if seed_rng:
             seed_everything(cfg.seed)
