@@ -12,6 +12,9 @@ with ``s = (x_max - x_min) / (2^b - 1)``, ``z = round(-x_min / s)`` from ``x``'s
 bit for bit. Registered ops keep a graph picklable, re-traceable and exportable
 (``torch.export.save``/``load``; the loading process imports ``granq_ao`` first).
 
+:func:`dynamic_qdq` runs the same three calls on a tensor now: reference modules call it in
+``forward``, so ``torch.export`` of such a module records the same ops.
+
 Torch-only and toolchain-free: every integration's converter may call it.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from . import ops  # noqa: F401  (registers torch.ops.granq_ao)
 from .config import GranQConfig
 from .granularity import PerChannel, PerSampleChannel, PerTensor
 
-__all__ = ["op_granularity", "insert_dynamic_qdq"]
+__all__ = ["op_granularity", "insert_dynamic_qdq", "dynamic_qdq"]
 
 
 def op_granularity(config: GranQConfig) -> Tuple[str, int]:
@@ -55,3 +58,13 @@ def insert_dynamic_qdq(graph: Graph, x: Node, config: GranQConfig, before: Node)
         zero_point = graph.call_function(operator.getitem, (qparams, 1))
         codes = graph.call_function(torch.ops.granq_ao.quantize.default, (x, scale, zero_point, bits, symmetric))
         return graph.call_function(torch.ops.granq_ao.dequantize.default, (codes, scale, zero_point, x))
+
+
+def dynamic_qdq(x: torch.Tensor, config: GranQConfig) -> torch.Tensor:
+    """``dequantize(quantize(x, *choose_qparams_dynamic(x)))`` through the registered ops, now:
+    the eager twin of :func:`insert_dynamic_qdq` (equal to ``functional.fake_quantize(x, config)``)."""
+    name, axis = op_granularity(config)
+    bits, symmetric = config.bits, config.symmetric
+    scale, zero_point = torch.ops.granq_ao.choose_qparams_dynamic(x, bits, name, axis, symmetric, config.check_finite)
+    codes = torch.ops.granq_ao.quantize(x, scale, zero_point, bits, symmetric)
+    return torch.ops.granq_ao.dequantize(codes, scale, zero_point, x)

@@ -5,8 +5,9 @@
 * :class:`GranQPT2EFakeQuantize`: the fake-quant it inserts; ``convert_pt2e`` turns each into
   explicit dynamic ``torch.ops.granq_ao`` q/dq ops equal to the QAT model in eval;
 * :func:`export_for_qat` / :func:`prepare_student`: export with a dynamic batch (and prepare);
-* :class:`GranQQATConfig`: ``torchao.quantization.quantize_`` QAT for eager conv/linear models
-  (with ``filter_fn=is_conv_or_linear``);
+* :class:`GranQQATConfig`: ``torchao.quantization.quantize_`` QAT for eager conv / transposed conv /
+  linear models (with ``filter_fn=is_conv_or_linear``), ``step="prepare"`` then ``step="convert"``
+  (to reference modules with ``granq_ao`` q/dq ops, or back to plain layers);
 * :func:`granq_fake_quant_calls`: which fake-quants a prepared graph calls (weights/activations).
 
 The math is :mod:`granq_ao.functional`; the options are :class:`granq_ao.config.GranQScheme`.
@@ -22,13 +23,21 @@ except ImportError as _error:  # pragma: no cover - exercised only without torch
 from .count import granq_fake_quant_calls
 from .fake_quantize import GranQPT2EFakeQuantize
 from .prepare import export_for_qat, prepare_student
-from .qat_config import (GranQQATConfig, GranQQATConv, GranQQATConv1d, GranQQATConv2d, GranQQATConv3d, GranQQATLinear,
-                         is_conv_or_linear)
+from .qat_config import GranQQATConfig, is_conv_or_linear
+from .qat_modules import (GranQQAT, GranQQATConv, GranQQATConv1d, GranQQATConv2d, GranQQATConv3d, GranQQATConvTranspose,
+                          GranQQATConvTranspose1d, GranQQATConvTranspose2d, GranQQATConvTranspose3d, GranQQATLinear)
+from .reference_modules import (GranQReference, GranQReferenceConv1d, GranQReferenceConv2d, GranQReferenceConv3d,
+                                GranQReferenceConvTranspose1d, GranQReferenceConvTranspose2d,
+                                GranQReferenceConvTranspose3d, GranQReferenceLinear)
 from .quantizer import GranQQuantizer
 from .specs import granq_spec
 
 __all__ = [
     "GranQQuantizer", "GranQPT2EFakeQuantize", "granq_spec", "export_for_qat", "prepare_student",
-    "GranQQATConfig", "GranQQATConv", "GranQQATConv1d", "GranQQATConv2d", "GranQQATConv3d", "GranQQATLinear",
-     "is_conv_or_linear", "granq_fake_quant_calls",
+    "GranQQATConfig", "is_conv_or_linear", "granq_fake_quant_calls",
+    "GranQQAT", "GranQQATConv", "GranQQATConv1d", "GranQQATConv2d", "GranQQATConv3d", "GranQQATConvTranspose",
+    "GranQQATConvTranspose1d", "GranQQATConvTranspose2d", "GranQQATConvTranspose3d", "GranQQATLinear",
+    "GranQReference", "GranQReferenceConv1d", "GranQReferenceConv2d", "GranQReferenceConv3d",
+    "GranQReferenceConvTranspose1d", "GranQReferenceConvTranspose2d", "GranQReferenceConvTranspose3d",
+    "GranQReferenceLinear",
 ]
