@@ -14,10 +14,9 @@ act        Table 5: activations ``tensor`` / ``channel`` / ``granq_iterative`` /
            weights per output channel (paper: 49.98 / 51.26 / 62.68 / 62.73, full schedule)
 weight     weight ranges ``channel`` vs ``kernel`` (the official code's per-(out, in) slice),
            each with GranQ and with ``tensor`` activations
-loss       student loss: AdaDFQ's ``entropy`` vs the standard ``kl`` distillation (GDFQ's student
-           loss), each with GranQ and with ``tensor`` activations. GDFQ's *generator* loss
-           (CE(y, teacher) + BN statistics, no adversarial terms) is not in
-           ``granq_ao.zsq.losses``: this row changes only the student's loss.
+loss       Table 4's idea: AdaDFQ's losses (the recipe's: margin generator objective, ``entropy``
+           student loss) vs GDFQ's (generator ``CE(y, t) + 0.1 * BNS``, ``kl`` distillation for
+           the student), each with GranQ and with ``tensor`` activations
 =========  ==============================================================================
 
 Outputs: ``runs.csv`` (one line per run), ``summary.json`` (per configuration: mean, sample standard
@@ -58,31 +57,45 @@ PAPER_TABLE5 = {"tensor": (49.98, 0.24), "channel": (51.26, 0.28), "granq_iterat
 
 @dataclass(frozen=True)
 class Config:
+    """One recipe configuration. ``generator="gdfq"`` is GDFQ's generator objective with its BNS
+    weight 0.1 (``--generator-loss gdfq --gamma 0.1``); the default is AdaDFQ's (the recipe's)."""
+
     act: str = "granq"
     weight: str = "channel"
     loss: str = "entropy"
+    generator: str = "adadfq"
 
     @property
     def name(self) -> str:
-        return f"a-{self.act}_w-{self.weight}_l-{self.loss}"
+        suffix = "" if self.generator == "adadfq" else f"_g-{self.generator}"
+        return f"a-{self.act}_w-{self.weight}_l-{self.loss}{suffix}"
 
     def flags(self) -> List[str]:
-        return ["--act-granularity", self.act, "--weight-granularity", self.weight, "--student-loss", self.loss]
+        flags = ["--act-granularity", self.act, "--weight-granularity", self.weight, "--student-loss", self.loss]
+        if self.generator == "gdfq":
+            flags += ["--generator-loss", "gdfq", "--gamma", "0.1"]
+        return flags
+
+
+def gdfq_losses(act: str) -> Config:
+    """Table 4's GDFQ losses: GDFQ's generator objective and KL distillation for the student."""
+    return Config(act=act, loss="kl", generator="gdfq")
 
 
 GROUPS: Dict[str, List[Tuple[str, Config]]] = {
     "act": [(act, Config(act=act)) for act in ("tensor", "channel", "granq_iterative", "granq")],
     "weight": [(f"act {act}, weights {weight}", Config(act=act, weight=weight))
                for act in ("granq", "tensor") for weight in ("channel", "kernel")],
-    "loss": [(f"act {act}, student loss {loss}", Config(act=act, loss=loss))
-             for act in ("granq", "tensor") for loss in ("entropy", "kl")],
+    "loss": [(f"act {act}, {losses} losses", config) for act in ("granq", "tensor")
+             for losses, config in (("AdaDFQ", Config(act=act)), ("GDFQ", gdfq_losses(act)))],
 }
 # (group, baseline config, compared config): the paired tests printed under each table
 PAIRS = {
     "act": [(Config(act="tensor"), Config(act="channel")), (Config(act="channel"), Config(act="granq")),
             (Config(act="tensor"), Config(act="granq")), (Config(act="granq_iterative"), Config(act="granq"))],
     "weight": [(Config(act=a, weight="channel"), Config(act=a, weight="kernel")) for a in ("granq", "tensor")],
-    "loss": [(Config(act=a, loss="kl"), Config(act=a, loss="entropy")) for a in ("granq", "tensor")],
+    "loss": [(gdfq_losses(a), Config(act=a)) for a in ("granq", "tensor")]
+    + [(gdfq_losses("tensor"), gdfq_losses("granq"))],
 }
 QUICK_SCHEDULE = ["--epochs", "1", "--iters-per-epoch", "2", "--batch-size", "8", "--warmup-epochs", "0",
                   "--eval-batch-size", "512"]
@@ -193,7 +206,8 @@ def summarize(out: Path, groups: Sequence[str], seeds: Sequence[int]) -> Dict[st
             comparisons.append({"baseline": base.name, "compared": other.name, "per_seed": per_seed,
                                 "pooled_counts": pooled})
         summary["groups"][group] = {"rows": rows, "paired": comparisons}
-    summary["runs"] = [{"config": c.name, "act": c.act, "weight": c.weight, "loss": c.loss, "seed": s,
+    summary["runs"] = [{"config": c.name, "act": c.act, "weight": c.weight, "loss": c.loss, "generator": c.generator,
+                        "seed": s,
                         **({k: v for k, v in r.items() if k != "per_image"} if r else {"final_acc": None})}
                        for (c, s), r in runs.items()]
     return summary
@@ -230,7 +244,7 @@ def write_outputs(out: Path, summary: Dict[str, object]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "ablation.md").write_text(format_markdown(summary))
-    fields = ["config", "act", "weight", "loss", "seed", "final_acc", "pre_qat_acc", "teacher_acc", "n_test",
+    fields = ["config", "act", "weight", "loss", "generator", "seed", "final_acc", "pre_qat_acc", "teacher_acc", "n_test",
               "ci95", "wall_time_s", "s_per_iter"]
     with open(out / "runs.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")

@@ -16,7 +16,9 @@ granq_compiled      ``torch.compile`` of ``granq_eager`` with Inductor freezing
 For each converted graph: its batch-norm nodes (conv-bn folded or not) and ``granq_ao`` op
 calls; for each compiled model: the operators its generated code calls (counted by name:
 ``onednn.qconv*`` / ``onednn.qlinear*`` are integer kernels, ``mkldnn._convolution_pointwise``
-and ``extern_kernels.convolution`` float ones) and its largest difference from the eager model.
+and ``extern_kernels.convolution`` float ones), its largest logit difference from the eager
+model and the fraction of images whose top-1 class agrees with it (Inductor reorders float
+arithmetic; at 3 bits a rounding flip moves a code by a whole level, so bit-equality is not expected).
 Then latency: every row timed interleaved (one call of each per round), median of ``--rounds``.
 
     python benchmarks/lowering_x86.py --threads 2 --json runs/lowering.json
@@ -122,13 +124,15 @@ def run(batch: int = 200, bits: int = 3, placement: str = "paper", rounds: int =
         facts = compile_and_inspect(module, x)
         compiled = facts.pop("compiled")
         with torch.no_grad():
-            difference = (compiled(x) - reference(x)).abs().max().item()
-        rows[name] = {"row": name, **facts, "max_abs_diff_vs_eager": difference}
+            compiled_out, eager_out = compiled(x), reference(x)
+        difference = (compiled_out - eager_out).abs().max().item()
+        agreement = (compiled_out.argmax(1) == eager_out.argmax(1)).float().mean().item()
+        rows[name] = {"row": name, **facts, "max_abs_diff_vs_eager": difference, "top1_agreement_vs_eager": agreement}
         if isinstance(module, torch.fx.GraphModule):
             rows[name].update(graph_facts(module))
         callables[name] = lambda compiled=compiled: compiled(x)
         log(f"  {name}: compiled in {facts['compile_s']:.1f} s, integer kernel calls "
-            f"{facts['integer_kernel_calls']}, max |compiled - eager| {difference:.3g}")
+            f"{facts['integer_kernel_calls']}, max |compiled - eager| {difference:.3g}, top-1 agreement {agreement:.3f}")
     times: Dict[str, List[float]] = {name: [] for name in callables}
     with torch.no_grad():
         for name, call in callables.items():  # warm-up
@@ -148,14 +152,15 @@ def run(batch: int = 200, bits: int = 3, placement: str = "paper", rounds: int =
 
 def format_table(result: Dict[str, object]) -> str:
     lines = ["| row | ms (median) | min ms | x float eager | integer kernel calls | BN nodes | granq_ao ops "
-             "| max abs diff compiled vs eager | kernels called by the compiled code |",
+             "| compiled vs eager: max abs diff, top-1 agreement | kernels called by the compiled code |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         kernels = ", ".join(f"{name} x{count}" for name, count in row.get("kernel_calls", {}).items()) or "-"
-        diff = row.get("max_abs_diff_vs_eager")
+        diff, agreement = row.get("max_abs_diff_vs_eager"), row.get("top1_agreement_vs_eager")
+        versus = "-" if diff is None else f"{diff:.3g}, {agreement:.3f}"
         lines.append(f"| `{row['row']}` | {row['ms']:.1f} | {row['min_ms']:.1f} | {row['x_float_eager']:.2f} "
                      f"| {row.get('integer_kernel_calls', '-')} | {row.get('batch_norm_nodes', '-')} "
-                     f"| {row.get('granq_ao_ops', '-')} | {'-' if diff is None else f'{diff:.3g}'} | {kernels} |")
+                     f"| {row.get('granq_ao_ops', '-')} | {versus} | {kernels} |")
     return "\n".join(lines)
 
 

@@ -30,6 +30,8 @@ def test_full_plan_is_24_distinct_runs_with_the_right_flags(ablation, capsys):
     assert sum("--act-granularity granq_iterative" in c for c in commands) == 3
     assert sum("--weight-granularity kernel" in c for c in commands) == 6
     assert sum("--student-loss kl" in c for c in commands) == 6
+    gdfq = [c for c in commands if "--generator-loss gdfq" in c]
+    assert len(gdfq) == 6 and all("--gamma 0.1" in c and "--student-loss kl" in c for c in gdfq)
 
 
 def _fake_run(folder: Path, per_image, pre_per_image):

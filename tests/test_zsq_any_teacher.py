@@ -1,6 +1,8 @@
 """zero_shot_qat on teachers other than the CIFAR ResNet-20: a model written here (own image size,
 classes and normalization, a Dataset for evaluation), pytorchcv preresnet20 and a torchvision
 ResNet-18 at 64 px, each with real training steps."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -183,3 +185,19 @@ def test_warm_up_leaves_student_and_teacher_unchanged(toolchain):
     after = trainer.student.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in student_before.items())
     assert results["final_acc"] == results["pre_qat_acc"]
+
+
+def test_gdfq_generator_loss_runs_and_is_logged(tmp_path):
+    torch.manual_seed(0)
+    lines = []
+    config = tiny_config(epochs=1, warmup_epochs=0, generator_loss="gdfq", gamma=0.1, student_loss="kl")
+    student, results = zero_shot_qat(TinyNet().eval(), config, num_classes=5, image_size=16, out_dir=tmp_path / "run",
+                                     log=lines.append, **{k: v for k, v in QUIET.items() if k != "log"})
+    epoch_lines = [line for line in lines if line.startswith("epoch")]
+    assert epoch_lines and "ce " in epoch_lines[-1] and "margin" not in epoch_lines[-1]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved.get("generator_loss", saved.get("config", {}).get("generator_loss")) == "gdfq"
+    with pytest.raises(ValueError, match="generator_loss must be one of"):
+        tiny_config(generator_loss="dfq").validate()
+    with pytest.raises(ValueError, match="gamma must be a finite number >= 0"):
+        tiny_config(gamma=-1.0).validate()

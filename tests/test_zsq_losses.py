@@ -142,3 +142,23 @@ def test_entropy_loss_minimum_is_student_equal_teacher_up_to_a_constant():
     best = -(temperature ** 2) * math.log(10)
     assert float(L.entropy_distillation_loss(t, t + 1.5, temperature)) == pytest.approx(best, rel=1e-12)
     assert float(L.entropy_distillation_loss(t, s, temperature)) > best
+
+
+def test_gdfq_generator_loss_is_ce_on_teacher_plus_weighted_bns():
+    t, s = logits(16, 10, 5)
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
+    run_mean, run_var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    records = [(torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64), run_mean, run_var)]
+    total, parts = L.gdfq_generator_loss(t, y, records, gamma=0.1)
+    bns = np.mean([np.mean((m.numpy() - run_mean.numpy()) ** 2) + np.mean((v.numpy() - run_var.numpy()) ** 2)
+                   for m, v, _, _ in records])
+    ce = np_ce(t.numpy(), y.numpy())
+    assert set(parts) == {"bns", "ce"}
+    assert float(parts["ce"]) == pytest.approx(ce, rel=1e-10)
+    assert float(total) == pytest.approx(ce + 0.1 * bns, rel=1e-10)
+    # no student term: the student's logits do not enter (the signature has none) and the
+    # gradient reaches the teacher logits only through CE
+    t_grad = t.clone().requires_grad_(True)
+    L.gdfq_generator_loss(t_grad, y, records, gamma=0.1)[0].backward()
+    expected = (torch.softmax(t, 1) - nn.functional.one_hot(y, 10)) / 16
+    assert torch.allclose(t_grad.grad, expected, atol=1e-12)

@@ -9,8 +9,8 @@ from .api import zero_shot_qat
 from .distributed import DistributedContext
 from .evaluation import format_accuracy, mcnemar_exact_p, per_image_correct, wilson_interval
 from .generator import GDFQGenerator, ImageNetGenerator
-from .losses import (batchnorm_statistics_loss, entropy_distillation_loss, entropy_margin_loss, generator_loss,
-                     kl_distillation_loss, record_batchnorm_inputs, softmax_entropy, student_loss)
+from .losses import (batchnorm_statistics_loss, entropy_distillation_loss, entropy_margin_loss, gdfq_generator_loss,
+                     generator_loss, kl_distillation_loss, record_batchnorm_inputs, softmax_entropy, student_loss)
 from .student import TOOLCHAINS, build_student, count_fake_quants, freeze_student_batchnorm, prepare_student
 from .trainer import ZSQConfig, ZSQTrainer, lr_at_epoch, seed_for
 
@@ -18,7 +18,7 @@ __all__ = [
     "zero_shot_qat", "ZSQConfig", "ZSQTrainer", "DistributedContext", "GDFQGenerator", "ImageNetGenerator",
     "TOOLCHAINS", "build_student",
     "prepare_student", "count_fake_quants", "freeze_student_batchnorm", "batchnorm_statistics_loss",
-    "entropy_distillation_loss", "entropy_margin_loss", "generator_loss", "kl_distillation_loss",
+    "entropy_distillation_loss", "entropy_margin_loss", "generator_loss", "gdfq_generator_loss", "kl_distillation_loss",
     "record_batchnorm_inputs", "softmax_entropy", "student_loss", "format_accuracy", "wilson_interval",
     "mcnemar_exact_p", "per_image_correct", "lr_at_epoch", "seed_for",
 ]

@@ -27,7 +27,7 @@ from granq_ao.config import (ACT_GRANULARITIES, FUSED_MODES, MAX_BITS, MIN_BITS,
 from .checkpoint import load_checkpoint
 from .distributed import DistributedContext
 from .evaluation import format_accuracy
-from .losses import STUDENT_LOSSES
+from .losses import GENERATOR_LOSSES, STUDENT_LOSSES
 from .student import TOOLCHAINS
 from .trainer import CHECKPOINT_NAME, RESUMABLE_CHANGES, ZSQConfig, ZSQTrainer, refuse_finished_folder, seed_everything
 
@@ -38,7 +38,7 @@ __all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_
 # ``weight_bits``); short aliases (--wbits, --abits, --iters, --lr-g, --loss) are kept.
 FLAG_FIELDS = ("weight_bits", "act_bits", "act_granularity", "weight_granularity", "act_placement", "toolchain",
                "epochs", "iters_per_epoch", "batch_size", "warmup_epochs", "lr", "lr_generator", "lr_milestones",
-               "temperature", "student_loss", "seed", "eval_batch_size", "fold_bn")
+               "temperature", "student_loss", "generator_loss", "gamma", "seed", "eval_batch_size", "fold_bn")
 
 
 @dataclass
@@ -84,6 +84,16 @@ def non_negative_int(text: str) -> int:
 
 def seed(text: str) -> int:
     return _integer(text, 0, 2 ** 63 - 1, "an integer >= 0 and below 2^63")
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -132,6 +142,10 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
     add("--temperature", type=positive_float, default=None, help="student-loss temperature")
     add("--student-loss", "--loss", choices=STUDENT_LOSSES, default=None,
         help="student loss: entropy = GranQ/AdaDFQ -T^2 H(softmax((t-s)/T)); kl = T^2 KL distillation")
+    add("--generator-loss", choices=GENERATOR_LOSSES, default=None,
+        help="generator objective: adadfq = AdaDFQ's margin + CE(y, t -/+ s) + gamma * BNS (default); "
+             "gdfq = GDFQ's CE(y, t) + gamma * BNS (GDFQ's code uses --gamma 0.1)")
+    add("--gamma", type=non_negative_float, default=None, help="weight of the BN-statistics loss (default 1.0)")
     add("--seed", type=seed, default=None, help="(default 0)")
     add("--fold-bn", action="store_true", default=None,
         help="student: compute each frozen conv-BN as conv(x, fq(w*sf), folded bias) instead of torch.ao's "

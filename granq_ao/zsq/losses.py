@@ -22,6 +22,10 @@ Generator (minimized by the generator only; it back-propagates through teacher a
   batch). The official code compares against a hard-coded zero vector of the batch size it
   was run with (16), which fails for any other batch size; here the hinge is ``clamp(min=0)``.
 
+GDFQ's generator objective (Xu et al. 2020; the "gdfq" choice, for the Table 4 comparison)::
+
+    L_G = CE(y, t) + gamma * L_BNS                 (GDFQ's code: gamma = 0.1)
+
 Student (GranQ/AdaDFQ, "entropy"), with temperature ``T`` (20 for CIFAR)::
 
     L_S = -T^2 * mean_n H(softmax((t_n - s_n) / T))
@@ -44,6 +48,8 @@ __all__ = [
     "batchnorm_statistics_loss",
     "entropy_margin_loss",
     "generator_loss",
+    "gdfq_generator_loss",
+    "GENERATOR_LOSSES",
     "entropy_distillation_loss",
     "kl_distillation_loss",
     "student_loss",
@@ -51,6 +57,7 @@ __all__ = [
 ]
 
 STUDENT_LOSSES = ("entropy", "kl")
+GENERATOR_LOSSES = ("adadfq", "gdfq")
 
 
 def softmax_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -117,6 +124,15 @@ def generator_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, l
     total = margin + beta * (alpha_ds * ce_ds + alpha_as * ce_as) + gamma * bns
     parts = {"bns": bns, "ce_ds": ce_ds, "ce_as": ce_as, "margin": margin}
     return total, {name: value.detach() for name, value in parts.items()}
+
+
+def gdfq_generator_loss(teacher_logits: torch.Tensor, labels: torch.Tensor, bn_records: List[Tuple[torch.Tensor, ...]],
+                        gamma: float = 0.1) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``(L_G, parts)``: GDFQ's generator objective ``CE(y, t) + gamma * L_BNS`` (module docstring;
+    no student term); ``parts`` holds the detached ``bns`` and ``ce`` (CE(y, t))."""
+    bns = batchnorm_statistics_loss(bn_records)
+    ce = F.cross_entropy(teacher_logits, labels)
+    return ce + gamma * bns, {"bns": bns.detach(), "ce": ce.detach()}
 
 
 def entropy_distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,

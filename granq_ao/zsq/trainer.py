@@ -47,7 +47,8 @@ from .distributed import DistributedContext
 from .evaluation import accuracy_entry, check_eval_data, describe_eval_data, format_accuracy, mcnemar_exact_p, per_image_correct
 from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, load_checkpoint, rng_state, set_rng_state
 from .generator import GDFQGenerator
-from .losses import STUDENT_LOSSES, generator_loss, record_batchnorm_inputs, student_loss
+from .losses import (GENERATOR_LOSSES, STUDENT_LOSSES, gdfq_generator_loss, generator_loss, record_batchnorm_inputs,
+                     student_loss)
 from .student import build_student, check_student_options, count_fake_quants
 
 __all__ = ["ZSQConfig", "DistributedContext", "ZSQTrainer", "lr_at_epoch", "seed_for", "CHECKPOINT_NAME",
@@ -89,6 +90,7 @@ class ZSQConfig:
     latent_dim: int = 100
     temperature: float = 20.0
     student_loss: str = "entropy"         # "entropy" (GranQ/AdaDFQ) | "kl"
+    generator_loss: str = "adadfq"        # "adadfq" (margin + CE(t -/+ s) + BNS) | "gdfq" (CE(t) + gamma * BNS)
     alpha_ds: float = 0.2                 # weight of CE(y, t - s)
     alpha_as: float = 0.1                 # weight of CE(y, t + s)
     beta: float = 1.0                     # weight of the two CE terms together
@@ -118,6 +120,10 @@ class ZSQConfig:
             problems.append(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.student_loss not in STUDENT_LOSSES:
             problems.append(f"student_loss must be one of {STUDENT_LOSSES}, got {self.student_loss!r}")
+        if self.generator_loss not in GENERATOR_LOSSES:
+            problems.append(f"generator_loss must be one of {GENERATOR_LOSSES}, got {self.generator_loss!r}")
+        if not (math.isfinite(float(self.gamma)) and self.gamma >= 0):
+            problems.append(f"gamma must be a finite number >= 0, got {self.gamma!r}")
         for name in ("lr", "lr_generator", "temperature"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value > 0):
@@ -501,8 +507,11 @@ class ZSQTrainer:
             student_logits = self.student(images)  # plain module: no DDP hooks on the generator's backward
         # losses in float32 (under --amp the logits come out of the last layer in bfloat16; no-op otherwise)
         teacher_logits, student_logits = teacher_logits.float(), student_logits.float()
-        loss_g, parts = generator_loss(teacher_logits, student_logits, labels, bn_records, cfg.alpha_ds,
-                                       cfg.alpha_as, cfg.beta, cfg.gamma, cfg.entropy_lower, cfg.entropy_upper)
+        if cfg.generator_loss == "gdfq":
+            loss_g, parts = gdfq_generator_loss(teacher_logits, labels, bn_records, cfg.gamma)
+        else:
+            loss_g, parts = generator_loss(teacher_logits, student_logits, labels, bn_records, cfg.alpha_ds,
+                                           cfg.alpha_as, cfg.beta, cfg.gamma, cfg.entropy_lower, cfg.entropy_upper)
         generator_params = [p for p in self.generator.parameters() if p.requires_grad]
         self.optimizer_g.zero_grad(set_to_none=True)
         loss_g.backward(inputs=generator_params)
@@ -640,8 +649,10 @@ class ZSQTrainer:
         if self._pictures is not None:
             self._pictures.epoch_end(epoch + 1)
         epoch_wall = time.time() - start  # training, evaluation, files
+        second_term = (f"ce {means['loss_g_ce']:.3f}" if cfg.generator_loss == "gdfq"
+                       else f"margin {means['loss_g_margin']:.3f}")
         self.log(f"epoch {epoch + 1:>3}/{cfg.epochs} {row['phase']:<6} lr {lr_s:.2g} | L_G {means['loss_g']:.4f} "
-                 f"(bns {means['loss_g_bns']:.4f}, margin {means['loss_g_margin']:.3f}) | L_S {means['loss_s']:.4f} "
+                 f"(bns {means['loss_g_bns']:.4f}, {second_term}) | L_S {means['loss_s']:.4f} "
                  + (f"| test {format_accuracy(test)} " if test is not None else "")
                  + f"| {train_time / cfg.iters_per_epoch:.2f} s/iter | ETA "
                  + format_duration((cfg.epochs - epoch - 1) * epoch_wall))
