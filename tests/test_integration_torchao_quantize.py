@@ -247,3 +247,29 @@ def test_refusals_name_the_fix():
 def test_reference_configs_are_checked():
     with pytest.raises(TypeError, match="input_config must be a GranQConfig or None"):
         GranQReferenceConv2d.from_module(nn.Conv2d(1, 1, 1), 4, GranQConfig.for_weight(4))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_torchvision_networks_swap_train_and_convert(arch):
+    """Every conv and linear swapped (counted against the float model), a step at two batch
+    sizes, and the reference form equal to the QAT model in eval."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=10)
+    n_layers = sum(type(module) in (nn.Conv2d, nn.Linear) for module in model.modules())
+    prepare(model, scheme(weight_bits=4, act_bits=4))
+    assert sum(isinstance(module, GranQQAT) for module in model.modules()) == n_layers == \
+        {"resnet18": 21, "mobilenet_v2": 53}[arch]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for batch in (2, 5):
+        loss = nn.functional.cross_entropy(model(torch.randn(batch, 3, 32, 32)), torch.randint(0, 10, (batch,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        convert(model)
+        assert torch.equal(model(x), expected)
