@@ -26,6 +26,7 @@ from granq_ao.config import GranQConfig, normalize_fused, quant_range
 from granq_ao.functional import fake_quantize
 from granq_ao.diagnostics import module_label
 from granq_ao.granularity import Granularity
+from granq_ao.saved_settings import settings_mismatch, settings_tensor
 
 __all__ = ["GranQDescriptor", "GranQTensorQuantizer", "GranQCalibrationWarning", "as_granq_descriptor"]
 
@@ -262,7 +263,15 @@ class GranQTensorQuantizer(TensorQuantizer):
             raise type(error)(f"{self._label(find=True)}: {error}") from None
 
     # ------------------------------------------------------------------ state
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    # the settings that shape the numbers travel with the state_dict (granq_ao.saved_settings)
+    def get_extra_state(self) -> torch.Tensor:
+        return settings_tensor(self._granq_config)
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked in _load_from_state_dict, where a mismatch is reported with the module's name
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         # pytorch-quantization 2.1.3 moves a checkpoint `_amax` to CUDA here (.cuda()), which
         # fails on CPU-only hosts; a GranQ quantizer has no amax, so it is dropped instead.
         key = prefix + "_amax"
@@ -270,7 +279,16 @@ class GranQTensorQuantizer(TensorQuantizer):
             state_dict.pop(key)
             warnings.warn(f"{self._label()}: ignoring '{key}' from the checkpoint (GranQ ranges are dynamic)",
                           GranQCalibrationWarning, stacklevel=2)
-        torch.nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+        settings_key = prefix + "_extra_state"
+        problem = settings_mismatch(state_dict.get(settings_key), self._granq_config,
+                                    prefix.rstrip(".") or type(self).__name__)
+        if problem:
+            error_msgs.append(problem)
+            return
+        torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                              unexpected_keys, error_msgs)
+        if settings_key not in state_dict and settings_key in missing_keys:  # a checkpoint without settings
+            missing_keys.remove(settings_key)
 
     def _label(self, find: bool = False) -> str:
         """``GranQTensorQuantizer 'path.in.model'``; with ``find`` (error paths only) the path is

@@ -49,23 +49,11 @@ from granq_ao.config import GranQConfig
 from granq_ao.diagnostics import module_label
 from granq_ao.functional import NonFiniteInputError, fused_backend
 from granq_ao.granularity import Granularity, PerTensor
+from granq_ao.saved_settings import settings_mismatch, settings_tensor
 
 from .dynamic_qdq import insert_dynamic_quant_dequant
 from .eager_guard import refuse_torch_eager_convert
 from .observer import GranQObserver, bits_from_quant_range, picklable_with_args, picklable_with_callable_args
-
-
-_GRANULARITY_CODES = ("granq", "channel", "tensor", "kernel")
-
-
-def _describe(settings: torch.Tensor) -> str:
-    """``4-bit asymmetric granq (axis 1, grid [0, 15])`` from :meth:`GranQFakeQuantize._settings`."""
-    values = [int(v) for v in settings.flatten().tolist()]
-    if len(values) != 6 or not 0 <= values[2] < len(_GRANULARITY_CODES):
-        return f"unknown ({values})"
-    bits, symmetric, granularity, axis, q_min, q_max = values
-    return (f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'} {_GRANULARITY_CODES[granularity]} "
-            f"(axis {axis}, grid [{q_min}, {q_max}])")
 
 
 class GranQFakeQuantize(FakeQuantizeBase):
@@ -178,12 +166,8 @@ class GranQFakeQuantize(FakeQuantizeBase):
 
     # -- the settings that shape the numbers, saved with the state_dict and checked on load
     def _settings(self) -> torch.Tensor:
-        """``[bits, symmetric, granularity, axis, quant_min, quant_max]`` as int64 (granularity: its
-        index in :data:`_GRANULARITY_CODES`)."""
-        name = "granq" if self.config.name == "granq_iterative" else self.config.name  # same ranges
-        axis = getattr(self.granularity, "axis", self.ch_axis)
-        return torch.tensor([self.bits, int(self.symmetric), _GRANULARITY_CODES.index(name), axis,
-                             self.quant_min, self.quant_max], dtype=torch.int64)
+        """:func:`granq_ao.saved_settings.settings_tensor` of this fake-quant's config."""
+        return settings_tensor(self.config)
 
     def get_extra_state(self) -> torch.Tensor:
         return self._settings()
@@ -194,13 +178,9 @@ class GranQFakeQuantize(FakeQuantizeBase):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
         key = prefix + "_extra_state"
-        saved = state_dict.get(key)
-        if isinstance(saved, torch.Tensor) and not torch.equal(saved.cpu(), self._settings()):
-            error_msgs.append(
-                f"{prefix.rstrip('.') or type(self).__name__}: the state_dict was saved from a "
-                f"{_describe(saved)} fake-quant, this one is {_describe(self._settings())}. Prepare the "
-                "model with the settings it was trained with (bits, symmetric, granularity) before "
-                "load_state_dict().")
+        problem = settings_mismatch(state_dict.get(key), self.config, prefix.rstrip(".") or type(self).__name__)
+        if problem:
+            error_msgs.append(problem)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)

@@ -1,0 +1,53 @@
+"""The settings that shape a quantizer's numbers, saved with its ``state_dict`` and checked on load.
+
+A fake-quant module of any integration saves, as its ``_extra_state``, one int64 tensor::
+
+    [bits, symmetric, granularity, axis, quant_min, quant_max]
+
+(``granularity`` = index in :data:`GRANULARITY_CODES`; ``granq_iterative`` saves as ``granq``: the
+same ranges). Loading a state_dict saved from other settings (a 4-bit checkpoint into an 8-bit
+model) is then reported by :func:`settings_mismatch` instead of silently producing other numbers;
+state_dicts saved before settings were saved load as before. Torch-only; every integration may use it.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .config import GranQConfig
+
+__all__ = ["GRANULARITY_CODES", "settings_tensor", "describe_settings", "settings_mismatch"]
+
+GRANULARITY_CODES = ("granq", "channel", "tensor", "kernel")
+
+
+def settings_tensor(config: GranQConfig) -> torch.Tensor:
+    """``[bits, symmetric, granularity, axis, quant_min, quant_max]`` of ``config`` (int64, CPU)."""
+    name = "granq" if config.name == "granq_iterative" else config.name
+    axis = getattr(config.granularity, "axis", config.axis)
+    return torch.tensor([config.bits, int(config.symmetric), GRANULARITY_CODES.index(name), axis,
+                         config.quant_min, config.quant_max], dtype=torch.int64)
+
+
+def describe_settings(settings: torch.Tensor) -> str:
+    """``4-bit asymmetric granq (axis 1, grid [0, 15])`` from a :func:`settings_tensor`."""
+    values = [int(v) for v in settings.flatten().tolist()]
+    if len(values) != 6 or not 0 <= values[2] < len(GRANULARITY_CODES):
+        return f"unknown ({values})"
+    bits, symmetric, granularity, axis, q_min, q_max = values
+    return (f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'} {GRANULARITY_CODES[granularity]} "
+            f"(axis {axis}, grid [{q_min}, {q_max}])")
+
+
+def settings_mismatch(saved: Any, config: GranQConfig, where: str) -> Optional[str]:
+    """The ``load_state_dict`` error message if ``saved`` (the state_dict's ``_extra_state``, or
+    ``None`` when absent) was saved from settings other than ``config``'s; ``None`` if they agree."""
+    if not isinstance(saved, torch.Tensor):
+        return None
+    current = settings_tensor(config)
+    if saved.shape == current.shape and torch.equal(saved.cpu().to(torch.int64), current):
+        return None
+    return (f"{where}: the state_dict was saved from a {describe_settings(saved)} fake-quant, this one is "
+            f"{describe_settings(current)}. Prepare the model with the settings it was trained with "
+            "(bits, symmetric, granularity) before load_state_dict().")
