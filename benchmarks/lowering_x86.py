@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import datetime
-import json
 import os
-import platform
 import re
 import statistics
+import sys
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
@@ -181,19 +179,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared report helpers
+    from report import run_header, write_json
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, batch {args.batch}, "
-              f"GranQ W{args.bits}A{args.bits} {args.placement}, {args.rounds} interleaved rounds")
+    header = run_header(f"batch {args.batch}, GranQ W{args.bits}A{args.bits} {args.placement}, "
+                        f"{args.rounds} interleaved rounds")
     print(header)
     result = run(args.batch, args.bits, args.placement, args.rounds)
     result["header"] = header
     print(format_table(result))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+        write_json(args.json, result)
     return result
 
 

@@ -33,11 +33,7 @@ agree to float rounding; conv-bn QAT is written differently by FX and PT2E).
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -131,6 +127,8 @@ def count_quantizers(model: torch.nn.Module) -> Dict[str, int]:
     from torch.ao.quantization.fake_quantize import FakeQuantizeBase as AoFakeQuantize
     from torchao.quantization.pt2e import FakeQuantizeBase as PT2EFakeQuantize
 
+    from granq_ao.integrations.torchao.patterns import reaches_placeholder
+
     fake_quant_types = (AoFakeQuantize, PT2EFakeQuantize)
     counts = {"weights": 0, "act_calls": 0}
     graph = getattr(model, "graph", None)
@@ -138,7 +136,7 @@ def count_quantizers(model: torch.nn.Module) -> Dict[str, int]:
         modules = dict(model.named_modules(remove_duplicate=False))
         for node in graph.nodes:
             if node.op == "call_module" and isinstance(modules.get(str(node.target)), fake_quant_types):
-                counts["act_calls" if _reaches_input(node.args[0]) else "weights"] += 1
+                counts["act_calls" if reaches_placeholder(node.args[0]) else "weights"] += 1
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("weight_fake_quant", "weight_fake_quantizer") and module is not None:
@@ -146,19 +144,6 @@ def count_quantizers(model: torch.nn.Module) -> Dict[str, int]:
         elif leaf in ("input_fake_quant", "activation_fake_quantizer") and module is not None:
             counts["act_calls"] += 1
     return counts
-
-
-def _reaches_input(node) -> bool:
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if not isinstance(current, torch.fx.Node) or current in seen:
-            continue
-        seen.add(current)
-        if current.op == "placeholder":
-            return True
-        stack.extend(current.all_input_nodes)
-    return False
 
 
 def run(rows: Sequence[str], bits: int = 3, batch: int = 200, rounds: int = 10, warmup: int = 3,
@@ -242,19 +227,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     args = parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fake_quant_latency's mapping
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fake_quant_latency's mapping, report helpers
+    from report import run_header, write_json
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-              f"batch {args.batch}, W{args.bits}A{args.bits}, {args.rounds} interleaved rounds")
+    header = run_header(f"batch {args.batch}, W{args.bits}A{args.bits}, {args.rounds} interleaved rounds")
     print(header)
     table = run(args.rows, args.bits, args.batch, args.rounds, args.warmup)
     print(format_table(table))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
-            json.dump({"header": header, "rows": table}, handle, indent=1)
+        write_json(args.json, {"header": header, "rows": table})
     return table
 
 

@@ -11,13 +11,13 @@ state_dicts saved before settings were saved load as before. Torch-only; every i
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 
 from .config import GranQConfig
 
-__all__ = ["GRANULARITY_CODES", "settings_tensor", "describe_settings", "settings_mismatch"]
+__all__ = ["GRANULARITY_CODES", "settings_tensor", "describe_settings", "settings_mismatch", "load_checking_settings"]
 
 GRANULARITY_CODES = ("granq", "channel", "tensor", "kernel")
 
@@ -51,3 +51,20 @@ def settings_mismatch(saved: Any, config: GranQConfig, where: str) -> Optional[s
     return (f"{where}: the state_dict was saved from a {describe_settings(saved)} fake-quant, this one is "
             f"{describe_settings(current)}. Prepare the model with the settings it was trained with "
             "(bits, symmetric, granularity) before load_state_dict().")
+
+
+def load_checking_settings(load: Callable[[], None], config: GranQConfig, state_dict: Mapping[str, Any], prefix: str,
+                           missing_keys: List[str], error_msgs: List[str], where: str) -> bool:
+    """The body of a quantizer's ``_load_from_state_dict``: refuse (append the message to
+    ``error_msgs``, return False) a state_dict saved from other settings; else ``load()`` (the
+    host class's own loading) and forgive a missing ``_extra_state`` (a state_dict saved before
+    settings were saved); return True."""
+    key = prefix + "_extra_state"
+    problem = settings_mismatch(state_dict.get(key), config, where)
+    if problem:
+        error_msgs.append(problem)
+        return False
+    load()
+    if key not in state_dict and key in missing_keys:
+        missing_keys.remove(key)
+    return True

@@ -26,7 +26,7 @@ from granq_ao.config import GranQConfig, normalize_fused, quant_range
 from granq_ao.functional import fake_quantize
 from granq_ao.diagnostics import module_label
 from granq_ao.granularity import Granularity
-from granq_ao.saved_settings import settings_mismatch, settings_tensor
+from granq_ao.saved_settings import load_checking_settings, settings_tensor
 
 __all__ = ["GranQDescriptor", "GranQTensorQuantizer", "GranQCalibrationWarning", "as_granq_descriptor"]
 
@@ -279,16 +279,11 @@ class GranQTensorQuantizer(TensorQuantizer):
             state_dict.pop(key)
             warnings.warn(f"{self._label()}: ignoring '{key}' from the checkpoint (GranQ ranges are dynamic)",
                           GranQCalibrationWarning, stacklevel=2)
-        settings_key = prefix + "_extra_state"
-        problem = settings_mismatch(state_dict.get(settings_key), self._granq_config,
-                                    prefix.rstrip(".") or type(self).__name__)
-        if problem:
-            error_msgs.append(problem)
-            return
-        torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                              unexpected_keys, error_msgs)
-        if settings_key not in state_dict and settings_key in missing_keys:  # a checkpoint without settings
-            missing_keys.remove(settings_key)
+        def load() -> None:
+            torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                                  unexpected_keys, error_msgs)
+        load_checking_settings(load, self._granq_config, state_dict, prefix, missing_keys, error_msgs,
+                               prefix.rstrip(".") or type(self).__name__)
 
     def _label(self, find: bool = False) -> str:
         """``GranQTensorQuantizer 'path.in.model'``; with ``find`` (error paths only) the path is

@@ -49,7 +49,7 @@ from granq_ao.config import GranQConfig
 from granq_ao.diagnostics import module_label
 from granq_ao.functional import NonFiniteInputError, fused_backend
 from granq_ao.granularity import Granularity, PerTensor
-from granq_ao.saved_settings import settings_mismatch, settings_tensor
+from granq_ao.saved_settings import load_checking_settings, settings_tensor
 
 from .dynamic_qdq import insert_dynamic_quant_dequant
 from .eager_guard import refuse_torch_eager_convert
@@ -177,15 +177,12 @@ class GranQFakeQuantize(FakeQuantizeBase):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
-        key = prefix + "_extra_state"
-        problem = settings_mismatch(state_dict.get(key), self.config, prefix.rstrip(".") or type(self).__name__)
-        if problem:
-            error_msgs.append(problem)
+        def load() -> None:
+            super(GranQFakeQuantize, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                                 missing_keys, unexpected_keys, error_msgs)
+        if not load_checking_settings(load, self.config, state_dict, prefix, missing_keys, error_msgs,
+                                      prefix.rstrip(".") or type(self).__name__):
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                      missing_keys, unexpected_keys, error_msgs)
-        if key not in state_dict and key in missing_keys:  # saved before the settings were saved
-            missing_keys.remove(key)
         self._fake_quant_on = bool(self.fake_quant_enabled[0])
         self._observer_on = bool(self.observer_enabled[0])
 

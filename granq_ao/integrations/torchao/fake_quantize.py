@@ -32,7 +32,7 @@ from granq_ao.config import GranQConfig
 from granq_ao.diagnostics import module_label
 from granq_ao.functional import NonFiniteInputError
 from granq_ao.qdq_graph import insert_dynamic_qdq
-from granq_ao.saved_settings import settings_mismatch, settings_tensor
+from granq_ao.saved_settings import load_checking_settings, settings_tensor
 
 __all__ = ["GranQPT2EFakeQuantize"]
 
@@ -86,15 +86,12 @@ class GranQPT2EFakeQuantize(FakeQuantizeBase):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        settings_key = prefix + "_extra_state"
-        problem = settings_mismatch(state_dict.get(settings_key), self.config, prefix.rstrip(".") or type(self).__name__)
-        if problem:
-            error_msgs.append(problem)
+        def load() -> None:
+            super(GranQPT2EFakeQuantize, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                                     missing_keys, unexpected_keys, error_msgs)
+        if not load_checking_settings(load, self.config, state_dict, prefix, missing_keys, error_msgs,
+                                      prefix.rstrip(".") or type(self).__name__):
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if settings_key not in state_dict and settings_key in missing_keys:  # a checkpoint without settings
-            missing_keys.remove(settings_key)
         self._fake_quant_on = bool(self.fake_quant_enabled[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
