@@ -147,7 +147,8 @@ def test_untraceable_network_prepares_trains_and_converts():
         assert [type(module) for module in (model.down, model.up, model.head)] == [
             GranQReferenceConv2d, GranQReferenceConvTranspose2d, GranQReferenceLinear]
         assert torch.equal(model(x), expected)
-        assert {name: value for name, value in model.state_dict().items()}.keys() == trained.keys()
+        converted_keys = {name for name in model.state_dict() if not name.endswith("_extra_state")}
+        assert converted_keys == trained.keys()  # plus each reference layer's saved settings
 
 
 def test_convert_to_float_gives_plain_layers_with_trained_weights():
@@ -273,3 +274,77 @@ def test_torchvision_networks_swap_train_and_convert(arch):
         expected = model(x)
         convert(model)
         assert torch.equal(model(x), expected)
+
+
+# ----------------------------------------------------------------------------- round trips between forms
+def test_reference_back_to_float_then_prepare_again():
+    torch.manual_seed(0)
+    model = convert(prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Linear(4, 2)), scheme()))
+    assert isinstance(model[0], GranQReference)
+    convert(model, target="float")
+    assert [type(module) for module in model] == [nn.Conv2d, nn.ReLU, nn.Linear]
+    prepare(model, scheme(act_bits=8))
+    assert isinstance(model[0], GranQQAT) and model[0].input_fake_quant.config.bits == 8
+
+
+def test_float_checkpoint_loads_strictly_into_prepared_and_reference_models():
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    checkpoint = copy.deepcopy(float_model.state_dict())
+    torch.manual_seed(1)
+    qat = prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)), scheme())
+    qat.load_state_dict(checkpoint)  # strict: the fake-quants keep their own state
+    assert torch.equal(qat[0].weight, float_model[0].weight) and qat[0].input_fake_quant.fake_quant_on
+    reference = convert(copy.deepcopy(qat))
+    reference.load_state_dict(checkpoint)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(reference(x), qat.eval()(x))
+
+
+def test_reference_state_dict_from_other_settings_is_refused():
+    def build(**options):
+        torch.manual_seed(0)
+        return convert(prepare(nn.Sequential(nn.Conv2d(3, 4, 3)), scheme(**options)))
+
+    state = build(weight_bits=4, act_bits=4).state_dict()
+    build(weight_bits=4, act_bits=4).load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"saved from a 4-bit asymmetric granq .*; 4-bit .* this one is 8-bit"):
+        build(weight_bits=4, act_bits=8).load_state_dict(state)
+
+
+@pytest.mark.parametrize("layer, shape", [(nn.Conv2d(3, 4, 3), (3, 7, 7)), (nn.ConvTranspose2d(3, 4, 2, stride=2), (3, 5, 5)),
+                                          (nn.Conv1d(3, 4, 3), (3, 9)), (nn.Linear(6, 2), (6,))])
+def test_unbatched_input_is_one_sample(layer, shape):
+    torch.manual_seed(0)
+    model = prepare(nn.Sequential(layer), scheme())
+    x = torch.randn(*shape)
+    assert torch.equal(model(x), model(x.unsqueeze(0))[0])
+    reference = convert(copy.deepcopy(model).eval())
+    assert torch.equal(reference(x), reference(x.unsqueeze(0))[0])
+
+
+def test_hook_handles_taken_before_prepare_still_remove_the_hook():
+    calls = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    handle = model[0].register_forward_hook(lambda module, args, output: calls.append(type(module).__name__))
+    prepare(model, scheme())
+    model(torch.randn(2, 3, 5, 5))
+    assert calls == ["GranQQATConv2d"]
+    handle.remove()
+    model(torch.randn(2, 3, 5, 5))
+    assert calls == ["GranQQATConv2d"]
+
+
+def test_subclasses_left_in_float_are_named_in_a_warning():
+    from torch.nn.utils import parametrizations
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(MyConv(3, 4, 3), parametrizations.weight_norm(nn.Conv2d(4, 4, 1)), nn.Conv2d(4, 4, 1))
+    with pytest.warns(UserWarning) as caught:
+        prepare(model, scheme())
+    messages = " | ".join(str(warning.message) for warning in caught)
+    assert "MyConv (first at '0'; a subclass of nn.Conv2d) is left in float" in messages
+    assert "ParametrizedConv2d" in messages and "remove_parametrizations" in messages
+    assert type(model[0]) is MyConv and isinstance(model[2], GranQQAT)

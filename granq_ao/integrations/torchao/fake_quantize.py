@@ -90,7 +90,7 @@ class GranQPT2EFakeQuantize(FakeQuantizeBase):
             super(GranQPT2EFakeQuantize, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                                                      missing_keys, unexpected_keys, error_msgs)
         if not load_checking_settings(load, self.config, state_dict, prefix, missing_keys, error_msgs,
-                                      prefix.rstrip(".") or type(self).__name__):
+                                      prefix.rstrip(".") or type(self).__name__, keep_state_if_absent=True):
             return
         self._fake_quant_on = bool(self.fake_quant_enabled[0])
 

@@ -8,6 +8,10 @@ padding mode..., ``conv_transposeNd`` with the output padding ``nn.ConvTranspose
 or ``linear``). The two hooks are the only difference between the forms: fake-quant modules
 in QAT, the registered ``torch.ops.granq_ao`` q/dq ops after conversion.
 
+Unbatched input (``(C, *spatial)`` for a convolution, ``(F,)`` for a linear layer, as the host
+layers accept) is one sample: it gets that sample's ranges. ``(N, T, F)`` input of a linear layer
+gets one range per (n, t) row (per token) under GranQ's default granularity.
+
 ``quantize_weight`` always sees a weight laid out as a convolution's, ``(out, in / groups, *k)``
 (or linear's ``(out, in)``), so "per output channel" is axis 0 for every layer. A transposed
 convolution stores ``(in, out / groups, *k)``; :func:`transposed_to_conv_layout` and
@@ -56,6 +60,8 @@ class QuantizedConvForward(_QuantizedHooks):
     """For an ``nn.Conv1d/2d/3d`` subclass."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == self.weight.dim() - 1:  # unbatched (C, *spatial), as the host accepts: one sample
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         return self._conv_forward(self.quantize_input(x), self.quantize_weight(self.weight), self.bias)
 
 
@@ -65,6 +71,8 @@ class QuantizedConvTransposeForward(_QuantizedHooks):
     def forward(self, x: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
         if self.padding_mode != "zeros":
             raise ValueError(f"Only `zeros` padding mode is supported for {type(self).__name__}")
+        if x.dim() == self.weight.dim() - 1:  # unbatched (C, *spatial): one sample
+            return self.forward(x.unsqueeze(0), output_size).squeeze(0)
         spatial_dims = self.weight.dim() - 2
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
                                               spatial_dims, self.dilation)
@@ -78,4 +86,6 @@ class QuantizedLinearForward(_QuantizedHooks):
     """For an ``nn.Linear`` subclass."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 1:  # one unbatched vector, as the host accepts: one sample
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         return nn_functional.linear(self.quantize_input(x), self.quantize_weight(self.weight), self.bias)

@@ -2,8 +2,9 @@
 
 ``rebuild_as(cls, module)`` returns a new ``cls`` instance whose hyper-parameters (stride,
 padding, ...) are ``module``'s and whose ``weight``/``bias`` are the same ``Parameter`` objects
-(an optimizer built on them keeps working), in new parameter/buffer/sub-module/hook dicts; the
-sub-modules and attributes named in ``drop`` are left out. ``quantize_`` swaps modules in place,
+(an optimizer built on them keeps working), in new parameter/buffer/sub-module dicts; the hook
+dicts are the old module's own (hook handles keep working); the sub-modules and attributes named
+in ``drop`` are left out. ``quantize_`` swaps modules in place,
 so sharing is what the host expects (torchao's own ``FakeQuantizedLinear`` does the same).
 """
 from __future__ import annotations
@@ -24,7 +25,9 @@ def rebuild_as(cls: Type[ModuleT], module: nn.Module, drop: Iterable[str] = ()) 
     for key, value in module.__dict__.items():
         if key in drop:
             continue
-        if isinstance(value, dict):  # parameters, buffers, sub-modules, hooks (dict or OrderedDict)
+        if "hook" in key:  # the same hook dicts: handles taken on the old module still remove them
+            pass
+        elif isinstance(value, dict):  # parameters, buffers, sub-modules (dict or OrderedDict)
             value = type(value)((name, item) for name, item in value.items() if name not in drop)
         elif isinstance(value, set):  # the non-persistent buffer names
             value = set(value) - drop

@@ -12,7 +12,8 @@ Two steps, as torchao's own ``QATConfig``::
 * ``step="convert"`` swaps each QAT module back: ``target="reference"`` (default) gives the
   reference form (:mod:`.reference_modules`: float weights, explicit ``granq_ao`` q/dq ops,
   equal to the QAT model in eval, exportable); ``target="float"`` the plain host layers (no
-  quantization; e.g. to apply another torchao config next). Other modules are left alone.
+  quantization; e.g. to apply another torchao config next, or to train again); ``target="float"``
+  also turns reference modules back into plain layers. Other modules are left alone.
 
 ``quantize_``'s default filter selects ``nn.Linear`` only, so pass ``filter_fn=is_conv_or_linear``
 to both steps. Module swapping sees no data flow, so activations are quantized at every swapped
@@ -21,6 +22,7 @@ the graph: use :class:`~.quantizer.GranQQuantizer` (PT2E).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -66,22 +68,49 @@ class GranQQATConfig(AOBaseConfig):
 def is_conv_or_linear(module: nn.Module, fqn: str = "") -> bool:
     """``quantize_`` filter for both steps: a plain ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``
     or ``nn.Linear`` (exact type: a subclass may compute something else), or a GranQ QAT or
-    reference module (so that preparing twice is refused rather than silently skipped)."""
-    return type(module) in QAT_CLASSES or isinstance(module, (GranQQAT, GranQReference))
+    reference module (so that preparing twice is refused rather than silently skipped). Any other
+    subclass of those layers is left in float with a warning naming it (once per class)."""
+    if type(module) in QAT_CLASSES or isinstance(module, (GranQQAT, GranQReference)):
+        return True
+    if isinstance(module, tuple(QAT_CLASSES)):
+        _warn_left_in_float(type(module), fqn)
+    return False
+
+
+_WARNED_CLASSES = set()
+
+
+def _warn_left_in_float(cls: type, fqn: str) -> None:
+    if cls in _WARNED_CLASSES:
+        return
+    _WARNED_CLASSES.add(cls)
+    base = next(base for base in cls.__mro__ if base in QAT_CLASSES).__name__
+    if cls.__name__.startswith("Lazy"):
+        why = "run one forward pass first, which turns lazy layers into their plain class"
+    elif cls.__name__.startswith("Parametrized"):
+        why = "remove its parametrization (torch.nn.utils.parametrize.remove_parametrizations) first"
+    else:
+        why = "quantize_ swaps exact types only (e.g. nn.MultiheadAttention's out_proj is such a subclass)"
+    warnings.warn(f"is_conv_or_linear: {cls.__name__} (first at '{fqn}'; a subclass of nn.{base}) is left in float: "
+                  f"{why}",
+                  stacklevel=3)
 
 
 @register_quantize_module_handler(GranQQATConfig)
 def _granq_qat_transform(module: nn.Module, config: GranQQATConfig) -> nn.Module:
     if config.step == "convert":
-        if not isinstance(module, GranQQAT):
-            return module
-        return module.to_reference() if config.target == "reference" else module.to_float()
+        if isinstance(module, GranQQAT):
+            return module.to_reference() if config.target == "reference" else module.to_float()
+        if isinstance(module, GranQReference) and config.target == "float":
+            return module.to_float()
+        return module
     if isinstance(module, GranQQAT):
         raise ValueError(f"{type(module).__name__} is already prepared for GranQ QAT; to convert it, "
                          "call quantize_(model, GranQQATConfig(step=\"convert\"), filter_fn=is_conv_or_linear)")
     if isinstance(module, GranQReference):
         raise ValueError(f"{type(module).__name__} is already converted (GranQ reference form); to train again, "
-                         "prepare the float model: convert with GranQQATConfig(step=\"convert\", target=\"float\")")
+                         "first make it a plain layer: quantize_(model, GranQQATConfig(step=\"convert\", "
+                         "target=\"float\"), filter_fn=is_conv_or_linear), then prepare")
     qat_class = QAT_CLASSES.get(type(module))
     if qat_class is None:
         names = ", ".join(float_class.__name__ for float_class in QAT_CLASSES)

@@ -8,7 +8,9 @@ both operands, through the registered ops (:func:`granq_ao.qdq_graph.dynamic_qdq
     qdq(t, c) = granq_ao::dequantize(granq_ao::quantize(t, *granq_ao::choose_qparams_dynamic(t, c)))
 
 equal to the QAT module in eval bit for bit (the same math, :mod:`granq_ao.functional`). A
-config of ``None`` leaves that operand in float (a fake-quant that was disabled in QAT).
+config of ``None`` leaves that operand in float (a fake-quant that was disabled in QAT). The two
+configs are saved with the ``state_dict`` and checked on load (:mod:`granq_ao.saved_settings`);
+:meth:`GranQReference.to_float` gives the plain layer back.
 ``torch.export`` of a model of reference modules records the ``granq_ao`` ops, so it saves and
 loads with ``torch.export.save``/``load`` (the loading process imports ``granq_ao``).
 """
@@ -23,6 +25,7 @@ from granq_ao.config import GranQConfig
 from granq_ao.diagnostics import module_label
 from granq_ao.functional import NonFiniteInputError
 from granq_ao.qdq_graph import dynamic_qdq
+from granq_ao.saved_settings import load_checking_settings, settings_tensor
 
 from .layer_forward import QuantizedConvForward, QuantizedConvTransposeForward, QuantizedLinearForward
 from .module_swap import rebuild_as
@@ -50,6 +53,27 @@ class GranQReference:
         reference = rebuild_as(cls, module, drop=drop)
         reference.input_config, reference.weight_config = input_config, weight_config
         return reference
+
+    def to_float(self) -> nn.Module:
+        """The plain host layer (``nn.Conv2d``, ...) with these weights, no quantization."""
+        float_class = next(base for base in type(self).__mro__ if base in REFERENCE_CLASSES)
+        return rebuild_as(float_class, self, drop=("input_config", "weight_config"))
+
+    # the two configs travel with the state_dict (granq_ao.saved_settings): a state_dict from a
+    # reference model of other settings is refused; a float checkpoint (no settings) loads
+    def get_extra_state(self) -> torch.Tensor:
+        return settings_tensor((self.input_config, self.weight_config))
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked in _load_from_state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        def load() -> None:
+            super(GranQReference, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                              unexpected_keys, error_msgs)
+        load_checking_settings(load, (self.input_config, self.weight_config), state_dict, prefix, missing_keys,
+                               error_msgs, prefix.rstrip(".") or type(self).__name__)
 
     def _qdq(self, value: torch.Tensor, config: Optional[GranQConfig], what: str) -> torch.Tensor:
         if config is None:
