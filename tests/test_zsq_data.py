@@ -64,3 +64,33 @@ def test_per_image_correct_is_the_same_sharded_or_not():
     assert torch.equal(whole, expected)
     counts = [E.evaluate_accuracy(model, evalset, 8, rank=r, world_size=3) for r in range(3)]
     assert sum(c for c, _ in counts) == int(expected.sum()) and sum(t for _, t in counts) == 50
+
+
+def test_sharded_evaluation_of_a_dataset_reads_only_this_process_images():
+    """A map-style Dataset (an ImageFolder) is decoded only where the batch is this process's."""
+
+    class CountingDataset(torch.utils.data.Dataset):
+        def __init__(self, images, labels):
+            self.images, self.labels, self.read = images, labels, []
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, index):
+            self.read.append(index)
+            return self.images[index], int(self.labels[index])
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(45, 3, 4, 4), torch.randint(0, 3, (45,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    expected = (model(images).argmax(1) == labels).long()
+    shards, reads = [], []
+    for rank in range(3):
+        dataset = CountingDataset(images, labels)
+        shards.append(E.per_image_correct(model, dataset, batch_size=8, rank=rank, world_size=3))
+        reads.append(sorted(dataset.read))
+    assert torch.equal(sum(shards), expected)
+    # batches of 8: rank r owns batches r, r + 3 (the last one, images 40..44, is rank 2's)
+    assert reads[0] == list(range(0, 8)) + list(range(24, 32))
+    assert reads[2] == list(range(16, 24)) + list(range(40, 45))
+    assert sorted(sum(reads, [])) == list(range(45))  # each image read once, by one process

@@ -114,6 +114,26 @@ def per_image_correct(model: torch.nn.Module, eval_data: Any, batch_size: int = 
     return _correct_and_mine(model, eval_data, batch_size, device, rank, world_size, normalize)[0]
 
 
+def _batches_of_rank(eval_data, batch_size, normalize, rank, world_size):
+    """``(ours, size, (images, labels) or None)`` for every batch of ``eval_data``'s fixed order;
+    batch ``b`` is process ``b % world_size``'s. A map-style ``Dataset`` (an ImageFolder) is read
+    only where it is this process's: the other processes' images are never decoded here."""
+    is_dataset = isinstance(eval_data, torch.utils.data.Dataset) and not isinstance(eval_data, EvalSet)
+    if world_size == 1 or not is_dataset or not hasattr(eval_data, "__len__"):
+        for index, (images, labels) in enumerate(eval_batches(eval_data, batch_size, normalize)):
+            ours = index % world_size == rank
+            yield ours, len(labels), (images, labels) if ours else None
+        return
+    total = len(eval_data)
+    starts = range(0, total, batch_size)
+    owned = [start for index, start in enumerate(starts) if index % world_size == rank]
+    indices = [i for start in owned for i in range(start, min(start + batch_size, total))]
+    loaded = eval_batches(torch.utils.data.Subset(eval_data, indices), batch_size, normalize)
+    for index, start in enumerate(starts):
+        ours = index % world_size == rank
+        yield ours, min(batch_size, total - start), next(loaded) if ours else None
+
+
 def _correct_and_mine(model, eval_data, batch_size, device, rank, world_size, normalize):
     """``(correct, mine)``: per-image int64 correctness (0 off this process's batches) and a bool
     mask of the images this process evaluated."""
@@ -121,12 +141,12 @@ def _correct_and_mine(model, eval_data, batch_size, device, rank, world_size, no
     model.eval()
     correct, mine = [], []
     try:
-        for batch_index, (images, labels) in enumerate(eval_batches(eval_data, batch_size, normalize)):
-            ours = batch_index % world_size == rank
-            mine.append(torch.full((len(labels),), ours))
+        for ours, size, batch in _batches_of_rank(eval_data, batch_size, normalize, rank, world_size):
+            mine.append(torch.full((size,), ours))
             if not ours:
-                correct.append(torch.zeros(len(labels), dtype=torch.int64))
+                correct.append(torch.zeros(size, dtype=torch.int64))
                 continue
+            images, labels = batch
             logits = model(images.to(device))
             correct.append((logits.argmax(dim=1).cpu() == labels.cpu()).long())
     finally:
