@@ -38,17 +38,11 @@ import torch.nn.functional as F
 __all__ = ["GDFQGenerator", "ImageNetGenerator", "ConditionalBatchNorm2d"]
 
 
-def _sample_inputs(num_classes: int, latent_dim: int, batch_size: int, generator: Optional[torch.Generator],
-                   device: torch.device):
-    z = torch.randn(batch_size, latent_dim, generator=generator, device=device)
-    labels = torch.randint(0, num_classes, (batch_size,), generator=generator, device=device)
-    return z, labels
+class _ConditionalGenerator(nn.Module):
+    """What both generators share: the sizes (``img_size`` a multiple of 4, ``init_size =
+    img_size // 4``) and how their inputs are drawn. Subclasses define ``project`` and ``forward``."""
 
-
-class GDFQGenerator(nn.Module):
-    """Conditional image generator ``G(z, labels)`` (see the module docstring)."""
-
-    def __init__(self, num_classes: int, latent_dim: int = 100, img_size: int = 32, channels: int = 3) -> None:
+    def __init__(self, num_classes: int, latent_dim: int, img_size: int, channels: int) -> None:
         super().__init__()
         if img_size % 4:
             raise ValueError(f"img_size must be a multiple of 4, got {img_size}")
@@ -57,6 +51,22 @@ class GDFQGenerator(nn.Module):
         self.img_size = img_size
         self.channels = channels
         self.init_size = img_size // 4
+
+    def sample_inputs(self, batch_size: int, generator: Optional[torch.Generator] = None,
+                      device: Optional[torch.device] = None):
+        """``(z, labels)``: ``z ~ N(0, I)`` (batch, latent_dim) and uniform labels, drawn from
+        ``generator`` (a ``torch.Generator`` on ``device``) in this order."""
+        device = device if device is not None else self.project.weight.device
+        z = torch.randn(batch_size, self.latent_dim, generator=generator, device=device)
+        labels = torch.randint(0, self.num_classes, (batch_size,), generator=generator, device=device)
+        return z, labels
+
+
+class GDFQGenerator(_ConditionalGenerator):
+    """Conditional image generator ``G(z, labels)`` (see the module docstring)."""
+
+    def __init__(self, num_classes: int, latent_dim: int = 100, img_size: int = 32, channels: int = 3) -> None:
+        super().__init__(num_classes, latent_dim, img_size, channels)
         self.label_embedding = nn.Embedding(num_classes, latent_dim)
         self.project = nn.Linear(latent_dim, 128 * self.init_size ** 2)
         self.bn0 = nn.BatchNorm2d(128)
@@ -75,13 +85,6 @@ class GDFQGenerator(nn.Module):
         h = F.interpolate(h, scale_factor=2, mode="nearest")
         h = F.leaky_relu(self.bn2(self.conv2(h)), 0.2)
         return self.bn_out(torch.tanh(self.conv_out(h)))
-
-    def sample_inputs(self, batch_size: int, generator: Optional[torch.Generator] = None,
-                      device: Optional[torch.device] = None):
-        """``(z, labels)``: ``z ~ N(0, I)`` (batch, latent_dim) and uniform labels, drawn from
-        ``generator`` (a ``torch.Generator`` on ``device``) in this order."""
-        device = device if device is not None else self.project.weight.device
-        return _sample_inputs(self.num_classes, self.latent_dim, batch_size, generator, device)
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -103,19 +106,12 @@ class ConditionalBatchNorm2d(nn.Module):
         return self.gamma(labels).view(shape) * self.bn(x) + self.beta(labels).view(shape)
 
 
-class ImageNetGenerator(nn.Module):
+class ImageNetGenerator(_ConditionalGenerator):
     """Class-conditional ImageNet generator ``G(z, labels)`` (see the module docstring); any
     ``img_size`` divisible by 4 (224 for ImageNet; smaller ones for quick tests)."""
 
     def __init__(self, num_classes: int = 1000, latent_dim: int = 100, img_size: int = 224, channels: int = 3) -> None:
-        super().__init__()
-        if img_size % 4:
-            raise ValueError(f"img_size must be a multiple of 4, got {img_size}")
-        self.num_classes = num_classes
-        self.latent_dim = latent_dim
-        self.img_size = img_size
-        self.channels = channels
-        self.init_size = img_size // 4
+        super().__init__(num_classes, latent_dim, img_size, channels)
         self.project = nn.Linear(latent_dim, 128 * self.init_size ** 2)
         self.cbn0 = ConditionalBatchNorm2d(num_classes, 128)
         self.conv1 = nn.Conv2d(128, 128, 3, stride=1, padding=1)
@@ -132,9 +128,3 @@ class ImageNetGenerator(nn.Module):
         h = F.interpolate(h, scale_factor=2, mode="nearest")
         h = F.leaky_relu(self.cbn2(self.conv2(h), labels), 0.2)
         return self.bn_out(torch.tanh(self.conv_out(h)))
-
-    def sample_inputs(self, batch_size: int, generator: Optional[torch.Generator] = None,
-                      device: Optional[torch.device] = None):
-        """``(z, labels)`` as :meth:`GDFQGenerator.sample_inputs`."""
-        device = device if device is not None else self.project.weight.device
-        return _sample_inputs(self.num_classes, self.latent_dim, batch_size, generator, device)
