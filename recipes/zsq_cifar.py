@@ -82,8 +82,7 @@ def build_task(args, config, context) -> cli.Task:
 
 
 def default_out(args, config) -> Path:
-    return REPO / "runs" / (f"zsq_{args.dataset}_w{config.weight_bits}a{config.act_bits}_"
-                            f"{config.act_granularity}_{cli.timestamp()}")
+    return REPO / "runs" / cli.run_folder_name(f"zsq_{args.dataset}", config)
 
 
 def main(argv=None) -> int:

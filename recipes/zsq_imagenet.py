@@ -128,8 +128,7 @@ def build_task(args, config, context) -> cli.Task:
 
 def default_out(args, config) -> Path:
     arch = args.arch.replace(":", "-")
-    return REPO / "runs" / (f"zsq_imagenet_{arch}_w{config.weight_bits}a{config.act_bits}_"
-                            f"{config.act_granularity}_{cli.timestamp()}")
+    return REPO / "runs" / cli.run_folder_name(f"zsq_imagenet_{arch}", config)
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ from .student import TOOLCHAINS
 from .trainer import CHECKPOINT_NAME, RESUMABLE_CHANGES, ZSQConfig, ZSQTrainer, refuse_finished_folder, seed_everything
 
 __all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_FIELDS",
-           "saved_run_info"]
+           "saved_run_info", "run_folder_name"]
 
 # The ZSQConfig fields set by flags: each flag is the field's name (``--weight-bits`` sets
 # ``weight_bits``); short aliases (--wbits, --abits, --iters, --lr-g, --loss) are kept.
@@ -377,3 +377,8 @@ def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
 
 def timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+def run_folder_name(prefix: str, config: ZSQConfig) -> str:
+    """``<prefix>_w<W>a<A>_<act granularity>_<time>``: a recipe's default output folder name."""
+    return f"{prefix}_w{config.weight_bits}a{config.act_bits}_{config.act_granularity}_{timestamp()}"
