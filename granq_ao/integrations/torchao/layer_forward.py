@@ -24,11 +24,22 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as nn_functional
+from torch import nn
 
 __all__ = ["QuantizedConvForward", "QuantizedConvTransposeForward", "QuantizedLinearForward",
-           "transposed_to_conv_layout", "conv_to_transposed_layout"]
+           "transposed_to_conv_layout", "conv_to_transposed_layout", "HOST_LAYER_CLASSES", "host_layer_class"]
 
 _CONV_TRANSPOSE = (nn_functional.conv_transpose1d, nn_functional.conv_transpose2d, nn_functional.conv_transpose3d)
+
+#: the host layer classes both forms derive from (and quantize_ swaps)
+HOST_LAYER_CLASSES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                      nn.Linear)
+
+
+def host_layer_class(cls: type) -> type:
+    """The first of :data:`HOST_LAYER_CLASSES` among ``cls``'s bases (``nn.Conv2d`` for
+    ``GranQQATConv2d``); ``StopIteration`` if it has none."""
+    return next(base for base in cls.__mro__ if base in HOST_LAYER_CLASSES)
 
 
 def transposed_to_conv_layout(weight: torch.Tensor, groups: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ from torchao.quantization import register_quantize_module_handler
 
 from granq_ao.config import GranQScheme, check_choice
 
+from .layer_forward import HOST_LAYER_CLASSES, host_layer_class
 from .qat_modules import QAT_CLASSES, GranQQAT
 from .reference_modules import GranQReference
 
@@ -72,7 +73,7 @@ def is_conv_or_linear(module: nn.Module, fqn: str = "") -> bool:
     subclass of those layers is left in float with a warning naming it (once per class)."""
     if type(module) in QAT_CLASSES or isinstance(module, (GranQQAT, GranQReference)):
         return True
-    if isinstance(module, tuple(QAT_CLASSES)):
+    if isinstance(module, HOST_LAYER_CLASSES):
         _warn_left_in_float(type(module), fqn)
     return False
 
@@ -84,7 +85,7 @@ def _warn_left_in_float(cls: type, fqn: str) -> None:
     if cls in _WARNED_CLASSES:
         return
     _WARNED_CLASSES.add(cls)
-    base = next(base for base in cls.__mro__ if base in QAT_CLASSES).__name__
+    base = host_layer_class(cls).__name__
     if cls.__name__.startswith("Lazy"):
         why = "run one forward pass first, which turns lazy layers into their plain class"
     elif cls.__name__.startswith("Parametrized"):

@@ -19,7 +19,8 @@ from torch import nn
 from granq_ao.config import GranQScheme
 
 from .fake_quantize import GranQPT2EFakeQuantize
-from .layer_forward import QuantizedConvForward, QuantizedConvTransposeForward, QuantizedLinearForward
+from .layer_forward import (QuantizedConvForward, QuantizedConvTransposeForward, QuantizedLinearForward,
+                            host_layer_class)
 from .module_swap import rebuild_as
 from .reference_modules import REFERENCE_CLASSES
 
@@ -53,7 +54,7 @@ class GranQQAT:
     @property
     def float_class(self) -> type:
         """The host layer class this module replaced (``nn.Conv2d``, ...)."""
-        return next(base for base in type(self).__mro__ if base in QAT_CLASSES)
+        return host_layer_class(type(self))
 
     def to_float(self) -> nn.Module:
         """The plain host layer (exact ``float_class``) with the trained parameters, no quantization."""

@@ -27,7 +27,8 @@ from granq_ao.functional import NonFiniteInputError
 from granq_ao.qdq_graph import dynamic_qdq
 from granq_ao.saved_settings import load_checking_settings, settings_tensor
 
-from .layer_forward import QuantizedConvForward, QuantizedConvTransposeForward, QuantizedLinearForward
+from .layer_forward import (QuantizedConvForward, QuantizedConvTransposeForward, QuantizedLinearForward,
+                            host_layer_class)
 from .module_swap import rebuild_as
 
 __all__ = ["GranQReference", "GranQReferenceConv1d", "GranQReferenceConv2d", "GranQReferenceConv3d",
@@ -56,8 +57,7 @@ class GranQReference:
 
     def to_float(self) -> nn.Module:
         """The plain host layer (``nn.Conv2d``, ...) with these weights, no quantization."""
-        float_class = next(base for base in type(self).__mro__ if base in REFERENCE_CLASSES)
-        return rebuild_as(float_class, self, drop=("input_config", "weight_config"))
+        return rebuild_as(host_layer_class(type(self)), self, drop=("input_config", "weight_config"))
 
     # the two configs travel with the state_dict (granq_ao.saved_settings): a state_dict from a
     # reference model of other settings is refused; a float checkpoint (no settings) loads
