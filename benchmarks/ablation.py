@@ -12,6 +12,8 @@ Groups (``--groups``; a configuration shared by two groups runs once):
 =========  ==============================================================================
 act        Table 5: activations ``tensor`` / ``channel`` / ``granq_iterative`` / ``granq``,
            weights per output channel (paper: 49.98 / 51.26 / 62.68 / 62.73, full schedule)
+gran       the same without the (slow, prediction-identical) iterative method: ``tensor`` /
+           ``channel`` / ``granq``; with ``--arch`` it is the evidence of docs/NETWORKS.md
 weight     weight ranges ``channel`` vs ``kernel`` (the official code's per-(out, in) slice),
            each with GranQ and with ``tensor`` activations
 loss       Table 4's idea: AdaDFQ's losses (the recipe's: margin generator objective, ``entropy``
@@ -30,6 +32,8 @@ not one test).
     python benchmarks/ablation.py --dry-run                 # print the commands of the full ablation
     python benchmarks/ablation.py --jobs 2 --threads 1      # the full ablation (hours of CPU)
     python benchmarks/ablation.py --quick --out runs/ablation_quick   # tiny schedule, 2 runs (a smoke test)
+    python benchmarks/ablation.py --arch mobilenetv2_x0_5 --dataset cifar10 --bits 4 --groups gran --seeds 0,1 \
+        --out runs/networks/mobilenetv2_x0_5_w4a4                       # docs/NETWORKS.md
 """
 from __future__ import annotations
 
@@ -84,6 +88,7 @@ def gdfq_losses(act: str) -> Config:
 
 GROUPS: Dict[str, List[Tuple[str, Config]]] = {
     "act": [(act, Config(act=act)) for act in ("tensor", "channel", "granq_iterative", "granq")],
+    "gran": [(act, Config(act=act)) for act in ("tensor", "channel", "granq")],
     "weight": [(f"act {act}, weights {weight}", Config(act=act, weight=weight))
                for act in ("granq", "tensor") for weight in ("channel", "kernel")],
     "loss": [(f"act {act}, {losses} losses", config) for act in ("granq", "tensor")
@@ -93,6 +98,8 @@ GROUPS: Dict[str, List[Tuple[str, Config]]] = {
 PAIRS = {
     "act": [(Config(act="tensor"), Config(act="channel")), (Config(act="channel"), Config(act="granq")),
             (Config(act="tensor"), Config(act="granq")), (Config(act="granq_iterative"), Config(act="granq"))],
+    "gran": [(Config(act="tensor"), Config(act="channel")), (Config(act="channel"), Config(act="granq")),
+             (Config(act="tensor"), Config(act="granq"))],
     "weight": [(Config(act=a, weight="channel"), Config(act=a, weight="kernel")) for a in ("granq", "tensor")],
     "loss": [(gdfq_losses(a), Config(act=a)) for a in ("granq", "tensor")]
     + [(gdfq_losses("tensor"), gdfq_losses("granq"))],
@@ -109,6 +116,8 @@ def command(config: Config, seed: int, folder: Path, args: argparse.Namespace, r
     cmd = [sys.executable, str(RECIPE), "--dataset", args.dataset, "--weight-bits", str(args.bits),
            "--act-bits", str(args.bits), *config.flags(), "--seed", str(seed), "--out", str(folder),
            "--no-tensorboard", *args.schedule]
+    if args.arch != "resnet20":
+        cmd[2:2] = ["--arch", args.arch]
     if args.fold_bn:
         cmd.append("--fold-bn")
     if resume:
@@ -255,10 +264,12 @@ def write_outputs(out: Path, summary: Dict[str, object]) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def planned(groups: Sequence[str], seeds: Sequence[int]) -> List[Tuple[Config, int]]:
+    """Seed-major: every configuration of the first seed, then of the next (an interrupted
+    ablation has complete seeds)."""
     seen, plan = set(), []
-    for group in groups:
-        for _, config in GROUPS[group]:
-            for seed in seeds:
+    for seed in seeds:
+        for group in groups:
+            for _, config in GROUPS[group]:
                 if (config, seed) not in seen:
                     seen.add((config, seed))
                     plan.append((config, seed))
@@ -268,9 +279,10 @@ def planned(groups: Sequence[str], seeds: Sequence[int]) -> List[Tuple[Config, i
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--groups", default="act,weight,loss", help="comma-separated: act, weight, loss")
+    parser.add_argument("--groups", default="act,weight,loss", help="comma-separated: " + ", ".join(GROUPS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--dataset", default="cifar100")
+    parser.add_argument("--arch", default="resnet20", help="teacher (recipes/zsq_cifar.py --arch)")
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "runs" / "ablation"))
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")

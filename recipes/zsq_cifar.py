@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Zero-shot GranQ quantization of a CIFAR ResNet-20 (no training data: a generator synthesizes it).
+"""Zero-shot GranQ quantization of a CIFAR teacher (no training data: a generator synthesizes it).
 
-    python recipes/zsq_cifar.py                          # short CPU run: CIFAR-10, W4A4, GranQ (~10 min, 2 cores)
+    python recipes/zsq_cifar.py                          # short CPU run: CIFAR-10 ResNet-20, W4A4, GranQ (~10 min, 2 cores)
+    python recipes/zsq_cifar.py --arch mobilenetv2_x0_5  # another teacher (--help lists them)
     python recipes/zsq_cifar.py --preset paper --dataset cifar100 --wbits 3 --abits 3   # the paper's schedule (GPU)
     torchrun --nproc_per_node=2 recipes/zsq_cifar.py ...  # data parallel (gloo on CPU, nccl on GPU)
     python recipes/zsq_cifar.py --resume --out DIR        # continue an interrupted run
@@ -25,8 +26,10 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from granq_ao.zsq import cli  # noqa: E402
-from granq_ao.zsq.data import DATASETS, NUM_CLASSES, DataNotFoundError, load_cifar_test  # noqa: E402
-from granq_ao.zsq.teachers import TeacherError, build_cifar_teacher  # noqa: E402
+from granq_ao.zsq.data import (DATASETS, NUM_CLASSES, DataNotFoundError, generator_output_statistics,  # noqa: E402
+                               load_cifar_test)
+from granq_ao.zsq.generator import GDFQGenerator  # noqa: E402
+from granq_ao.zsq.teachers import CIFAR_TEACHERS, TeacherError, build_cifar_teacher, cifar_teacher  # noqa: E402
 
 # The paper's schedule compressed ~40x: 10 epochs x 100 iterations at the paper's CIFAR-10 batch
 # (16), same learning rates, decay at half time, 1 generator-only warm-up epoch. About 8 minutes
@@ -52,12 +55,15 @@ def preset_values(args) -> dict:
 
 def build_parser():
     parser = cli.build_parser(
-        "Zero-shot GranQ QAT of a CIFAR ResNet-20 teacher (AdaDFQ generator game, GranQ student).",
+        "Zero-shot GranQ QAT of a CIFAR teacher (AdaDFQ generator game, GranQ student).",
         {"default": "short CPU run (~10 min on 2 cores)", "paper": "the paper's 200x200 schedule (GPU)"})
     add = parser.add_argument
     add("--dataset", choices=DATASETS, default=None, help="(default cifar10; with --resume the run's)")
+    add("--arch", choices=tuple(CIFAR_TEACHERS), default=None, metavar="ARCH",
+        help="teacher architecture (default resnet20; with --resume the run's): "
+             + "; ".join(f"{name} = {spec.description} ({'/'.join(spec.files)})" for name, spec in CIFAR_TEACHERS.items()))
     add("--teacher-weights", default=None,
-        help="teacher state dict (default ../shared/data/weights/resnet20_<dataset>.pth, else pytorchcv download)")
+        help="teacher state dict (default ../shared/data/weights/<the arch's file>, else its public download)")
     add("--data-root", default=None,
         help="folder with the full CIFAR test set in torchvision's layout (default: the offline subset)")
     add("--download", action="store_true", help="download the CIFAR test set into --data-root")
@@ -67,22 +73,39 @@ def build_parser():
 def check_args(args, parser) -> None:
     if args.download and args.data_root is None:
         parser.error("--download needs --data-root DIR (where to put the CIFAR test set)")
-    if args.dataset is None:  # a resumed run keeps its dataset; a new one is CIFAR-10 by default
-        saved = cli.saved_run_info(args, parser) if args.resume else {}
+    # A resumed run keeps its dataset and teacher; a new one is CIFAR-10 ResNet-20 by default.
+    saved = cli.saved_run_info(args, parser) if args.resume and None in (args.dataset, args.arch) else {}
+    if args.dataset is None:
         args.dataset = saved.get("dataset", "cifar10")
+    if args.arch is None:
+        args.arch = saved.get("arch", "resnet20")
+    try:  # the pairing, before any work
+        cifar_teacher(args.arch, args.dataset)
+    except TeacherError as error:
+        parser.error(f"--arch {args.arch}: {error}")
 
 
 def build_task(args, config, context) -> cli.Task:
-    teacher, teacher_source = build_cifar_teacher(args.dataset, args.teacher_weights)
-    evalset = load_cifar_test(args.dataset, args.data_root, args.download)
+    spec = cifar_teacher(args.arch, args.dataset)
+    teacher, teacher_source = build_cifar_teacher(args.dataset, args.teacher_weights, arch=args.arch)
+    normalization = spec.normalization(args.dataset)
+    evalset = load_cifar_test(args.dataset, args.data_root, args.download, normalization)
+    output_stats = generator_output_statistics(args.dataset, normalization)
+    generator = None  # the trainer's default: standardized images are the teacher's input
+    if output_stats is not None:
+        generator = GDFQGenerator(NUM_CLASSES[args.dataset], config.latent_dim, img_size=32, output_stats=output_stats)
+    run_info = {"dataset": args.dataset, "teacher": f"{args.arch}_{args.dataset} from {teacher_source}",
+                "eval": evalset.source}
+    if args.arch != "resnet20":  # resnet20 runs keep the run_info (and so the resumability) of earlier versions
+        run_info["arch"] = args.arch
     return cli.Task(teacher=teacher, num_classes=NUM_CLASSES[args.dataset], image_size=32, eval_data=evalset,
-                    normalize=None,  # the subset is normalized by load_cifar_test (CIFAR_NORMALIZATION)
-                    run_info={"dataset": args.dataset, "teacher": f"resnet20_{args.dataset} from {teacher_source}",
-                              "eval": evalset.source})
+                    normalize=None,  # load_cifar_test normalized the images with the teacher's statistics
+                    run_info=run_info, generator=generator)
 
 
 def default_out(args, config) -> Path:
-    return REPO / "runs" / cli.run_folder_name(f"zsq_{args.dataset}", config)
+    prefix = f"zsq_{args.dataset}" if args.arch == "resnet20" else f"zsq_{args.dataset}_{args.arch}"
+    return REPO / "runs" / cli.run_folder_name(prefix, config)
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +34,12 @@ __all__ = [
     "shared_data_dir",
     "normalize_uint8_images",
     "load_cifar_test",
+    "Normalization",
+    "generator_output_statistics",
 ]
+
+# ``(mean, std)`` per channel, applied to pixels scaled to [0, 1]: ``x_model = (x / 255 - mean) / std``.
+Normalization = Tuple[Sequence[float], Sequence[float]]
 
 DATASETS = ("cifar10", "cifar100")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -63,12 +68,36 @@ def shared_data_dir() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-def normalize_uint8_images(x_uint8_nhwc: np.ndarray, dataset: str) -> torch.Tensor:
-    """uint8 NHWC images -> float32 NCHW tensor ``(x / 255 - mean) / std``."""
+def normalize_uint8_images(x_uint8_nhwc: np.ndarray, dataset: str,
+                           normalization: Optional[Normalization] = None) -> torch.Tensor:
+    """uint8 NHWC images -> float32 NCHW tensor ``(x / 255 - mean) / std``, with the dataset's
+    statistics (:data:`CIFAR_NORMALIZATION`) unless ``normalization`` gives a teacher's own."""
     _check_dataset(dataset)
     x = torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in CIFAR_NORMALIZATION[dataset])
+    stats = normalization if normalization is not None else CIFAR_NORMALIZATION[dataset]
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in stats)
     return ((x - mean) / std).contiguous()
+
+
+def generator_output_statistics(dataset: str, normalization: Optional[Normalization]
+                                ) -> Optional[Normalization]:
+    """Where the dataset's images lie in a teacher's input space: per channel
+    ``mean_t = (mean_d - mean) / std`` and ``std_t = std_d / std`` for the dataset's pixel statistics
+    ``(mean_d, std_d)`` (:data:`CIFAR_NORMALIZATION`) and the teacher's ``normalization``.
+
+    A generator whose last layer standardizes its images (zero mean, unit variance per channel)
+    must map them there (``x * std_t + mean_t``) before a teacher normalized otherwise: ResNet-8
+    of MLPerf Tiny takes raw pixels (``mean_t`` ~ 125, ``std_t`` ~ 63). ``None`` when the teacher
+    uses the dataset's own statistics (standardized images already are its input)."""
+    _check_dataset(dataset)
+    if normalization is None:
+        return None
+    data_mean, data_std = CIFAR_NORMALIZATION[dataset]
+    mean, std = normalization
+    if tuple(map(float, mean)) == tuple(data_mean) and tuple(map(float, std)) == tuple(data_std):
+        return None
+    return (tuple((dm - m) / s for dm, m, s in zip(data_mean, mean, std)),
+            tuple(ds / s for ds, s in zip(data_std, std)))
 
 
 @dataclass
@@ -84,8 +113,10 @@ class EvalSet:
         return int(self.labels.numel())
 
 
-def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: bool = False) -> EvalSet:
-    """Real CIFAR test images for ``dataset``.
+def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: bool = False,
+                    normalization: Optional[Normalization] = None) -> EvalSet:
+    """Real CIFAR test images for ``dataset``, normalized with the dataset's statistics or the
+    teacher's ``normalization`` (see :func:`normalize_uint8_images`).
 
     ``data_root=None`` (default): the offline subset under :func:`shared_data_dir`.
     ``data_root=DIR``: the full test set in torchvision's layout under DIR (downloaded there
@@ -105,7 +136,7 @@ def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: boo
         if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8 or len(x) != len(y):
             raise ValueError(f"{path}: expected x uint8 (N, 32, 32, 3) and y (N,), got x {x.dtype} "
                              f"{x.shape}, y {y.shape}")
-        return EvalSet(normalize_uint8_images(x, dataset), torch.as_tensor(y, dtype=torch.int64),
+        return EvalSet(normalize_uint8_images(x, dataset, normalization), torch.as_tensor(y, dtype=torch.int64),
                        dataset, f"subset:{path}")
     root = Path(data_root if data_root is not None else shared_data_dir() / "torchvision").expanduser()
     try:
@@ -124,4 +155,4 @@ def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: boo
         ) from error
     x = np.asarray(data.data)
     y = np.asarray(data.targets, dtype=np.int64)
-    return EvalSet(normalize_uint8_images(x, dataset), torch.from_numpy(y), dataset, f"torchvision:{root}")
+    return EvalSet(normalize_uint8_images(x, dataset, normalization), torch.from_numpy(y), dataset, f"torchvision:{root}")

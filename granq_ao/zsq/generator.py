@@ -11,7 +11,10 @@ CIFAR, :class:`GDFQGenerator`, ``G(z, y)``, for a latent ``z`` (N, latent_dim) a
     x = BN(channels, affine=False)(tanh(Conv3x3(64 -> channels)(h)))
 
 The last BN (batch statistics in train mode) puts the images in roughly the normalized space the
-teacher expects, so ``x`` goes to the teacher directly. The generator is always used in train
+teacher expects, so ``x`` goes to the teacher directly. A teacher that takes another input space
+(raw pixels, other statistics) gets ``x * output_std + output_mean`` instead: the constructor's
+``output_stats=(mean, std)`` per channel (see :func:`granq_ao.zsq.data.generator_output_statistics`),
+kept as buffers ``output_mean``/``output_std``. The generator is always used in train
 mode (batch statistics), as in the official code; its running statistics are never used.
 
 ImageNet, :class:`ImageNetGenerator` (the official ImageNet code's generator): the label enters
@@ -42,7 +45,8 @@ class _ConditionalGenerator(nn.Module):
     """What both generators share: the sizes (``img_size`` a multiple of 4, ``init_size =
     img_size // 4``) and how their inputs are drawn. Subclasses define ``project`` and ``forward``."""
 
-    def __init__(self, num_classes: int, latent_dim: int, img_size: int, channels: int) -> None:
+    def __init__(self, num_classes: int, latent_dim: int, img_size: int, channels: int,
+                 output_stats=None) -> None:
         super().__init__()
         if img_size % 4:
             raise ValueError(f"img_size must be a multiple of 4, got {img_size}")
@@ -51,6 +55,17 @@ class _ConditionalGenerator(nn.Module):
         self.img_size = img_size
         self.channels = channels
         self.init_size = img_size // 4
+        self.has_output_stats = output_stats is not None
+        if self.has_output_stats:
+            mean, std = (torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in output_stats)
+            if mean.numel() != channels or std.numel() != channels or not bool((std > 0).all()):
+                raise ValueError(f"output_stats must be (mean, std) with {channels} values each and std > 0")
+            self.register_buffer("output_mean", mean.view(1, channels, 1, 1))
+            self.register_buffer("output_std", std.view(1, channels, 1, 1))
+
+    def to_teacher_space(self, x: torch.Tensor) -> torch.Tensor:
+        """``x * output_std + output_mean`` when the generator has output statistics, else ``x``."""
+        return x * self.output_std + self.output_mean if self.has_output_stats else x
 
     def sample_inputs(self, batch_size: int, generator: Optional[torch.Generator] = None,
                       device: Optional[torch.device] = None):
@@ -65,8 +80,9 @@ class _ConditionalGenerator(nn.Module):
 class GDFQGenerator(_ConditionalGenerator):
     """Conditional image generator ``G(z, labels)`` (see the module docstring)."""
 
-    def __init__(self, num_classes: int, latent_dim: int = 100, img_size: int = 32, channels: int = 3) -> None:
-        super().__init__(num_classes, latent_dim, img_size, channels)
+    def __init__(self, num_classes: int, latent_dim: int = 100, img_size: int = 32, channels: int = 3,
+                 output_stats=None) -> None:
+        super().__init__(num_classes, latent_dim, img_size, channels, output_stats)
         self.label_embedding = nn.Embedding(num_classes, latent_dim)
         self.project = nn.Linear(latent_dim, 128 * self.init_size ** 2)
         self.bn0 = nn.BatchNorm2d(128)
@@ -84,7 +100,7 @@ class GDFQGenerator(_ConditionalGenerator):
         h = F.leaky_relu(self.bn1(self.conv1(h)), 0.2)
         h = F.interpolate(h, scale_factor=2, mode="nearest")
         h = F.leaky_relu(self.bn2(self.conv2(h)), 0.2)
-        return self.bn_out(torch.tanh(self.conv_out(h)))
+        return self.to_teacher_space(self.bn_out(torch.tanh(self.conv_out(h))))
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -110,8 +126,9 @@ class ImageNetGenerator(_ConditionalGenerator):
     """Class-conditional ImageNet generator ``G(z, labels)`` (see the module docstring); any
     ``img_size`` divisible by 4 (224 for ImageNet; smaller ones for quick tests)."""
 
-    def __init__(self, num_classes: int = 1000, latent_dim: int = 100, img_size: int = 224, channels: int = 3) -> None:
-        super().__init__(num_classes, latent_dim, img_size, channels)
+    def __init__(self, num_classes: int = 1000, latent_dim: int = 100, img_size: int = 224, channels: int = 3,
+                 output_stats=None) -> None:
+        super().__init__(num_classes, latent_dim, img_size, channels, output_stats)
         self.project = nn.Linear(latent_dim, 128 * self.init_size ** 2)
         self.cbn0 = ConditionalBatchNorm2d(num_classes, 128)
         self.conv1 = nn.Conv2d(128, 128, 3, stride=1, padding=1)
@@ -127,4 +144,4 @@ class ImageNetGenerator(_ConditionalGenerator):
         h = F.leaky_relu(self.cbn1(self.conv1(h), labels), 0.2)
         h = F.interpolate(h, scale_factor=2, mode="nearest")
         h = F.leaky_relu(self.cbn2(self.conv2(h), labels), 0.2)
-        return self.bn_out(torch.tanh(self.conv_out(h)))
+        return self.to_teacher_space(self.bn_out(torch.tanh(self.conv_out(h))))

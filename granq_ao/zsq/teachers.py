@@ -1,36 +1,109 @@
-"""Teachers for the zero-shot recipes: pytorchcv CIFAR ResNet-20, built and loaded, frozen.
+"""Teachers for the zero-shot CIFAR recipe, built and loaded, frozen: :data:`CIFAR_TEACHERS`.
 
-``build_cifar_teacher("cifar10")`` builds ``pytorchcv.model_provider.get_model("resnet20_cifar10",
-pretrained=False)`` and loads a state dict (pytorchcv key names) from, in order:
+``build_cifar_teacher(dataset, arch="resnet20")`` builds the architecture ``arch`` and loads a state
+dict from, in order:
 
 1. the ``weights`` path given;
-2. ``<data dir>/weights/resnet20_<dataset>.pth`` when present (``<data dir>`` = ``$GRANQ_DATA_DIR``
+2. ``<data dir>/weights/<file of arch and dataset>`` when present (``<data dir>`` = ``$GRANQ_DATA_DIR``
    or ``<repo>/../shared/data``);
-3. otherwise pytorchcv's own pretrained download (``pretrained=True``; needs the internet).
+3. otherwise the architecture's public download, where it has one (pytorchcv's ``pretrained=True``
+   for ``resnet20``; the akamaster/pytorch_resnet_cifar10 files for the option-A ResNets; needs the
+   internet).
 
-The teacher expects normalized images (see :mod:`granq_ao.data`). It is returned frozen: eval
-mode, ``requires_grad=False`` on every parameter.
+Each teacher has its own input normalization (:attr:`CifarTeacher.normalization`: ``(mean, std)``
+applied to pixels scaled to [0, 1]); ResNet-8 of MLPerf Tiny takes raw 0..255 pixels, i.e.
+mean 0 and std 1/255. It is returned frozen: eval mode, ``requires_grad=False`` on every parameter.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .data import DATASETS, NUM_CLASSES, shared_data_dir
+from .cifar_models import MobileNetV2Cifar, ResNet8Tiny, ResNetCifarA
+from .data import CIFAR_NORMALIZATION, DATASETS, NUM_CLASSES, Normalization, shared_data_dir
 
-__all__ = ["TeacherError", "default_teacher_weights", "build_cifar_teacher", "freeze", "classifier_classes"]
+__all__ = ["TeacherError", "CifarTeacher", "CIFAR_TEACHERS", "cifar_teacher", "default_teacher_weights",
+           "build_cifar_teacher", "freeze", "classifier_classes"]
 
 
 class TeacherError(ValueError):
     """The teacher cannot be built as asked (missing file, wrong dataset pairing, bad state dict)."""
 
 
-def default_teacher_weights(dataset: str) -> Path:
-    """``<data dir>/weights/resnet20_<dataset>.pth`` (it may not exist)."""
-    return shared_data_dir() / "weights" / f"resnet20_{dataset}.pth"
+IMAGENET_STATS: Normalization = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+RAW_PIXELS: Normalization = ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255))  # x_teacher = 255 * x
+
+
+@dataclass(frozen=True)
+class CifarTeacher:
+    """One CIFAR teacher architecture: how to build it, where its weights are, what it takes.
+
+    ``files`` maps each dataset it has weights for to the file name under ``<data dir>/weights``;
+    ``urls`` (optional) to a public download of the same weights; ``normalization`` is its input
+    normalization for a dataset (``(mean, std)`` on pixels in [0, 1]); ``classifier_key`` names the
+    final layer's weight in its state dict (checked against the dataset's classes)."""
+
+    arch: str
+    description: str
+    build: Callable[[int], nn.Module]
+    files: Mapping[str, str]
+    classifier_key: str
+    fixed_normalization: Optional[Normalization] = None  # None: the dataset's own CIFAR statistics
+    urls: Mapping[str, str] = None  # type: ignore[assignment]
+
+    def normalization(self, dataset: str) -> Normalization:
+        return self.fixed_normalization or CIFAR_NORMALIZATION[dataset]
+
+
+def _pytorchcv_resnet20(num_classes: int) -> nn.Module:
+    return get_model(f"resnet20_cifar{num_classes}", pretrained=False)
+
+
+def _option_a(depth: int) -> CifarTeacher:
+    file = "resnet20_cifar10_padshortcut.th" if depth == 20 else f"resnet{depth}_cifar10_padshortcut.pth"
+    hashes = {20: "12fca82f", 32: "d509ac18", 44: "014dd654", 56: "4bfd9763"}
+    url = ("https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+           f"resnet{depth}-{hashes[depth]}.th")
+    return CifarTeacher(f"resnet{depth}a", f"ResNet-{depth}, zero-padding (option A) shortcuts",
+                        lambda classes: ResNetCifarA(depth, classes), {"cifar10": file}, "linear.weight",
+                        IMAGENET_STATS, {"cifar10": url})
+
+
+CIFAR_TEACHERS: Dict[str, CifarTeacher] = {
+    "resnet20": CifarTeacher("resnet20", "pytorchcv ResNet-20 (1x1-conv shortcuts)", _pytorchcv_resnet20,
+                             {d: f"resnet20_{d}.pth" for d in DATASETS}, "output.weight"),
+    **{f"resnet{depth}a": _option_a(depth) for depth in (20, 32, 44, 56)},
+    "mobilenetv2_x0_5": CifarTeacher("mobilenetv2_x0_5", "MobileNetV2 width 0.5 (depthwise convs, ReLU6)",
+                                     lambda classes: MobileNetV2Cifar(0.5, classes),
+                                     {"cifar10": "mobilenetv2_x0_5_cifar10.pth"}, "linear.weight"),
+    "resnet8_tiny": CifarTeacher("resnet8_tiny", "MLPerf Tiny ResNet-8 (biased convs, raw 0..255 pixels)",
+                                 ResNet8Tiny, {"cifar10": "resnet8_tinymlperf_cifar10.pth"}, "fc.weight",
+                                 RAW_PIXELS),
+}
+CIFAR_ARCHS = tuple(CIFAR_TEACHERS)
+
+
+def cifar_teacher(arch: str, dataset: str = "cifar10") -> CifarTeacher:
+    """The :class:`CifarTeacher` ``arch``; :class:`TeacherError` (one line) for an unknown
+    architecture, an unknown dataset, or a dataset it has no weights for."""
+    if arch not in CIFAR_TEACHERS:
+        raise TeacherError(f"unknown teacher architecture {arch!r}; expected one of {', '.join(CIFAR_ARCHS)}")
+    if dataset not in DATASETS:
+        raise TeacherError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    spec = CIFAR_TEACHERS[arch]
+    if dataset not in spec.files:
+        raise TeacherError(f"{arch} is a {'/'.join(spec.files)} teacher; there are no {dataset} weights for it "
+                           f"(use --dataset {next(iter(spec.files))})")
+    return spec
+
+
+def default_teacher_weights(dataset: str, arch: str = "resnet20") -> Path:
+    """``<data dir>/weights/<file>`` of ``arch`` for ``dataset`` (it may not exist)."""
+    return shared_data_dir() / "weights" / cifar_teacher(arch, dataset).files[dataset]
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -41,9 +114,10 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def classifier_classes(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
-    """Number of classes of a pytorchcv CIFAR ResNet state dict (rows of ``output.weight``)."""
-    weight = state_dict.get("output.weight")
+def classifier_classes(state_dict: Mapping[str, torch.Tensor], key: str = "output.weight") -> Optional[int]:
+    """Number of classes of a classifier's state dict (rows of ``key``, pytorchcv's ``output.weight``
+    by default)."""
+    weight = state_dict.get(key)
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
@@ -74,49 +148,73 @@ def _read_state_dict(path: Path) -> dict:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
-def build_cifar_teacher(dataset: str, weights: Optional[str] = None, allow_download: bool = True
-                        ) -> Tuple[nn.Module, str]:
-    """``(frozen teacher, description of where its weights came from)``.
+def _download(spec: CifarTeacher, dataset: str, path: Path) -> Tuple[nn.Module, str]:
+    """The architecture's public pretrained weights (module docstring, step 3)."""
+    if spec.arch == "resnet20":
+        try:
+            return freeze(get_model(f"resnet20_{dataset}", pretrained=True)), f"pytorchcv pretrained resnet20_{dataset}"
+        except Exception as error:
+            raise TeacherError(f"no teacher weights at {path}, and pytorchcv's pretrained download of resnet20_{dataset} "
+                               f"failed ({type(error).__name__}: {error}); pass --teacher-weights FILE") from error
+    url = (spec.urls or {}).get(dataset)
+    if url is None:
+        raise TeacherError(f"no teacher weights at {path} and {spec.arch} has no public download; pass "
+                           f"--teacher-weights FILE or set GRANQ_DATA_DIR")
+    target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(target), progress=False)
+        except Exception as error:
+            raise TeacherError(f"no teacher weights at {path}, and the download of {url} failed "
+                               f"({type(error).__name__}: {error}); pass --teacher-weights FILE") from error
+    return _load(spec, dataset, target), url
 
-    Raises :class:`TeacherError` when the weights file is missing or unreadable, when its
-    classifier does not match ``dataset`` (e.g. a 100-class file with ``cifar10``), or when
-    no local file exists and ``allow_download`` is False (or the download fails).
-    """
-    if dataset not in DATASETS:
-        raise TeacherError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    name = f"resnet20_{dataset}"
+
+def _load(spec: CifarTeacher, dataset: str, path: Path) -> nn.Module:
+    """``spec``'s model for ``dataset`` with the state dict in ``path`` loaded strictly, frozen."""
     num_classes = NUM_CLASSES[dataset]
+    state_dict = _read_state_dict(path)
+    found = classifier_classes(state_dict, spec.classifier_key)
+    if found is None:
+        raise TeacherError(f"{path} is not a {spec.arch} state dict (no {spec.classifier_key!r})")
+    if found != num_classes:
+        other = {n: d for d, n in NUM_CLASSES.items()}.get(found, f"a {found}-class dataset")
+        raise TeacherError(
+            f"teacher weights {path} have a {found}-class classifier ({spec.classifier_key} "
+            f"{tuple(state_dict[spec.classifier_key].shape)}), i.e. they are for {other}, but the dataset "
+            f"is {dataset} ({num_classes} classes)")
+    model = spec.build(num_classes)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise TeacherError(f"{path} does not fit {spec.arch} ({spec.description}): "
+                           f"{' '.join(line.strip() for line in first[:3])}") from error
+    return freeze(model)
+
+
+def build_cifar_teacher(dataset: str, weights: Optional[str] = None, allow_download: bool = True,
+                        arch: str = "resnet20") -> Tuple[nn.Module, str]:
+    """``(frozen teacher, description of where its weights came from)`` for architecture ``arch``
+    (:data:`CIFAR_TEACHERS`). The teacher takes images normalized with
+    ``cifar_teacher(arch, dataset).normalization(dataset)``.
+
+    Raises :class:`TeacherError` when ``arch`` has no weights for ``dataset``, when the weights file
+    is missing or unreadable, when its classifier does not match ``dataset`` (e.g. a 100-class file
+    with ``cifar10``) or its keys do not fit ``arch``, or when no local file exists and
+    ``allow_download`` is False (or the download fails).
+    """
+    spec = cifar_teacher(arch, dataset)
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise TeacherError(f"teacher weights file not found: {path}")
-    else:
-        path = default_teacher_weights(dataset)
-        if not path.is_file():
-            if not allow_download:
-                raise TeacherError(
-                    f"no teacher weights at {path} and downloading is off; pass --teacher-weights FILE "
-                    f"or set GRANQ_DATA_DIR")
-            try:
-                model = get_model(name, pretrained=True)
-            except Exception as error:
-                raise TeacherError(
-                    f"no teacher weights at {path}, and pytorchcv's pretrained download of {name} failed "
-                    f"({type(error).__name__}: {error}); pass --teacher-weights FILE") from error
-            return freeze(model), f"pytorchcv pretrained {name}"
-    state_dict = _read_state_dict(path)
-    found = classifier_classes(state_dict)
-    if found is None:
-        raise TeacherError(f"{path} is not a pytorchcv CIFAR ResNet-20 state dict (no 'output.weight')")
-    if found != num_classes:
-        other = {n: d for d, n in NUM_CLASSES.items()}.get(found, f"a {found}-class dataset")
-        raise TeacherError(
-            f"teacher weights {path} have a {found}-class classifier (output.weight "
-            f"{tuple(state_dict['output.weight'].shape)}), i.e. they are for {other}, but the dataset "
-            f"is {dataset} ({num_classes} classes)")
-    model = get_model(name, pretrained=False)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise TeacherError(f"{path} does not fit pytorchcv's {name}: {error}") from error
-    return freeze(model), str(path)
+        return _load(spec, dataset, path), str(path)
+    path = default_teacher_weights(dataset, arch)
+    if path.is_file():
+        return _load(spec, dataset, path), str(path)
+    if not allow_download:
+        raise TeacherError(f"no teacher weights at {path} and downloading is off; pass --teacher-weights FILE "
+                           f"or set GRANQ_DATA_DIR")
+    return _download(spec, dataset, path)
