@@ -100,6 +100,14 @@ def batchnorm_statistics_loss(records: List[Tuple[torch.Tensor, ...]]) -> torch.
     return total / len(records)
 
 
+def _bns_term(records: List[Tuple[torch.Tensor, ...]], gamma: float, like: torch.Tensor) -> torch.Tensor:
+    """The BN-statistics loss; 0 when ``gamma == 0`` and nothing was recorded (a teacher without
+    BatchNorm, opted in with ``gamma=0``). With ``gamma > 0`` an empty record is an error."""
+    if not records and gamma == 0:
+        return like.new_zeros(())
+    return batchnorm_statistics_loss(records)
+
+
 def entropy_margin_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
                         lower: float = 0.1, upper: float = 0.8) -> torch.Tensor:
     """AdaDFQ's hinge keeping the normalized disagreement entropy in ``[lower, upper]``
@@ -117,7 +125,7 @@ def generator_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, l
                    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``(L_G, parts)``: AdaDFQ's generator objective (module docstring); ``parts`` holds the
     detached terms ``bns``, ``ce_ds`` (CE(y, t - s)), ``ce_as`` (CE(y, t + s)), ``margin``."""
-    bns = batchnorm_statistics_loss(bn_records)
+    bns = _bns_term(bn_records, gamma, teacher_logits)
     ce_ds = F.cross_entropy(teacher_logits - student_logits, labels)
     ce_as = F.cross_entropy(teacher_logits + student_logits, labels)
     margin = entropy_margin_loss(teacher_logits, student_logits, lower, upper)
@@ -130,7 +138,7 @@ def gdfq_generator_loss(teacher_logits: torch.Tensor, labels: torch.Tensor, bn_r
                         gamma: float = 0.1) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``(L_G, parts)``: GDFQ's generator objective ``CE(y, t) + gamma * L_BNS`` (module docstring;
     no student term); ``parts`` holds the detached ``bns`` and ``ce`` (CE(y, t))."""
-    bns = batchnorm_statistics_loss(bn_records)
+    bns = _bns_term(bn_records, gamma, teacher_logits)
     ce = F.cross_entropy(teacher_logits, labels)
     return ce + gamma * bns, {"bns": bns.detach(), "ce": ce.detach()}
 

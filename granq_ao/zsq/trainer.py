@@ -47,6 +47,7 @@ from .distributed import DistributedContext
 from .evaluation import accuracy_entry, check_eval_data, describe_eval_data, format_accuracy, mcnemar_exact_p, per_image_correct
 from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, load_checkpoint, rng_state, set_rng_state
 from .generator import GDFQGenerator
+from .preflight import check_activation_quantizers, check_teacher_batchnorm
 from .losses import (GENERATOR_LOSSES, STUDENT_LOSSES, gdfq_generator_loss, generator_loss, record_batchnorm_inputs,
                      student_loss)
 from .student import build_student, check_student_options, count_fake_quants
@@ -348,10 +349,12 @@ class ZSQTrainer:
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
         self.teacher.to(self.device)
+        check_teacher_batchnorm(self.teacher, cfg.gamma)
         example_inputs = (torch.zeros(2, channels, image_size, image_size),)  # batch >= 2: torch.export
         self.student = build_student(cfg.toolchain, self.teacher, cfg.scheme(fused), example_inputs,
                                      fold_bn=cfg.fold_bn).to(self.device)
         self.fake_quants = count_fake_quants(self.student, cfg.toolchain)
+        check_activation_quantizers(self.fake_quants, cfg.act_placement, type(teacher).__name__)
         if generator is None:
             generator = GDFQGenerator(num_classes, cfg.latent_dim, img_size=image_size, channels=channels)
         self.generator = generator.to(self.device)
