@@ -145,3 +145,29 @@ def test_recipe_refuses_a_teacher_of_another_dataset_before_any_work(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert "--arch resnet56a: resnet56a is a cifar10 teacher" in last and "--dataset cifar10" in last
     assert not (tmp_path / "run").exists()
+
+
+def test_zero_shot_qat_takes_a_raw_pixel_teacher_with_its_generator_space():
+    """The library path of the recipe's --arch resnet8_tiny: evaluation in the teacher's own space
+    (raw pixels), the generator's images mapped there; the BN-statistics loss then sees inputs of
+    the scale the teacher's stem BN was trained on."""
+    if not _have("resnet8_tiny"):
+        pytest.skip("offline teacher not available")
+    from granq_ao.zsq import ZSQConfig, zero_shot_qat
+
+    spec = cifar_teacher("resnet8_tiny")
+    teacher, _ = build_cifar_teacher("cifar10", arch="resnet8_tiny", allow_download=False)
+    evalset = load_cifar_test("cifar10", normalization=spec.normalization("cifar10"))
+    assert 0 <= float(evalset.images.min()) and float(evalset.images.max()) <= 255.0001  # raw pixels
+    small = torch.utils.data.TensorDataset(evalset.images[:32], evalset.labels[:32])
+    stats = generator_output_statistics("cifar10", spec.normalization("cifar10"))
+    config = ZSQConfig(epochs=1, iters_per_epoch=2, batch_size=8, warmup_epochs=0, eval_batch_size=32, seed=0)
+    torch.manual_seed(0)
+    student, results = zero_shot_qat(teacher, config, num_classes=10, image_size=32, eval_data=small,
+                                     generator=GDFQGenerator(10, output_stats=stats), tensorboard=False,
+                                     progress=False, log=lambda message: None, fused="eager")
+    with torch.no_grad():
+        expected = int((teacher(small.tensors[0]).argmax(1) == small.tensors[1]).sum())
+    assert results["correct"]["teacher"] == expected >= 24
+    assert results["fake_quants"] == {"weight": 10, "activation": 7}
+    assert all(torch.isfinite(p).all() for p in student.parameters())
