@@ -29,7 +29,8 @@ from granq_ao.zsq import cli  # noqa: E402
 from granq_ao.zsq.data import (DATASETS, NUM_CLASSES, DataNotFoundError, generator_output_statistics,  # noqa: E402
                                load_cifar_test)
 from granq_ao.zsq.generator import GDFQGenerator  # noqa: E402
-from granq_ao.zsq.teachers import CIFAR_TEACHERS, TeacherError, build_cifar_teacher, cifar_teacher  # noqa: E402
+from granq_ao.zsq.teachers import (CIFAR_TEACHERS, TeacherError, build_cifar_teacher, cifar_teacher,  # noqa: E402
+                                   locate_teacher_weights)
 
 # The paper's schedule compressed ~40x: 10 epochs x 100 iterations at the paper's CIFAR-10 batch
 # (16), same learning rates, decay at half time, 1 generator-only warm-up epoch. About 8 minutes
@@ -79,8 +80,9 @@ def check_args(args, parser) -> None:
         args.dataset = saved.get("dataset", "cifar10")
     if args.arch is None:
         args.arch = saved.get("arch", "resnet20")
-    try:  # the pairing, before any work
+    try:  # the pairing and the weights file, before any work
         cifar_teacher(args.arch, args.dataset)
+        locate_teacher_weights(args.dataset, args.teacher_weights, arch=args.arch)
     except TeacherError as error:
         parser.error(f"--arch {args.arch}: {error}")
 

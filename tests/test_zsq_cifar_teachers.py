@@ -171,3 +171,13 @@ def test_zero_shot_qat_takes_a_raw_pixel_teacher_with_its_generator_space():
     assert results["correct"]["teacher"] == expected >= 24
     assert results["fake_quants"] == {"weight": 10, "activation": 7}
     assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_recipe_refuses_a_missing_teacher_file_before_any_work(tmp_path):
+    command = [sys.executable, str(REPO / "recipes" / "zsq_cifar.py"), "--arch", "resnet8_tiny", "--out", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "GRANQ_DATA_DIR": str(tmp_path / "nothing")})
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert "no teacher weights at" in last and "resnet8_tinymlperf_cifar10.pth" in last and "--teacher-weights" in last
+    assert not (tmp_path / "run").exists()

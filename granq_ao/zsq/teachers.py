@@ -27,7 +27,7 @@ from .cifar_models import MobileNetV2Cifar, ResNet8Tiny, ResNetCifarA
 from .data import CIFAR_NORMALIZATION, DATASETS, NUM_CLASSES, Normalization, shared_data_dir
 
 __all__ = ["TeacherError", "CifarTeacher", "CIFAR_TEACHERS", "cifar_teacher", "default_teacher_weights",
-           "build_cifar_teacher", "freeze", "classifier_classes"]
+           "build_cifar_teacher", "locate_teacher_weights", "freeze", "classifier_classes"]
 
 
 class TeacherError(ValueError):
@@ -206,15 +206,30 @@ def build_cifar_teacher(dataset: str, weights: Optional[str] = None, allow_downl
     ``allow_download`` is False (or the download fails).
     """
     spec = cifar_teacher(arch, dataset)
+    path = locate_teacher_weights(dataset, weights, allow_download, arch)
+    if path is not None:
+        return _load(spec, dataset, path), str(path)
+    return _download(spec, dataset, default_teacher_weights(dataset, arch))
+
+
+def locate_teacher_weights(dataset: str, weights: Optional[str] = None, allow_download: bool = True,
+                           arch: str = "resnet20") -> Optional[Path]:
+    """The local weights file :func:`build_cifar_teacher` would load, ``None`` when it would
+    download them, or :class:`TeacherError` (one line) when neither is possible. Cheap: a recipe
+    calls it before any work."""
+    spec = cifar_teacher(arch, dataset)
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise TeacherError(f"teacher weights file not found: {path}")
-        return _load(spec, dataset, path), str(path)
+        return path
     path = default_teacher_weights(dataset, arch)
     if path.is_file():
-        return _load(spec, dataset, path), str(path)
+        return path
     if not allow_download:
         raise TeacherError(f"no teacher weights at {path} and downloading is off; pass --teacher-weights FILE "
                            f"or set GRANQ_DATA_DIR")
-    return _download(spec, dataset, path)
+    if spec.arch != "resnet20" and not (spec.urls or {}).get(dataset):
+        raise TeacherError(f"no teacher weights at {path} and {spec.arch} has no public download; pass "
+                           f"--teacher-weights FILE or set GRANQ_DATA_DIR")
+    return None
