@@ -159,6 +159,7 @@ def test_zero_shot_qat_takes_a_raw_pixel_teacher_with_its_generator_space():
     teacher, _ = build_cifar_teacher("cifar10", arch="resnet8_tiny", allow_download=False)
     evalset = load_cifar_test("cifar10", normalization=spec.normalization("cifar10"))
     assert 0 <= float(evalset.images.min()) and float(evalset.images.max()) <= 255.0001  # raw pixels
+    assert evalset.statistics == spec.normalization("cifar10")  # the pictures de-normalize with it
     small = torch.utils.data.TensorDataset(evalset.images[:32], evalset.labels[:32])
     stats = generator_output_statistics("cifar10", spec.normalization("cifar10"))
     config = ZSQConfig(epochs=1, iters_per_epoch=2, batch_size=8, warmup_epochs=0, eval_batch_size=32, seed=0)

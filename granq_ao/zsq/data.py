@@ -102,15 +102,22 @@ def generator_output_statistics(dataset: str, normalization: Optional[Normalizat
 
 @dataclass
 class EvalSet:
-    """Normalized test images (float32 NCHW), integer labels, and where they came from."""
+    """Normalized test images (float32 NCHW), integer labels, where they came from, and the
+    normalization applied (``None``: the dataset's :data:`CIFAR_NORMALIZATION`)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     dataset: str
     source: str  # "subset:<path>" or "torchvision:<root>"
+    normalization: Optional[Normalization] = None
 
     def __len__(self) -> int:
         return int(self.labels.numel())
+
+    @property
+    def statistics(self) -> Normalization:
+        """The ``(mean, std)`` the images were normalized with (to show them as pictures)."""
+        return self.normalization if self.normalization is not None else CIFAR_NORMALIZATION[self.dataset]
 
 
 def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: bool = False,
@@ -137,7 +144,7 @@ def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: boo
             raise ValueError(f"{path}: expected x uint8 (N, 32, 32, 3) and y (N,), got x {x.dtype} "
                              f"{x.shape}, y {y.shape}")
         return EvalSet(normalize_uint8_images(x, dataset, normalization), torch.as_tensor(y, dtype=torch.int64),
-                       dataset, f"subset:{path}")
+                       dataset, f"subset:{path}", normalization)
     root = Path(data_root if data_root is not None else shared_data_dir() / "torchvision").expanduser()
     try:
         import torchvision
@@ -155,4 +162,5 @@ def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: boo
         ) from error
     x = np.asarray(data.data)
     y = np.asarray(data.targets, dtype=np.int64)
-    return EvalSet(normalize_uint8_images(x, dataset, normalization), torch.from_numpy(y), dataset, f"torchvision:{root}")
+    return EvalSet(normalize_uint8_images(x, dataset, normalization), torch.from_numpy(y), dataset,
+                   f"torchvision:{root}", normalization)

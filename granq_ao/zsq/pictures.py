@@ -322,10 +322,10 @@ class RunPictures:
         trainer = self.trainer
         if trainer.normalize is not None:
             return trainer.normalize
-        from .data import CIFAR_NORMALIZATION, EvalSet
+        from .data import EvalSet
 
         if isinstance(trainer.eval_data, EvalSet):
-            return CIFAR_NORMALIZATION.get(trainer.eval_data.dataset)
+            return trainer.eval_data.statistics  # the teacher's normalization (raw pixels for ResNet-8)
         return None
 
     def _tensorboard_figure(self, tag: str, fig, step: int) -> None:
