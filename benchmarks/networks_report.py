@@ -1,0 +1,165 @@
+"""The tables and pictures of docs/NETWORKS.md from the evidence runs (``benchmarks/ablation.py --arch``).
+
+Reads ``<runs>/<arch>_w<b>a<b>/a-<act>_w-channel_l-entropy/seed<s>/`` (``results.json``, the
+per-image correctness in ``checkpoint.pt``, ``activation_error.json``/``.png``) for the activation
+granularities ``tensor``, ``channel``, ``granq`` and prints, per network and bit width:
+
+* one row per (granularity, seed): pre-QAT and final top-1 with n and the 95% Wilson interval;
+* per seed, exact McNemar tests on the same images: granq vs tensor, granq vs channel, channel vs
+  tensor (fixed = wrong in the first and right in the second, broken = the reverse);
+* from the GranQ run's activation errors (``||X - Q(X)|| / ||X||`` per quantized activation,
+  layer-wise vs GranQ ranges, before and after QAT), the mean over the activations that follow a
+  depthwise conv and over the others.
+
+With ``--figures DIR`` it copies each GranQ run's ``activation_error.png`` there as
+``<arch>_w<b>a<b>_seed<s>_activation_error.png``.
+
+    python benchmarks/networks_report.py --runs runs/networks --figures docs/figures/networks
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+ACTS = ("tensor", "channel", "granq")
+PAIRS = (("tensor", "granq"), ("channel", "granq"), ("tensor", "channel"))
+
+
+def run_folder(runs: Path, arch: str, bits: int, act: str, seed: int) -> Path:
+    return runs / f"{arch}_w{bits}a{bits}" / f"a-{act}_w-channel_l-entropy" / f"seed{seed}"
+
+
+def read(folder: Path) -> Optional[Dict[str, object]]:
+    """Accuracies, intervals and per-image final correctness of a finished run (else None)."""
+    if not (folder / "results.json").is_file():
+        return None
+    results = json.loads((folder / "results.json").read_text())
+    per_image = None
+    if (folder / "checkpoint.pt").is_file():
+        from granq_ao.zsq.checkpoint import load_checkpoint
+
+        last = load_checkpoint(folder / "checkpoint.pt").get("last") or {}
+        if "per_image" in last:
+            per_image = [int(v) for v in last["per_image"].tolist()]
+    return {"results": results, "per_image": per_image}
+
+
+def accuracy(results: Dict[str, object], key: str) -> str:
+    correct, n = results["correct"][key], results["n_test"]
+    low, high = results["intervals"][key]
+    return f"{100 * correct / n:.2f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def mcnemar(a: Sequence[int], b: Sequence[int]) -> str:
+    from granq_ao.zsq.evaluation import mcnemar_exact_p
+
+    fixed = sum(1 for x, y in zip(a, b) if x == 0 and y == 1)
+    broken = sum(1 for x, y in zip(a, b) if x == 1 and y == 0)
+    return f"{fixed} / {broken} (p = {mcnemar_exact_p(fixed, broken):.2g})"
+
+
+def depthwise_fed(arch: str, labels: Sequence[str]) -> List[bool]:
+    """For each activation label (the module whose output is quantized), whether the nearest conv
+    before it, in the teacher's module order, is depthwise."""
+    from granq_ao.zsq.teachers import CIFAR_TEACHERS
+    import torch
+
+    model = CIFAR_TEACHERS[arch].build(10)
+    last_conv_depthwise, fed = None, {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            last_conv_depthwise = module.groups > 1 and module.groups == module.in_channels
+        fed[name] = bool(last_conv_depthwise)
+    return [fed.get(label, False) for label in labels]
+
+
+def error_summary(arch: str, folder: Path) -> Optional[str]:
+    path = folder / "activation_error.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    parts = []
+    for stage in ("before_qat", "after_qat"):
+        record = data.get(stage)
+        if not record:
+            continue
+        flags = depthwise_fed(arch, record["layers"])
+        for group, keep in (("after depthwise", True), ("other", False)):
+            chosen = [i for i, flag in enumerate(flags) if flag == keep]
+            if not chosen:
+                continue
+            tensor = statistics.mean(record["tensor"][i] for i in chosen)
+            granq = statistics.mean(record["granq"][i] for i in chosen)
+            parts.append(f"{stage.replace('_', ' ')}, {group} ({len(chosen)}): layer-wise {tensor:.3f}, "
+                         f"GranQ {granq:.3f} ({tensor / granq:.1f}x)")
+    return "; ".join(parts)
+
+
+def report(runs: Path, arch: str, bits: int, seeds: Sequence[int], figures: Optional[Path]) -> List[str]:
+    found = {(act, seed): read(run_folder(runs, arch, bits, act, seed)) for act in ACTS for seed in seeds}
+    if not any(found.values()):
+        return []
+    any_run = next(v for v in found.values() if v)["results"]
+    lines = [f"### {arch}, W{bits}A{bits}", "",
+             f"Teacher {accuracy(any_run, 'teacher')} (n = {any_run['n_test']}); "
+             f"{any_run['fake_quants']['activation']} activation and {any_run['fake_quants']['weight']} weight "
+             f"fake-quants ({any_run['config']['act_placement']} placement).", "",
+             "| activations | seed | pre-QAT | final | final - pre-QAT | s/iter |", "|---|---|---|---|---|---|"]
+    for act in ACTS:
+        for seed in seeds:
+            run = found[(act, seed)]
+            if run is None:
+                lines.append(f"| {act} | {seed} | (not run yet) | | | |")
+                continue
+            r = run["results"]
+            delta = 100 * (r["final_acc"] - r["pre_qat_acc"])
+            lines.append(f"| {act} | {seed} | {accuracy(r, 'pre_qat')} | {accuracy(r, 'final')} | {delta:+.2f} | "
+                         f"{r['mean_s_per_iter']:.2f} |")
+    lines += ["", "| paired, same images (final) | seed | fixed / broken (exact McNemar p) |", "|---|---|---|"]
+    for first, second in PAIRS:
+        for seed in seeds:
+            a, b = found[(first, seed)], found[(second, seed)]
+            if a and b and a["per_image"] and b["per_image"]:
+                lines.append(f"| {first} -> {second} | {seed} | {mcnemar(a['per_image'], b['per_image'])} |")
+    for seed in seeds:
+        folder = run_folder(runs, arch, bits, "granq", seed)
+        summary = error_summary(arch, folder) if found[("granq", seed)] else None
+        if summary:
+            lines += ["", f"Activation error of the GranQ run, seed {seed} (mean relative error): {summary}."]
+        if figures is not None and (folder / "activation_error.png").is_file():
+            figures.mkdir(parents=True, exist_ok=True)
+            target = figures / f"{arch}_w{bits}a{bits}_seed{seed}_activation_error.png"
+            shutil.copyfile(folder / "activation_error.png", target)
+            lines += ["", f"![{arch} W{bits}A{bits} seed {seed}: activation error]({target.relative_to(REPO / 'docs')})"]
+    return lines + [""]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default=str(REPO / "runs" / "networks"))
+    parser.add_argument("--archs", default="mobilenetv2_x0_5,resnet56a,resnet8_tiny")
+    parser.add_argument("--bits", default="4,3")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--figures", default=None, help="copy the GranQ runs' activation_error.png here")
+    args = parser.parse_args(argv)
+    figures = Path(args.figures).resolve() if args.figures else None
+    lines: List[str] = []
+    for arch in args.archs.split(","):
+        for bits in (int(b) for b in args.bits.split(",")):
+            lines += report(Path(args.runs), arch, bits, [int(s) for s in args.seeds.split(",")], figures)
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
