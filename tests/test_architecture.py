@@ -2,7 +2,8 @@
 no integration imports another, nobody imports another package's private names, no cycles.
 
 Layers (docs/ARCHITECTURE.md):
-    core         granq_ao.{config, functional, granularity, relu, diagnostics, ops, qdq_graph, onnx_export}
+    core         granq_ao.{config, functional, granularity, relu, diagnostics, ops, qdq_graph, onnx_export,
+                          saved_settings, quantizer_state}
     integrations granq_ao.integrations.<toolchain>   (may import the core and itself)
     zsq          granq_ao.zsq                        (may import integrations and the core)
     front        granq_ao (its __init__)             re-exports; nothing inside the package imports it
@@ -14,7 +15,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "granq_ao"
 CORE = {"granq_ao.config", "granq_ao.functional", "granq_ao.granularity", "granq_ao.relu", "granq_ao.onnx_export",
-        "granq_ao.diagnostics", "granq_ao.ops", "granq_ao.qdq_graph", "granq_ao.saved_settings"}
+        "granq_ao.diagnostics", "granq_ao.ops", "granq_ao.qdq_graph", "granq_ao.saved_settings",
+        "granq_ao.quantizer_state"}
 
 
 def module_name(path: Path) -> str:

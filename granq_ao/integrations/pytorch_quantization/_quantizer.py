@@ -26,7 +26,7 @@ from granq_ao.config import GranQConfig, normalize_fused, quant_range
 from granq_ao.functional import fake_quantize
 from granq_ao.diagnostics import module_label
 from granq_ao.granularity import Granularity
-from granq_ao.saved_settings import load_checking_settings, settings_tensor
+from granq_ao.quantizer_state import QuantizerStateMixin
 
 __all__ = ["GranQDescriptor", "GranQTensorQuantizer", "GranQCalibrationWarning", "as_granq_descriptor"]
 
@@ -149,7 +149,7 @@ def _from_quant_descriptor(desc: QuantDescriptor) -> GranQDescriptor:
     return GranQDescriptor(num_bits=desc.num_bits, axis=1 if axis is None else int(axis), name=desc.name)
 
 
-class GranQTensorQuantizer(TensorQuantizer):
+class GranQTensorQuantizer(QuantizerStateMixin, TensorQuantizer):
     """A ``TensorQuantizer`` doing GranQ's dynamic fake-quantization (see the module docstring).
 
     Args:
@@ -168,6 +168,9 @@ class GranQTensorQuantizer(TensorQuantizer):
 
     ``_calibrator`` is ``None``, so pytorch-quantization's usual calibration loop
     (``if module._calibrator is not None: ... else: module.disable()``) skips it cleanly.
+
+    Saved settings and labelled errors: :class:`granq_ao.quantizer_state.QuantizerStateMixin`
+    (TensorQuantizer's own loader is bypassed: :meth:`_load_host_state`).
     """
 
     def __init__(self, quant_desc: Union[None, GranQDescriptor, QuantDescriptor, Mapping[str, Any]] = None,
@@ -260,30 +263,28 @@ class GranQTensorQuantizer(TensorQuantizer):
         try:
             return fake_quantize(inputs, self._granq_config)
         except (TypeError, ValueError) as error:  # NonFiniteInputError included; same type, located
-            raise type(error)(f"{self._label(find=True)}: {error}") from None
+            raise self.labelled(error) from None
 
     # ------------------------------------------------------------------ state
-    # the settings that shape the numbers travel with the state_dict (granq_ao.saved_settings)
-    def get_extra_state(self) -> torch.Tensor:
-        return settings_tensor(self._granq_config)
+    # the settings that shape the numbers travel with the state_dict (granq_ao.quantizer_state)
+    def saved_configs(self) -> GranQConfig:
+        return self._granq_config
 
-    def set_extra_state(self, state) -> None:
-        pass  # checked in _load_from_state_dict, where a mismatch is reported with the module's name
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # pytorch-quantization 2.1.3 moves a checkpoint `_amax` to CUDA here (.cuda()), which
-        # fails on CPU-only hosts; a GranQ quantizer has no amax, so it is dropped instead.
+    def _load_host_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+        # pytorch-quantization 2.1.3 moves a checkpoint `_amax` to CUDA in its loader (.cuda()),
+        # which fails on CPU-only hosts; a GranQ quantizer has no amax: the key is dropped and
+        # TensorQuantizer's loader bypassed (nn.Module's loads the rest).
         key = prefix + "_amax"
         if key in state_dict:
             state_dict.pop(key)
             warnings.warn(f"{self._label()}: ignoring '{key}' from the checkpoint (GranQ ranges are dynamic)",
-                          GranQCalibrationWarning, stacklevel=2)
-        def load() -> None:
-            torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                                  unexpected_keys, error_msgs)
-        load_checking_settings(load, self._granq_config, state_dict, prefix, missing_keys, error_msgs,
-                               prefix.rstrip(".") or type(self).__name__)
+                          GranQCalibrationWarning, stacklevel=5)
+        torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                              unexpected_keys, error_msgs)
+
+    def error_label(self) -> str:
+        return self._label(find=True)
 
     def _label(self, find: bool = False) -> str:
         """``GranQTensorQuantizer 'path.in.model'``; with ``find`` (error paths only) the path is
