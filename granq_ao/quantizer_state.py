@@ -10,6 +10,8 @@ enable flags and the module name in its errors.
     * :meth:`labelled` re-raises a ``TypeError``/``ValueError`` (``NonFiniteInputError`` included)
       as the same type with the module's place in the running model in front.
 
+:func:`config_property` a read-only property forwarding to the object holding the options.
+
 :class:`EnableFlagsMixin` (a ``FakeQuantizeBase`` of torch.ao or torchao)
     Python mirrors of the ``fake_quant_enabled`` / ``observer_enabled`` buffers, so ``forward``
     never reads a device tensor; kept in step by ``enable_fake_quant`` / ``enable_observer`` and
@@ -38,7 +40,14 @@ import torch
 from .diagnostics import module_label
 from .saved_settings import Settings, load_checking_settings, settings_tensor
 
-__all__ = ["QuantizerStateMixin", "EnableFlagsMixin"]
+__all__ = ["QuantizerStateMixin", "EnableFlagsMixin", "config_property"]
+
+
+def config_property(field: str, holder: str = "config") -> property:
+    """A read-only property ``self.<holder>.<field>``: a quantizer's options read from the one
+    object that holds them (replace that object to change them)."""
+    return property(lambda self: getattr(getattr(self, holder), field),
+                    doc=f"``{holder}.{field}`` (read-only; replace ``{holder}`` to change it).")
 
 
 class QuantizerStateMixin:

@@ -22,11 +22,11 @@ import torch
 from pytorch_quantization.nn import TensorQuantizer
 from pytorch_quantization.tensor_quant import QuantDescriptor
 
-from granq_ao.config import GranQConfig, normalize_fused, quant_range
+from granq_ao.config import GranQConfig, normalize_fused
 from granq_ao.functional import fake_quantize
 from granq_ao.diagnostics import module_label
 from granq_ao.granularity import Granularity
-from granq_ao.quantizer_state import QuantizerStateMixin
+from granq_ao.quantizer_state import QuantizerStateMixin, config_property
 
 __all__ = ["GranQDescriptor", "GranQTensorQuantizer", "GranQCalibrationWarning", "as_granq_descriptor"]
 
@@ -85,13 +85,8 @@ class GranQDescriptor:
     def granularity_object(self) -> Granularity:
         return self.config.granularity
 
-    @property
-    def quant_min(self) -> int:
-        return quant_range(self.num_bits, self.symmetric)[0]
-
-    @property
-    def quant_max(self) -> int:
-        return quant_range(self.num_bits, self.symmetric)[1]
+    quant_min = config_property("quant_min")
+    quant_max = config_property("quant_max")
 
     def replace(self, **changes: Any) -> "GranQDescriptor":
         """A copy with some fields changed (validated again)."""
@@ -195,13 +190,8 @@ class GranQTensorQuantizer(QuantizerStateMixin, TensorQuantizer):
     def quant_desc(self) -> GranQDescriptor:
         return self._granq_desc
 
-    @property
-    def granularity(self) -> Granularity:
-        return self._granq_desc.granularity_object
-
-    @property
-    def symmetric(self) -> bool:
-        return self._granq_desc.symmetric
+    granularity = config_property("granularity_object", holder="_granq_desc")
+    symmetric = config_property("symmetric", holder="_granq_desc")
 
     @property
     def num_bits(self) -> int:

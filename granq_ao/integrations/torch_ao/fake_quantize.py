@@ -48,7 +48,7 @@ from granq_ao import functional as granq_functional
 from granq_ao.config import GranQConfig
 from granq_ao.functional import fused_backend
 from granq_ao.granularity import Granularity, PerTensor
-from granq_ao.quantizer_state import EnableFlagsMixin
+from granq_ao.quantizer_state import EnableFlagsMixin, config_property
 
 from .dynamic_qdq import insert_dynamic_quant_dequant
 from .eager_guard import refuse_torch_eager_convert
@@ -121,25 +121,11 @@ class GranQFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
         self.quant_max = self.activation_post_process.quant_max
 
     # -- the options, read from the config (replace ``config`` to change them)
-    @property
-    def bits(self) -> int:
-        return self.config.bits
-
-    @property
-    def granularity(self) -> Granularity:
-        return self.config.granularity
-
-    @property
-    def symmetric(self) -> bool:
-        return self.config.symmetric
-
-    @property
-    def fused(self) -> str:
-        return self.config.fused
-
-    @property
-    def check_finite(self) -> bool:
-        return self.config.check_finite
+    bits = config_property("bits")
+    granularity = config_property("granularity")
+    symmetric = config_property("symmetric")
+    fused = config_property("fused")
+    check_finite = config_property("check_finite")
 
     @property
     def qscheme(self) -> torch.qscheme:
