@@ -1,4 +1,8 @@
-"""Fixtures shared by the test files.
+"""Fixtures and helpers shared by the test files.
+
+``prepare(model, example, **scheme_kwargs)``: ``granq_ao.prepare_qat_fx`` in train mode with
+``get_granq_qat_qconfig_mapping(**scheme_kwargs)`` (eager backend unless ``fused`` is given);
+test files import it (``from conftest import prepare``).
 
 ``load_script``: a script of this repository as a module, by its path from the repository root
 (``load_script("recipes/zsq_cifar.py")``). A script inside a package (``benchmarks/``) is imported
@@ -13,6 +17,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
+import torch
+from torch import nn
+
+import granq_ao
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +39,11 @@ def import_script(relative_path: str, name: Optional[str] = None):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def prepare(model: nn.Module, example: torch.Tensor, **kwargs) -> torch.fx.GraphModule:
+    kwargs.setdefault("fused", "eager")
+    return granq_ao.prepare_qat_fx(model.train(), granq_ao.get_granq_qat_qconfig_mapping(**kwargs), (example,))
 
 
 @pytest.fixture(scope="session")

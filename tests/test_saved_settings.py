@@ -1,5 +1,5 @@
 """The settings that shape a quantizer's numbers travel with its state_dict in every integration
-(torch.ao FX is covered in test_reliability.py): a 4-bit state_dict loaded into an 8-bit (or
+(torch.ao FX is covered in test_prepared_model_saving.py): a 4-bit state_dict loaded into an 8-bit (or
 symmetric, or other-granularity) quantizer is refused with both settings named; state_dicts saved
 before settings were saved still load."""
 import importlib.util
