@@ -45,10 +45,7 @@ Writes ``<out>/fidelity.json`` (every per-(layer, batch) value, settings, enviro
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -60,6 +57,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.harness import environment  # noqa: E402
 from granq_ao.functional import fake_quantize  # noqa: E402
 
 METHODS = ("tensor", "channel", "granq")
@@ -203,9 +201,7 @@ def run(datasets: Sequence[str], bits_list: Sequence[int], sources: Sequence[str
                          "averaging": "per (layer, batch) on the whole batch tensor; mean over batches per layer, "
                                       "then unweighted mean over the ReLU outputs; partial last batch dropped",
                          "error_propagation": "none: each layer quantized alone on full-precision activations"},
-            "environment": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                            "torch": torch.__version__, "python": platform.python_version(),
-                            "machine": platform.machine(), "threads": torch.get_num_threads()},
+            "environment": environment(),
             "results": results}
 
 

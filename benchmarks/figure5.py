@@ -4,7 +4,7 @@ activation methods (layer-wise ``tensor``, channel-wise ``channel``, the iterati
 ``granq_iterative`` and GranQ ``granq``), each as a ratio to the memory-copy floor (``clone``) measured in
 the same run, same shape and mode.
 
-    python benchmarks/fake_quant_latency.py --threads 2 --warm-malloc --skip-qat --json runs/latency.json
+    python benchmarks/fake_quant_latency.py --threads 2 --warm-malloc --json runs/latency.json
     python benchmarks/figure5.py runs/latency.json --out docs/figures/figure5_cpu.png
 
 (on a GPU: ``--device cuda`` in the first command). One panel per activation shape family

@@ -4,7 +4,7 @@ Candidates: the ``torch.clone`` memory-copy floor, ``GranQFakeQuantize``, torch.
 ``FakeQuantize`` (per-tensor MovingAverageMinMaxObserver) and ``granq_iterative``; modes
 ``fwd``, ``fwdgrad`` (autograd.grad: as inside a network) and ``fwdbwd`` (``.backward()`` into
 a leaf's ``.grad``: +1 gradient copy for everyone); see ``fake_quant_latency.py``, whose
-candidates, modes, interleaved timing and ``--warm-malloc`` this script reuses. More rounds
+candidates and modes this script reuses (timers and ``--warm-malloc``: :mod:`benchmarks.harness`). More rounds
 than the full benchmark spends on one shape; prints median, quartiles and minimum, and the
 target ratios by median and by minimum. On a shared or virtual machine, interference (other
 processes, page faults of fresh 13 MB buffers, memory reclaim) only ever adds time, so the
@@ -16,18 +16,19 @@ ms on this VM) on some calls and reused on others; ``--warm-malloc`` removes tha
     python benchmarks/focus_fwd_bwd.py [--rounds 60] [--threads 2] [--warm-malloc]
 """
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-_spec = importlib.util.spec_from_file_location("fake_quant_latency",
-                                               Path(__file__).with_name("fake_quant_latency.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+import torch  # noqa: E402
+
+from benchmarks.fake_quant_latency import MODE_TITLES, MODES, TARGET_SHAPE, make_fake_quant, mode_call  # noqa: E402
+from benchmarks.harness import malloc_setting, time_calls, time_interleaved  # noqa: E402
 
 CANDIDATES = ("clone", "granq", "torchao_fq")
 
@@ -74,32 +75,32 @@ def main(argv=None):
     parser.add_argument("--iterative-calls", type=int, default=5)
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--warm-malloc", action="store_true", help="see fake_quant_latency.py")
+    parser.add_argument("--warm-malloc", action="store_true", help="see benchmarks/harness.py (warm_malloc)")
     args = parser.parse_args(argv)
-    malloc = "warm (mallopt)" if args.warm_malloc and bench.warm_malloc() else "glibc default"
+    malloc = malloc_setting(args.warm_malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(bench.TARGET_SHAPE, generator=generator)
-    grad = torch.randn(bench.TARGET_SHAPE, generator=generator)
+    x = torch.randn(TARGET_SHAPE, generator=generator)
+    grad = torch.randn(TARGET_SHAPE, generator=generator)
     x_grad = x.clone().requires_grad_(True)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, malloc {malloc}, "
-          f"shape {bench.TARGET_SHAPE}, {args.bits} bits, {args.rounds} rounds")
+          f"shape {TARGET_SHAPE}, {args.bits} bits, {args.rounds} rounds")
     medians, minima = {}, {}
-    for mode in bench.MODES:
+    for mode in MODES:
         inp = x if mode == "fwd" else x_grad
-        fns = {name: bench._step(bench.make_fake_quant(name, args.bits, cpu), inp, grad, mode)
+        fns = {name: mode_call(make_fake_quant(name, args.bits, cpu), inp, grad, mode)
                for name in CANDIDATES}
         warm_up(fns, args.warmup_s)
         faults = {}
         fns = {name: counting_faults(fn, faults, name) for name, fn in fns.items()}
-        times = bench.time_interleaved(fns, cpu, reps=args.rounds, warmup=0)
-        iterative = bench._step(bench.make_fake_quant("granq_iterative", args.bits, cpu), inp, grad, mode)
+        times = time_interleaved(fns, cpu, reps=args.rounds, warmup=0)
+        iterative = mode_call(make_fake_quant("granq_iterative", args.bits, cpu), inp, grad, mode)
         iterative()  # warm-up, uncounted
-        times["granq_iterative"] = bench.time_calls(counting_faults(iterative, faults, "granq_iterative"),
+        times["granq_iterative"] = time_calls(counting_faults(iterative, faults, "granq_iterative"),
                                                     cpu, reps=args.iterative_calls, warmup=0)
-        print(f"\n{mode}: {bench.MODE_TITLES[mode]}")
+        print(f"\n{mode}: {MODE_TITLES[mode]}")
         for name, spent in times.items():
             q1, q2, q3 = quartiles_ms(spent)
             medians[mode, name] = q2

@@ -28,15 +28,21 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import os
 import re
 import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks.harness import run_header, write_json  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -179,9 +185,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared report helpers
-    from report import run_header, write_json
-
     if args.threads:
         torch.set_num_threads(args.threads)
     header = run_header(f"batch {args.batch}, GranQ W{args.bits}A{args.bits} {args.placement}, "

@@ -19,10 +19,6 @@ load drift) and ignores checkpoint writing.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +30,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.harness import environment, synchronize, write_json  # noqa: E402
 from granq_ao.zsq.data import NUM_CLASSES, load_cifar_test  # noqa: E402
 from granq_ao.zsq.distributed import DistributedContext  # noqa: E402
 from granq_ao.zsq.teachers import build_cifar_teacher  # noqa: E402
@@ -41,11 +38,6 @@ from granq_ao.zsq.trainer import ZSQConfig, ZSQTrainer  # noqa: E402
 
 PAPER_BATCH = {"cifar10": 16, "cifar100": 200}
 PAPER_EPOCHS, PAPER_ITERS = 200, 200
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_row(dataset: str, bits: int, act: str, fold_bn: bool, device: str, iters: int, warmup: int,
@@ -64,22 +56,22 @@ def measure_row(dataset: str, bits: int, act: str, fold_bn: bool, device: str, i
     start = time.perf_counter()
     for _ in range(warmup):
         trainer.train_step(sampler, train_student=True)
-    _sync(dev)
+    synchronize(dev)
     warmup_s = time.perf_counter() - start
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
     times: List[float] = []
     for _ in range(iters):
-        _sync(dev)
+        synchronize(dev)
         start = time.perf_counter()
         trainer.train_step(sampler, train_student=True)
-        _sync(dev)
+        synchronize(dev)
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20 if dev.type == "cuda" else None
     start = time.perf_counter()
     accuracy = trainer.evaluate(trainer.student)
-    _sync(dev)
+    synchronize(dev)
     eval_s = time.perf_counter() - start
     times.sort()
     s_per_iter = times[len(times) // 2]
@@ -116,12 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
                   f"{row['s_per_iter_median']:.4f} s/iter (min {row['s_per_iter_min']:.4f}), peak {peak}, "
                   f"eval {row['eval_s']:.2f} s -> paper row ~{row['projected_paper_row_hours']:.2f} h", flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "torch": torch.__version__, "python": platform.python_version(),
-                "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-                "loadavg": os.getloadavg()}
-        Path(args.json).write_text(json.dumps({"environment": meta, "rows": rows}, indent=1))
+        write_json(args.json, {"environment": environment(torch.device(args.device)), "rows": rows})
         print(f"wrote {args.json}")
     return rows
 

@@ -11,6 +11,8 @@ quantize_granq         torchao ``quantize_(model, GranQQATConfig(scheme), filter
                        (eager module swap, placement all, no conv-bn fusion)
 fx_ao_x86              torch.ao ``prepare_qat_fx`` with its x86 default QAT mapping on b-bit ranges
                        (per-tensor ``FakeQuantize`` + moving-average observers; per-channel weights)
+fx_ao_x86_fused        the same with ``FusedMovingAvgObsFakeQuantize``, the class torch.ao's x86
+                       default actually uses
 pt2e_x86_int8          torchao's own conv-net QAT: ``X86InductorQuantizer`` with
                        ``get_default_x86_inductor_quantization_config(is_qat=True)`` (int8 static
                        per-tensor activations, int8 per-channel weights: no bit-width option)
@@ -28,19 +30,33 @@ row of the same placement; quantized layers (weights) and activation fake-quant 
 of the first step (the same weights and images in every row: the GranQ rows of one placement
 agree to float rounding; conv-bn QAT is written differently by FX and PT2E).
 
+Peak step memory (``--memory``, after the timed rounds, one step per row):
+:func:`benchmarks.harness.peak_step_bytes` (CPU: the torch.profiler's allocation events, tensor
+bytes allocated during the step above what was live before it; CUDA: ``max_memory_allocated``).
+``--check`` prints the issue's QAT targets (FX GranQ step time <= 1.1x and peak memory <= 1x
+torch.ao's fake-quant, ``fx_ao_x86``) and exits 1 if one fails.
+
     python benchmarks/qat_step_toolchains.py --threads 2 --json runs/qat_step.json
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks.harness import (check_targets, fmt, format_targets, peak_step_bytes, run_header,  # noqa: E402
+                                write_json)
+from granq_ao.config import quant_range  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*deprecated.*")
@@ -54,6 +70,7 @@ ROWS: Dict[str, str] = {
     "pt2e_granq_paper": "torchao prepare_qat_pt2e + GranQQuantizer, placement paper",
     "quantize_granq": "torchao quantize_ + GranQQATConfig (eager swap, all)",
     "fx_ao_x86": "torch.ao prepare_qat_fx, x86 default QAT mapping on b-bit ranges",
+    "fx_ao_x86_fused": "the same with FusedMovingAvgObsFakeQuantize (torch.ao's x86 default class)",
     "pt2e_x86_int8": "torchao X86InductorQuantizer(is_qat=True): int8, static per-tensor acts",
     "quantize_intx": "torchao QATConfig int8 per-token acts + int4 weights: nn.Linear only",
 }
@@ -66,6 +83,28 @@ def resnet20() -> torch.nn.Module:
 
     torch.manual_seed(0)
     return get_model("resnet20_cifar10", pretrained=False).train()
+
+
+def torchao_qat_mapping(bits: int, fused: bool = False):
+    """torch.ao's x86 default QAT mapping with its global qconfig on ``bits``-bit ranges:
+    activations per-tensor affine on [0, 2^b - 1], weights per-channel symmetric on
+    [-2^(b-1), 2^(b-1) - 1]; ``FakeQuantize`` or (``fused``) ``FusedMovingAvgObsFakeQuantize``."""
+    from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
+                                       MovingAveragePerChannelMinMaxObserver, QConfig,
+                                       get_default_qat_qconfig_mapping)
+    from torch.ao.quantization.fake_quantize import FusedMovingAvgObsFakeQuantize
+
+    cls = FusedMovingAvgObsFakeQuantize if fused else FakeQuantize
+    a_min, a_max = quant_range(bits)
+    w_min, w_max = quant_range(bits, symmetric=True)
+    qconfig = QConfig(
+        activation=cls.with_args(observer=MovingAverageMinMaxObserver, quant_min=a_min, quant_max=a_max,
+                                 dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False),
+        weight=cls.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=w_min,
+                             quant_max=w_max, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                             ch_axis=0),
+    )
+    return get_default_qat_qconfig_mapping("x86").set_global(qconfig)
 
 
 def granq_scheme(bits: int, placement: str):
@@ -84,11 +123,10 @@ def build(row: str, bits: int, example: torch.Tensor) -> torch.nn.Module:
 
         mapping = granq_ao.get_granq_qat_qconfig_mapping(granq_scheme(bits, row.rsplit("_", 1)[1]))
         return granq_ao.prepare_qat_fx(model, mapping, (example,))
-    if row == "fx_ao_x86":
-        from fake_quant_latency import torchao_qat_mapping
+    if row.startswith("fx_ao_x86"):
         from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-        return prepare_qat_fx(model, torchao_qat_mapping(bits), (example,))
+        return prepare_qat_fx(model, torchao_qat_mapping(bits, fused=row == "fx_ao_x86_fused"), (example,))
     if row.startswith("pt2e_"):
         from torchao.quantization.pt2e import move_exported_model_to_train
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
@@ -146,62 +184,108 @@ def count_quantizers(model: torch.nn.Module) -> Dict[str, int]:
     return counts
 
 
-def run(rows: Sequence[str], bits: int = 3, batch: int = 200, rounds: int = 10, warmup: int = 3,
-        log: Callable[[str], None] = print) -> List[Dict[str, object]]:
-    """Build every row, warm it up, then time ``rounds`` interleaved steps (module docstring)."""
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(batch, 3, 32, 32, generator=generator)
-    labels = torch.randint(0, 10, (batch,), generator=generator)
-    steps: Dict[str, Callable[[], float]] = {}
-    results: Dict[str, Dict[str, object]] = {}
-    for row in rows:
-        started = time.perf_counter()
-        model = build(row, bits, images[:2].clone())
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+class TrainingStep:
+    """One SGD training step of ``model`` on a fixed batch (cross-entropy), returning the loss."""
 
-        def step(model=model, optimizer=optimizer) -> float:
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            return loss.item()
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.model, self.images, self.labels = model, images, labels
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
-        first_loss = step()
-        for _ in range(warmup - 1):
-            step()
-        steps[row] = step
-        results[row] = {"row": row, "what": ROWS[row], **count_quantizers(model), "first_loss": first_loss,
-                        "times": [], "build_and_warmup_s": time.perf_counter() - started}
-        log(f"  built {row:18s} in {results[row]['build_and_warmup_s']:6.1f} s: {results[row]['weights']} weights, "
-            f"{results[row]['act_calls']} activation calls, first loss {first_loss:.6f}")
-    for round_index in range(rounds):
-        for row in rows:
-            started = time.perf_counter()
-            steps[row]()
-            results[row]["times"].append(time.perf_counter() - started)
-        log(f"  round {round_index + 1}/{rounds}")
-    table = []
-    for row in rows:
-        times = results[row].pop("times")
-        results[row].update(step_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3, rounds=len(times))
-        table.append(results[row])
+    def clear_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, zero_grad: bool = True) -> float:
+        if zero_grad:
+            self.clear_grads()
+        loss = torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def prepare_row(row: str, bits: int, images: torch.Tensor, labels: torch.Tensor, warmup: int,
+                log: Callable[[str], None]):
+    """Build ``row``'s model and take ``warmup`` steps: ``(step, entry)``, the row's
+    :class:`TrainingStep` and its table entry (counts, first loss)."""
+    started = time.perf_counter()
+    model = build(row, bits, images[:2].clone())
+    step = TrainingStep(model, images, labels)
+    first_loss = step()
+    for _ in range(warmup - 1):
+        step()
+    entry = {"row": row, "what": ROWS[row], **count_quantizers(model), "first_loss": first_loss,
+             "build_and_warmup_s": time.perf_counter() - started}
+    log(f"  built {row:18s} in {entry['build_and_warmup_s']:6.1f} s: {entry['weights']} weights, "
+        f"{entry['act_calls']} activation calls, first loss {first_loss:.6f}")
+    return step, entry
+
+
+def add_ratios(table: Sequence[Dict[str, object]]) -> None:
+    """Step time (and peak memory) of each row over float, torch.ao's fake-quant and FX GranQ."""
     by_row = {entry["row"]: entry for entry in table}
     for entry in table:
         for key, other in (("x_float", "float"), ("x_fx_ao_x86", "fx_ao_x86"), ("x_fx_granq", FX_PARTNER.get(entry["row"]))):
             entry[key] = entry["step_ms"] / by_row[other]["step_ms"] if other in by_row else None
+        reference = by_row.get("fx_ao_x86", {}).get("peak_mib")
+        if "peak_mib" in entry:
+            entry["peak_x_fx_ao_x86"] = entry["peak_mib"] / reference if reference else None
+
+
+def run(rows: Sequence[str], bits: int = 3, batch: int = 200, rounds: int = 10, warmup: int = 3,
+        memory: bool = False, log: Callable[[str], None] = print) -> List[Dict[str, object]]:
+    """Build every row, warm it up, then time ``rounds`` interleaved steps (module docstring);
+    with ``memory``, then the peak memory of one more step of each row."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (batch,), generator=generator)
+    steps, table = {}, []
+    for row in rows:
+        steps[row], entry = prepare_row(row, bits, images, labels, warmup, log)
+        table.append(entry)
+    times: Dict[str, List[float]] = {row: [] for row in rows}
+    for round_index in range(rounds):
+        for row in rows:
+            started = time.perf_counter()
+            steps[row]()
+            times[row].append(time.perf_counter() - started)
+        log(f"  round {round_index + 1}/{rounds}")
+    for entry in table:
+        spent = times[entry["row"]]
+        entry.update(step_ms=statistics.median(spent) * 1e3, min_ms=min(spent) * 1e3, rounds=len(spent))
+        if memory:
+            step = steps[entry["row"]]
+            step.clear_grads()
+            entry["peak_mib"] = peak_step_bytes(lambda: step(zero_grad=False), torch.device("cpu")) / 2**20
+    add_ratios(table)
     return table
+
+
+def evaluate_targets(table: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """The issue's QAT targets (``--check``): FX GranQ (both placements) step time <= 1.1x and
+    peak step memory <= 1x torch.ao's fake-quant (``fx_ao_x86``); n/a where not measured."""
+    by_row = {entry["row"]: entry for entry in table}
+    specs = []
+    for placement in ("all", "paper"):
+        entry = by_row.get(f"fx_granq_{placement}", {})
+        specs += [(f"ResNet-20 QAT step time, fx_granq_{placement} / fx_ao_x86", entry.get("x_fx_ao_x86"), "<=", 1.1),
+                  (f"ResNet-20 QAT peak step memory, fx_granq_{placement} / fx_ao_x86",
+                   entry.get("peak_x_fx_ao_x86"), "<=", 1.0)]
+    return check_targets(specs)
 
 
 def format_table(table: Sequence[Dict[str, object]]) -> str:
     def ratio(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.2f}"
 
+    memory = any("peak_mib" in entry for entry in table)
     lines = ["| row | step ms (median) | min ms | x float | x torch.ao x86 FQ | x FX GranQ | weights | act calls "
-             "| first loss | what |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| first loss |" + (" peak MiB | x torch.ao x86 FQ |" if memory else "") + " what |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if memory else "") + "---|"]
     for entry in table:
+        peak = (f" {fmt(entry.get('peak_mib'), '.1f')} | {ratio(entry.get('peak_x_fx_ao_x86'))} |" if memory else "")
         lines.append(f"| `{entry['row']}` | {entry['step_ms']:.1f} | {entry['min_ms']:.1f} | {ratio(entry['x_float'])} "
                      f"| {ratio(entry['x_fx_ao_x86'])} | {ratio(entry['x_fx_granq'])} | {entry['weights']} "
-                     f"| {entry['act_calls']} | {entry['first_loss']:.6f} | {entry['what']} |")
+                     f"| {entry['act_calls']} | {entry['first_loss']:.6f} |{peak} {entry['what']} |")
     return "\n".join(lines)
 
 
@@ -215,6 +299,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--memory", action="store_true", help="also the peak memory of one step per row")
+    parser.add_argument("--check", action="store_true",
+                        help="print the issue's QAT targets (implies --memory) and exit 1 if one fails")
     parser.add_argument("--json", metavar="OUT", default=None)
     args = parser.parse_args(argv)
     unknown = [row for row in args.rows if row not in ROWS]
@@ -227,17 +314,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     args = parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fake_quant_latency's mapping, report helpers
-    from report import run_header, write_json
-
     if args.threads:
         torch.set_num_threads(args.threads)
     header = run_header(f"batch {args.batch}, W{args.bits}A{args.bits}, {args.rounds} interleaved rounds")
     print(header)
-    table = run(args.rows, args.bits, args.batch, args.rounds, args.warmup)
+    table = run(args.rows, args.bits, args.batch, args.rounds, args.warmup, memory=args.memory or args.check)
     print(format_table(table))
+    targets = evaluate_targets(table)
+    if args.check:
+        print("\n" + format_targets(targets, f"targets (W{args.bits}A{args.bits}; measured in this run)"))
     if args.json:
-        write_json(args.json, {"header": header, "rows": table})
+        write_json(args.json, {"header": header, "rows": table, "targets": targets})
+    if args.check and any(target["status"] == "FAIL" for target in targets):
+        raise SystemExit(1)
     return table
 
 

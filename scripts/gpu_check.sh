@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything of issue 13 that needs a GPU, in one run that fits in 10 minutes on one GPU (H200 class):
 #   1. the suite's CUDA tests (compiled == eager bit for bit under Triton; a ZSQ iteration on CUDA)
-#   2. the latency benchmark on CUDA (Figure 5 on GPU; GranQ's speed-up over the iterative method)
+#   2. the latency benchmark on CUDA (Figure 5 on GPU; GranQ's speed-up over the iterative method;
+#      --check: exit 1 if a latency target is missed)
 #   3. a slice of --preset paper (s/iter, peak memory, projected hours per Table 3 row, fold_bn off/on)
 # All output goes to one results folder (default runs/gpu_check_<UTC time>); SUMMARY.txt lists it.
 #
@@ -18,7 +19,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -32,7 +33,7 @@ T_SLICE=${T_SLICE:-150}
 
 STEP_TESTS=("$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_repro_cuda.py -k cuda)
 STEP_LATENCY=("$PYTHON" benchmarks/fake_quant_latency.py --device cuda --bits 3 --iterative all --iterative-reps 2
-              --qat-configs float,granq_paper,torchao_fq --json "$OUT/latency_cuda.json")
+              --check --json "$OUT/latency_cuda.json")
 STEP_FIG_FWD=("$PYTHON" benchmarks/figure5.py "$OUT/latency_cuda.json" --mode fwd --out "$OUT/figure5_cuda_fwd.png")
 STEP_FIG_GRAD=("$PYTHON" benchmarks/figure5.py "$OUT/latency_cuda.json" --mode fwdgrad --out "$OUT/figure5_cuda_fwdgrad.png")
 STEP_SLICE=("$PYTHON" benchmarks/paper_slice.py --device cuda --rows cifar10,cifar100 --bits 3 --fold-bn off,on

@@ -1,8 +1,6 @@
 """Smoke test of benchmarks/lowering_x86.py at a tiny batch: what each compiled model calls.
 No timing asserts; the kernel facts are what docs/TORCHAO.md states."""
-import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -11,14 +9,9 @@ pytest.importorskip("pytorchcv")
 if shutil.which("g++") is None and shutil.which("c++") is None:
     pytest.skip("Inductor on CPU needs a C++ compiler", allow_module_level=True)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lowering_x86.py"
-
-
 @pytest.fixture(scope="module")
-def result():
-    spec = importlib.util.spec_from_file_location("lowering_x86", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def result(load_script):
+    module = load_script("benchmarks/lowering_x86.py")
     table = module.run(batch=8, bits=3, placement="paper", rounds=1, log=lambda line: None)
     assert "| `granq_compiled` |" in module.format_table(table)
     return {row["row"]: row for row in table["rows"]}

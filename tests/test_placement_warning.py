@@ -7,6 +7,7 @@ from torch import nn
 from torch.ao.quantization.quantize_fx import prepare_qat_fx as torch_prepare_qat_fx
 
 import granq_ao
+from conftest import prepare
 
 
 def small_net():
@@ -38,3 +39,26 @@ def test_no_warning_for_all_placement_or_a_copy():
         torch_prepare_qat_fx(small_net(), mapping, EXAMPLE)
         copied = copy.deepcopy(paper)  # a user's own copy is not a prepare
     assert copied.act_placement == "paper" and copied.scheme == paper.scheme
+
+
+def test_paper_placement_on_a_model_without_relu_warns():
+    """act_placement="paper" on a model with no ReLU left zero activation quantizers silently."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Conv2d(4, 4, 1))
+    with pytest.warns(granq_ao.PlacementWarning, match="left no activation fake-quant.*ReLU.*has none.*act_placement='all'"):
+        qat = prepare(model, torch.randn(1, 3, 6, 6), act_placement="paper")
+    assert granq_ao.count_activation_fake_quant_calls(qat) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", granq_ao.PlacementWarning)
+        qat = prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(1, 3, 6, 6), act_placement="paper")
+    assert granq_ao.count_activation_fake_quant_calls(qat) == 1
+
+
+def test_nvidia_after_relu_placement_without_relu_warns():
+    gq = pytest.importorskip("granq_ao.integrations.pytorch_quantization")
+    from pytorch_quantization import nn as quant_nn
+
+    model = nn.Sequential(quant_nn.QuantConv2d(3, 4, 3), nn.Sigmoid(), quant_nn.QuantConv2d(4, 4, 1))
+    with pytest.warns(UserWarning, match="no quant module fed by a ReLU.*only_after_relu=False"):
+        replaced = gq.replace_input_quantizers(model, gq.GranQDescriptor(num_bits=4), only_after_relu=True,
+                                               example_inputs=torch.randn(1, 3, 6, 6))
+    assert replaced == []

@@ -1,6 +1,5 @@
 """recipes/zsq_cifar.py end to end on tiny configs: files, finite losses, resume equivalence,
 2-process DDP, and CLI errors. Uses a small copy of the offline CIFAR-10 subset (64 images)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,8 @@ from granq_ao.zsq.data import load_cifar_test, shared_data_dir
 from granq_ao.zsq.teachers import build_cifar_teacher
 from granq_ao.zsq import ZSQConfig, ZSQTrainer, cli
 
+from conftest import import_script
+
 REPO = Path(__file__).resolve().parents[1]
 REAL = shared_data_dir()
 pytestmark = pytest.mark.skipif(
@@ -27,10 +28,7 @@ TINY = ["--epochs", "2", "--iters", "2", "--batch-size", "4", "--warmup-epochs",
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("zsq_cifar_recipe", REPO / "recipes" / "zsq_cifar.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script("recipes/zsq_cifar.py", "zsq_cifar_recipe")
 
 
 @pytest.fixture(scope="module")

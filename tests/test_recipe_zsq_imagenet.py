@@ -1,7 +1,6 @@
 """recipes/zsq_imagenet.py end to end on CPU: a tiny ImageFolder written here (3 classes x 4
 images), pytorchcv's ResNet-18 with random weights for 3 classes, 32 px images, a few iterations.
 Files and pictures, resume equivalence, the activation-error numbers, and one-line CLI errors."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from granq_ao.zsq import ImageNetGenerator, ZSQConfig, ZSQTrainer, build_student
 from granq_ao.zsq import pictures  # noqa: E402
 from granq_ao.zsq.imagenet import IMAGENET_NORMALIZATION, build_imagenet_teacher, load_imagenet_val  # noqa: E402
 
+from conftest import import_script  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 WNIDS = ("n01440764", "n01443537", "n01484850")
 PER_CLASS = 4
@@ -27,10 +28,7 @@ TINY = ["--image-size", str(SIZE), "--epochs", "2", "--iters", "2", "--batch-siz
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("zsq_imagenet_recipe", REPO / "recipes" / "zsq_imagenet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script("recipes/zsq_imagenet.py", "zsq_imagenet_recipe")
 
 
 def write_image_folder(root: Path, wnids, per_class: int, seed: int = 0) -> Path:

@@ -1,7 +1,9 @@
 """The settings that shape a quantizer's numbers travel with its state_dict in every integration
-(torch.ao FX is covered in test_reliability.py): a 4-bit state_dict loaded into an 8-bit (or
+(torch.ao FX is covered in test_prepared_model_saving.py): a 4-bit state_dict loaded into an 8-bit (or
 symmetric, or other-granularity) quantizer is refused with both settings named; state_dicts saved
 before settings were saved still load."""
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -81,3 +83,36 @@ def test_pytorch_quantization_quantizers(other):
             num_bits=activation.bits, granularity=activation.name, symmetric=activation.symmetric, fused="eager"))})
 
     _check_refusal(build, other)
+
+
+def test_the_four_quantizer_classes_share_one_state_mixin():
+    """One shell for the saved settings, enable flags and labelled errors (granq_ao.quantizer_state);
+    the hooks where the hosts differ are explicit."""
+    from granq_ao.integrations.torch_ao import GranQFakeQuantize
+    from granq_ao.quantizer_state import EnableFlagsMixin, QuantizerStateMixin
+
+    classes = [GranQFakeQuantize]
+    if importlib.util.find_spec("torchao") is not None:
+        from granq_ao.integrations.torchao.fake_quantize import GranQPT2EFakeQuantize
+        from granq_ao.integrations.torchao.reference_modules import GranQReference
+        classes += [GranQPT2EFakeQuantize, GranQReference]
+        assert issubclass(GranQPT2EFakeQuantize, EnableFlagsMixin) and GranQPT2EFakeQuantize.keep_state_if_absent
+    if importlib.util.find_spec("pytorch_quantization") is not None:
+        from granq_ao.integrations.pytorch_quantization import GranQTensorQuantizer
+        classes.append(GranQTensorQuantizer)
+        assert GranQTensorQuantizer._load_host_state is not QuantizerStateMixin._load_host_state  # bypass
+    for cls in classes:
+        assert issubclass(cls, QuantizerStateMixin), cls
+        for name in ("get_extra_state", "set_extra_state", "_load_from_state_dict"):
+            assert getattr(cls, name) is getattr(QuantizerStateMixin, name), (cls, name)
+    assert not GranQFakeQuantize.keep_state_if_absent
+
+    fake_quant = GranQFakeQuantize(bits=4)
+    fake_quant.disable_fake_quant()
+    fresh = GranQFakeQuantize(bits=4)
+    fresh.load_state_dict(fake_quant.state_dict())
+    assert not fresh.fake_quant_on and fresh._observer_on  # the mirrors follow the loaded buffers
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(fresh(x), x)
+    error = fresh.labelled(ValueError("bad rank"), "input")
+    assert type(error) is ValueError and str(error) == "GranQFakeQuantize (input): bad rank"

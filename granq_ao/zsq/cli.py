@@ -301,6 +301,39 @@ def summary_block(results: Dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- the run
+def output_folder(args: argparse.Namespace, parser: argparse.ArgumentParser, config: ZSQConfig,
+                  default_out: Callable[[argparse.Namespace, ZSQConfig], Path]) -> Path:
+    """``--out`` (or the default folder), refused with a one-line error if it is a file or, for a
+    new run, holds a finished run (checked before any heavy work; the trainer checks it again for
+    its Python callers)."""
+    out = Path(args.out) if args.out is not None else default_out(args, config)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
+    if not args.resume:
+        try:
+            refuse_finished_folder(out)
+        except FileExistsError as error:
+            parser.error(str(error))
+    return out
+
+
+def run_and_report(trainer: ZSQTrainer, context: DistributedContext, out: Path) -> int:
+    """Train; print the summary (0), or after Ctrl-C how to resume (130)."""
+    try:
+        results = trainer.run()
+    except KeyboardInterrupt:
+        if context.is_main:
+            print(f"\ninterrupted during epoch {trainer.state['epoch'] + 1}; the checkpoint after epoch "
+                  f"{trainer.state['epoch']} is in {out}. Continue with:\n  python {sys.argv[0]} --resume --out {out}",
+                  file=sys.stderr)
+        return 130
+    if context.is_main:
+        print()
+        print(summary_block(results))
+        print(f"results  : {out / 'results.json'}")
+    return 0
+
+
 def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
          preset_values: Callable[[argparse.Namespace], Dict[str, Any]],
          build_task: Callable[[argparse.Namespace, ZSQConfig, DistributedContext], Task],
@@ -321,14 +354,7 @@ def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
         config = resolve_config(args, parser, preset_values).validate()
     except ValueError as error:
         parser.error(str(error))
-    out = Path(args.out) if args.out is not None else default_out(args, config)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file, not a folder")
-    if not args.resume:
-        try:  # before any heavy work (the trainer checks it again for its Python callers)
-            refuse_finished_folder(out)
-        except FileExistsError as error:
-            parser.error(str(error))
+    out = output_folder(args, parser, config, default_out)
     try:
         context = DistributedContext.from_env(args.device)
     except (ValueError, RuntimeError) as error:
@@ -357,19 +383,7 @@ def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
             print(f"output   : {out}")
             if args.preset == "paper" and context.device.type == "cpu":
                 print("warning  : --preset paper is tens of thousands of iterations: days on a CPU (meant for a GPU)")
-        try:
-            results = trainer.run()
-        except KeyboardInterrupt:
-            if context.is_main:
-                print(f"\ninterrupted during epoch {trainer.state['epoch'] + 1}; the checkpoint after epoch "
-                      f"{trainer.state['epoch']} is in {out}. Continue with:\n  python {sys.argv[0]} --resume --out {out}",
-                      file=sys.stderr)
-            return 130
-        if context.is_main:
-            print()
-            print(summary_block(results))
-            print(f"results  : {out / 'results.json'}")
-        return 0
+        return run_and_report(trainer, context, out)
     finally:
         lock.release()
         context.close()

@@ -22,11 +22,11 @@ import torch
 from pytorch_quantization.nn import TensorQuantizer
 from pytorch_quantization.tensor_quant import QuantDescriptor
 
-from granq_ao.config import GranQConfig, normalize_fused, quant_range
+from granq_ao.config import GranQConfig, normalize_fused
 from granq_ao.functional import fake_quantize
 from granq_ao.diagnostics import module_label
 from granq_ao.granularity import Granularity
-from granq_ao.saved_settings import load_checking_settings, settings_tensor
+from granq_ao.quantizer_state import QuantizerStateMixin, config_property
 
 __all__ = ["GranQDescriptor", "GranQTensorQuantizer", "GranQCalibrationWarning", "as_granq_descriptor"]
 
@@ -85,13 +85,8 @@ class GranQDescriptor:
     def granularity_object(self) -> Granularity:
         return self.config.granularity
 
-    @property
-    def quant_min(self) -> int:
-        return quant_range(self.num_bits, self.symmetric)[0]
-
-    @property
-    def quant_max(self) -> int:
-        return quant_range(self.num_bits, self.symmetric)[1]
+    quant_min = config_property("quant_min")
+    quant_max = config_property("quant_max")
 
     def replace(self, **changes: Any) -> "GranQDescriptor":
         """A copy with some fields changed (validated again)."""
@@ -149,7 +144,7 @@ def _from_quant_descriptor(desc: QuantDescriptor) -> GranQDescriptor:
     return GranQDescriptor(num_bits=desc.num_bits, axis=1 if axis is None else int(axis), name=desc.name)
 
 
-class GranQTensorQuantizer(TensorQuantizer):
+class GranQTensorQuantizer(QuantizerStateMixin, TensorQuantizer):
     """A ``TensorQuantizer`` doing GranQ's dynamic fake-quantization (see the module docstring).
 
     Args:
@@ -168,6 +163,9 @@ class GranQTensorQuantizer(TensorQuantizer):
 
     ``_calibrator`` is ``None``, so pytorch-quantization's usual calibration loop
     (``if module._calibrator is not None: ... else: module.disable()``) skips it cleanly.
+
+    Saved settings and labelled errors: :class:`granq_ao.quantizer_state.QuantizerStateMixin`
+    (TensorQuantizer's own loader is bypassed: :meth:`_load_host_state`).
     """
 
     def __init__(self, quant_desc: Union[None, GranQDescriptor, QuantDescriptor, Mapping[str, Any]] = None,
@@ -192,13 +190,8 @@ class GranQTensorQuantizer(TensorQuantizer):
     def quant_desc(self) -> GranQDescriptor:
         return self._granq_desc
 
-    @property
-    def granularity(self) -> Granularity:
-        return self._granq_desc.granularity_object
-
-    @property
-    def symmetric(self) -> bool:
-        return self._granq_desc.symmetric
+    granularity = config_property("granularity_object", holder="_granq_desc")
+    symmetric = config_property("symmetric", holder="_granq_desc")
 
     @property
     def num_bits(self) -> int:
@@ -260,30 +253,28 @@ class GranQTensorQuantizer(TensorQuantizer):
         try:
             return fake_quantize(inputs, self._granq_config)
         except (TypeError, ValueError) as error:  # NonFiniteInputError included; same type, located
-            raise type(error)(f"{self._label(find=True)}: {error}") from None
+            raise self.labelled(error) from None
 
     # ------------------------------------------------------------------ state
-    # the settings that shape the numbers travel with the state_dict (granq_ao.saved_settings)
-    def get_extra_state(self) -> torch.Tensor:
-        return settings_tensor(self._granq_config)
+    # the settings that shape the numbers travel with the state_dict (granq_ao.quantizer_state)
+    def saved_configs(self) -> GranQConfig:
+        return self._granq_config
 
-    def set_extra_state(self, state) -> None:
-        pass  # checked in _load_from_state_dict, where a mismatch is reported with the module's name
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # pytorch-quantization 2.1.3 moves a checkpoint `_amax` to CUDA here (.cuda()), which
-        # fails on CPU-only hosts; a GranQ quantizer has no amax, so it is dropped instead.
+    def _load_host_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+        # pytorch-quantization 2.1.3 moves a checkpoint `_amax` to CUDA in its loader (.cuda()),
+        # which fails on CPU-only hosts; a GranQ quantizer has no amax: the key is dropped and
+        # TensorQuantizer's loader bypassed (nn.Module's loads the rest).
         key = prefix + "_amax"
         if key in state_dict:
             state_dict.pop(key)
             warnings.warn(f"{self._label()}: ignoring '{key}' from the checkpoint (GranQ ranges are dynamic)",
-                          GranQCalibrationWarning, stacklevel=2)
-        def load() -> None:
-            torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                                  unexpected_keys, error_msgs)
-        load_checking_settings(load, self._granq_config, state_dict, prefix, missing_keys, error_msgs,
-                               prefix.rstrip(".") or type(self).__name__)
+                          GranQCalibrationWarning, stacklevel=5)
+        torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                              unexpected_keys, error_msgs)
+
+    def error_label(self) -> str:
+        return self._label(find=True)
 
     def _label(self, find: bool = False) -> str:
         """``GranQTensorQuantizer 'path.in.model'``; with ``find`` (error paths only) the path is

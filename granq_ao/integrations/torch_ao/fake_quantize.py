@@ -46,17 +46,16 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from granq_ao import functional as granq_functional
 from granq_ao.config import GranQConfig
-from granq_ao.diagnostics import module_label
-from granq_ao.functional import NonFiniteInputError, fused_backend
+from granq_ao.functional import fused_backend
 from granq_ao.granularity import Granularity, PerTensor
-from granq_ao.saved_settings import load_checking_settings, settings_tensor
+from granq_ao.quantizer_state import EnableFlagsMixin, config_property
 
 from .dynamic_qdq import insert_dynamic_quant_dequant
 from .eager_guard import refuse_torch_eager_convert
 from .observer import GranQObserver, bits_from_quant_range, picklable_with_args, picklable_with_callable_args
 
 
-class GranQFakeQuantize(FakeQuantizeBase):
+class GranQFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
     r"""Dynamic fake-quantization with per-(sample, channel) ranges (or another granularity).
 
     Args:
@@ -117,37 +116,16 @@ class GranQFakeQuantize(FakeQuantizeBase):
         self.activation_post_process = observer(bits=config.bits, ch_axis=config.axis, symmetric=config.symmetric,
                                                 dtype=dtype, quant_min=quant_min, quant_max=quant_max,
                                                 **observer_kwargs)
-        # Python mirrors of the fake_quant_enabled / observer_enabled buffers (no device read).
-        self._fake_quant_on = True
-        self._observer_on = True
+        self._init_enable_flags()  # Python mirrors of the enable buffers (granq_ao.quantizer_state)
         self.quant_min = self.activation_post_process.quant_min
         self.quant_max = self.activation_post_process.quant_max
 
     # -- the options, read from the config (replace ``config`` to change them)
-    @property
-    def bits(self) -> int:
-        return self.config.bits
-
-    @property
-    def granularity(self) -> Granularity:
-        return self.config.granularity
-
-    @property
-    def symmetric(self) -> bool:
-        return self.config.symmetric
-
-    @property
-    def fused(self) -> str:
-        return self.config.fused
-
-    @property
-    def check_finite(self) -> bool:
-        return self.config.check_finite
-
-    @property
-    def fake_quant_on(self) -> bool:
-        """Whether ``forward`` quantizes (the Python mirror of ``fake_quant_enabled``)."""
-        return self._fake_quant_on
+    bits = config_property("bits")
+    granularity = config_property("granularity")
+    symmetric = config_property("symmetric")
+    fused = config_property("fused")
+    check_finite = config_property("check_finite")
 
     @property
     def qscheme(self) -> torch.qscheme:
@@ -155,36 +133,8 @@ class GranQFakeQuantize(FakeQuantizeBase):
             return torch.per_tensor_symmetric if self.symmetric else torch.per_tensor_affine
         return self.activation_post_process.qscheme
 
-    # -- enable flags: buffers (state_dict, torch.ao API) mirrored in Python for forward
-    def enable_fake_quant(self, enabled: bool = True) -> None:
-        super().enable_fake_quant(enabled)
-        self._fake_quant_on = bool(enabled)
-
-    def enable_observer(self, enabled: bool = True) -> None:
-        super().enable_observer(enabled)
-        self._observer_on = bool(enabled)
-
-    # -- the settings that shape the numbers, saved with the state_dict and checked on load
-    def _settings(self) -> torch.Tensor:
-        """:func:`granq_ao.saved_settings.settings_tensor` of this fake-quant's config."""
-        return settings_tensor(self.config)
-
-    def get_extra_state(self) -> torch.Tensor:
-        return self._settings()
-
-    def set_extra_state(self, state) -> None:
-        pass  # checked in _load_from_state_dict, where a mismatch can be reported with the module's name
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs):
-        def load() -> None:
-            super(GranQFakeQuantize, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                                                 missing_keys, unexpected_keys, error_msgs)
-        if not load_checking_settings(load, self.config, state_dict, prefix, missing_keys, error_msgs,
-                                      prefix.rstrip(".") or type(self).__name__):
-            return
-        self._fake_quant_on = bool(self.fake_quant_enabled[0])
-        self._observer_on = bool(self.observer_enabled[0])
+    # enable flags, saved settings (extra state, checked on load), labelled errors:
+    # granq_ao.quantizer_state.EnableFlagsMixin
 
     def _observer_reuses_ranges(self, ndim: int) -> bool:
         """Whether the observer's per-channel (or per-tensor) ranges follow from the ranges that
@@ -220,10 +170,8 @@ class GranQFakeQuantize(FakeQuantizeBase):
                 else:  # e.g. (N, F) input: per-sample ranges, per-feature observer
                     self.activation_post_process(x_detached)
             return x_hat
-        except NonFiniteInputError as error:
-            raise NonFiniteInputError(f"{module_label(self)}: {error}") from None
-        except (ValueError, TypeError) as error:
-            raise type(error)(f"{module_label(self)}: {error}") from None
+        except (ValueError, TypeError) as error:  # NonFiniteInputError included
+            raise self.labelled(error) from None
 
     @torch.jit.export
     def calculate_qparams(self):

@@ -29,15 +29,13 @@ from torchao.quantization.pt2e import FakeQuantizeBase
 
 from granq_ao import functional as granq_functional
 from granq_ao.config import GranQConfig
-from granq_ao.diagnostics import module_label
-from granq_ao.functional import NonFiniteInputError
 from granq_ao.qdq_graph import insert_dynamic_qdq
-from granq_ao.saved_settings import load_checking_settings, settings_tensor
+from granq_ao.quantizer_state import EnableFlagsMixin
 
 __all__ = ["GranQPT2EFakeQuantize"]
 
 
-class GranQPT2EFakeQuantize(FakeQuantizeBase):
+class GranQPT2EFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
     r"""Dynamic GranQ fake-quant for torchao PT2E graphs (see the module docstring).
 
     Args:
@@ -50,7 +48,13 @@ class GranQPT2EFakeQuantize(FakeQuantizeBase):
     Attributes: ``config``, ``dtype``, ``qscheme``, ``quant_min``, ``quant_max``, ``fake_quant_on``,
     ``is_dynamic`` (False, as torchao means it: no torchao ``choose_qparams`` op is wanted; the
     ranges are nonetheless computed from each input).
+
+    Enable flags, saved settings and labelled errors: :class:`granq_ao.quantizer_state.EnableFlagsMixin`;
+    a state_dict holding no key of this module (a float checkpoint loaded into a ``quantize_``
+    QAT model) leaves its state as it is (``keep_state_if_absent``).
     """
+
+    keep_state_if_absent = True
 
     def __init__(self, config: Optional[GranQConfig] = None, dtype: Optional[torch.dtype] = None,
                  quant_min: Optional[int] = None, quant_max: Optional[int] = None,
@@ -66,43 +70,15 @@ class GranQPT2EFakeQuantize(FakeQuantizeBase):
         self.qscheme = qscheme
         self.quant_min, self.quant_max = config.quant_min, config.quant_max
         self.is_dynamic = False  # torchao's "dynamic" = its own choose_qparams ops; GranQ converts itself
-        self._fake_quant_on = True  # Python mirror of the fake_quant_enabled buffer: no device read
-
-    @property
-    def fake_quant_on(self) -> bool:
-        """Whether ``forward`` quantizes (toggle with ``enable_fake_quant``/``disable_fake_quant``)."""
-        return self._fake_quant_on
-
-    def enable_fake_quant(self, enabled: bool = True) -> None:
-        super().enable_fake_quant(enabled)
-        self._fake_quant_on = bool(enabled)
-
-    # the settings that shape the numbers travel with the state_dict (granq_ao.saved_settings)
-    def get_extra_state(self) -> torch.Tensor:
-        return settings_tensor(self.config)
-
-    def set_extra_state(self, state) -> None:
-        pass  # checked in _load_from_state_dict, where a mismatch is reported with the module's name
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        def load() -> None:
-            super(GranQPT2EFakeQuantize, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                                                     missing_keys, unexpected_keys, error_msgs)
-        if not load_checking_settings(load, self.config, state_dict, prefix, missing_keys, error_msgs,
-                                      prefix.rstrip(".") or type(self).__name__, keep_state_if_absent=True):
-            return
-        self._fake_quant_on = bool(self.fake_quant_enabled[0])
+        self._init_enable_flags()  # Python mirrors of the enable buffers: no device read in forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fake_quant_on:
             return x
         try:
             return granq_functional.fake_quantize_dynamic(x, self.config)[0]
-        except NonFiniteInputError as error:
-            raise NonFiniteInputError(f"{module_label(self)}: {error}") from None
-        except (ValueError, TypeError) as error:
-            raise type(error)(f"{module_label(self)}: {error}") from None
+        except (ValueError, TypeError) as error:  # NonFiniteInputError included
+            raise self.labelled(error) from None
 
     def calculate_qparams(self, **kwargs):
         raise NotImplementedError(

@@ -22,10 +22,8 @@ import torch
 from torch import nn
 
 from granq_ao.config import GranQConfig
-from granq_ao.diagnostics import module_label
-from granq_ao.functional import NonFiniteInputError
 from granq_ao.qdq_graph import dynamic_qdq
-from granq_ao.saved_settings import load_checking_settings, settings_tensor
+from granq_ao.quantizer_state import QuantizerStateMixin
 
 from .layer_forward import (QuantizedConvForward, QuantizedConvTransposeForward, QuantizedLinearForward,
                             host_layer_class)
@@ -36,7 +34,7 @@ __all__ = ["GranQReference", "GranQReferenceConv1d", "GranQReferenceConv2d", "Gr
            "GranQReferenceLinear", "REFERENCE_CLASSES"]
 
 
-class GranQReference:
+class GranQReference(QuantizerStateMixin):
     """The hooks of the reference form: ``qdq`` through the ``granq_ao`` ops (module docstring).
 
     Attributes: ``input_config``, ``weight_config`` (a :class:`GranQConfig` or ``None``)."""
@@ -59,29 +57,18 @@ class GranQReference:
         """The plain host layer (``nn.Conv2d``, ...) with these weights, no quantization."""
         return rebuild_as(host_layer_class(type(self)), self, drop=("input_config", "weight_config"))
 
-    # the two configs travel with the state_dict (granq_ao.saved_settings): a state_dict from a
+    # the two configs travel with the state_dict (granq_ao.quantizer_state): a state_dict from a
     # reference model of other settings is refused; a float checkpoint (no settings) loads
-    def get_extra_state(self) -> torch.Tensor:
-        return settings_tensor((self.input_config, self.weight_config))
-
-    def set_extra_state(self, state) -> None:
-        pass  # checked in _load_from_state_dict
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        def load() -> None:
-            super(GranQReference, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                                              unexpected_keys, error_msgs)
-        load_checking_settings(load, (self.input_config, self.weight_config), state_dict, prefix, missing_keys,
-                               error_msgs, prefix.rstrip(".") or type(self).__name__)
+    def saved_configs(self):
+        return (self.input_config, self.weight_config)
 
     def _qdq(self, value: torch.Tensor, config: Optional[GranQConfig], what: str) -> torch.Tensor:
         if config is None:
             return value
         try:
             return dynamic_qdq(value, config)
-        except NonFiniteInputError as error:
-            raise NonFiniteInputError(f"{module_label(self)} ({what}): {error}") from None
+        except (ValueError, TypeError) as error:  # NonFiniteInputError included
+            raise self.labelled(error, what) from None
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return self._qdq(x, self.input_config, "input")

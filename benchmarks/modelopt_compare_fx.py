@@ -1,6 +1,6 @@
 """Measure: the same float model through torch.ao FX QAT and through modelopt, GranQ W4A4.
 
-Run:  python scripts/modelopt_compare_fx.py        (CPU, a few seconds; docs/MODELOPT.md quotes it)
+Run:  python benchmarks/modelopt_compare_fx.py        (CPU, a few seconds; docs/MODELOPT.md quotes it)
 
 Both paths use paper placement, per-(n, c) activations and per-output-channel weights, in eval
 mode, on the same inputs. Printed per model: max |fx - modelopt| and max |fx| over the logits.
@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import warnings
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.utils.fusion import fuse_conv_bn_eval  # noqa: E402
 
 os.environ.setdefault("GRANQ_FUSED", "eager")
 warnings.filterwarnings("ignore")

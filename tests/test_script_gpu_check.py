@@ -21,7 +21,7 @@ def test_dry_run_prints_the_plan_and_checks_imports(tmp_path):
     result = run("--dry-run", tmp_path=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for expected in ("tests/test_repro_cuda.py", "fake_quant_latency.py --device cuda", "figure5.py",
+    for expected in ("tests/test_repro_cuda.py", "fake_quant_latency.py --device cuda", "--check", "figure5.py",
                      "paper_slice.py --device cuda", "imports ok", "tests/test_repro_cuda.py collects",
                      "nothing ran on a GPU"):
         assert expected in out, expected

@@ -1,6 +1,6 @@
 """Probe: can NVIDIA Model Optimizer's own ONNX exporter express a GranQ model?
 
-Run:  python scripts/modelopt_export_probe.py
+Run:  python benchmarks/modelopt_export_probe.py
 (needs modelopt's ``[onnx]`` import-time dependencies: onnxconverter-common, onnx-graphsurgeon,
 onnxslim, polygraphy, lief, cppimport). Prints one line per attempt; docs/MODELOPT.md quotes it.
 
@@ -14,10 +14,16 @@ Attempts, on a W4A4 GranQ conv net (conv-relu-conv, 8x8 input), exported at batc
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from pathlib import Path
 
-import numpy as np
-import torch
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("GRANQ_FUSED", "eager")
 warnings.filterwarnings("ignore")

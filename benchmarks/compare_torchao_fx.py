@@ -1,6 +1,6 @@
 """Compare GranQ QAT through torchao PT2E with the torch.ao FX path on the CIFAR-10 ResNet-20 teacher.
 
-    python scripts/compare_torchao_fx.py [--images 512] [--no-convert]
+    python benchmarks/compare_torchao_fx.py [--images 512] [--no-convert]
 
 For each placement (paper, all) and bit width (W4A4, W3A3): the same float teacher is prepared
 with ``granq_ao.prepare_qat_fx(get_granq_qat_qconfig_mapping(scheme))`` and with
@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
+from pathlib import Path
 
-import torch
-from torchao.quantization.pt2e import move_exported_model_to_eval
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-import granq_ao
-from granq_ao.config import GranQScheme
-from granq_ao.integrations.torchao import GranQQuantizer, export_for_qat, granq_fake_quant_calls
-from granq_ao.zsq.data import load_cifar_test
-from granq_ao.zsq.teachers import build_cifar_teacher
+import torch  # noqa: E402
+from torchao.quantization.pt2e import move_exported_model_to_eval  # noqa: E402
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e  # noqa: E402
+
+import granq_ao  # noqa: E402
+from granq_ao.config import GranQScheme  # noqa: E402
+from granq_ao.integrations.torchao import GranQQuantizer, export_for_qat, granq_fake_quant_calls  # noqa: E402
+from granq_ao.zsq.data import load_cifar_test  # noqa: E402
+from granq_ao.zsq.teachers import build_cifar_teacher  # noqa: E402
 
 
 def logits(model, images: torch.Tensor, batch: int = 256) -> torch.Tensor:

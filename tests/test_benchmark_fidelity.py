@@ -1,21 +1,12 @@
 """benchmarks/fidelity.py (the paper's Table 2): a tiny run on real images, one layer checked against an
 independent NumPy implementation of the three quantizers and of the two metrics."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
-
-
 @pytest.fixture(scope="module")
-def fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def fidelity(load_script):
+    return load_script("benchmarks/fidelity.py")
 
 
 @pytest.fixture(scope="module")

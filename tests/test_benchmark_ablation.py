@@ -1,23 +1,14 @@
 """benchmarks/ablation.py: the plan, the statistics on synthetic finished runs, and one --quick run
 (two recipe subprocesses on a tiny schedule) that a second call skips."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
-
-
 @pytest.fixture(scope="module")
-def ablation():
-    spec = importlib.util.spec_from_file_location("ablation_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def ablation(load_script):
+    return load_script("benchmarks/ablation.py")
 
 
 def test_full_plan_is_24_distinct_runs_with_the_right_flags(ablation, capsys):

@@ -1,24 +1,20 @@
-"""Smoke test of benchmarks/fake_quant_latency.py: tiny runs (1 repetition), table shape, counts,
-targets logic. No timing asserts."""
-import importlib.util
+"""Smoke test of benchmarks/fake_quant_latency.py and benchmarks/harness.py: tiny runs (1
+repetition), table shape, the --check targets. No timing asserts."""
 import json
 import platform
-from pathlib import Path
 
 import pytest
 import torch
 
-from granq_ao.integrations.torch_ao.placement import count_activation_fake_quant_calls
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fake_quant_latency.py"
+@pytest.fixture(scope="module")
+def bench(load_script):
+    return load_script("benchmarks/fake_quant_latency.py")
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("fake_quant_latency", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def harness(load_script):
+    return load_script("benchmarks/harness.py")
 
 
 @pytest.fixture(autouse=True)
@@ -78,16 +74,16 @@ def test_modes_compute_the_input_gradient(bench):
     x = torch.randn(2, 16, 4, 4, requires_grad=True)
     grad = torch.randn(2, 16, 4, 4)
     op = bench.make_fake_quant("granq", 3, torch.device("cpu"))
-    assert bench._step(op, x, grad, "fwd")().shape == x.shape
-    (dx,) = bench._step(op, x, grad, "fwdgrad")()
+    assert bench.mode_call(op, x, grad, "fwd")().shape == x.shape
+    (dx,) = bench.mode_call(op, x, grad, "fwdgrad")()
     assert torch.equal(dx, grad) and x.grad is None  # straight-through
-    assert bench._step(op, x, grad, "fwdbwd")() is None
+    assert bench.mode_call(op, x, grad, "fwdbwd")() is None
     assert torch.equal(x.grad, grad) and x.grad is not grad  # AccumulateGrad stored a copy
     assert list(bench.MODE_TITLES) == list(MODES)
 
 
-def test_warm_malloc(bench):
-    applied = bench.warm_malloc()
+def test_warm_malloc(harness):
+    applied = harness.warm_malloc()
     if platform.libc_ver()[0] == "glibc":
         assert applied is True  # both mallopt calls accepted (C int values)
     else:
@@ -140,70 +136,41 @@ def test_modelopt_dynamic_candidate_is_symmetric_per_sample_channel(bench):
     assert not torch.equal(y, __import__("granq_ao").functional.fake_quantize(x, 4, "granq", fused="eager"))
 
 
-def test_qat_counts_and_columns(bench):
-    from pytorchcv.model_provider import get_model
-
-    float_model = get_model("resnet20_cifar10", pretrained=False)
-    n_weighted = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in float_model.modules())
-    n_relu = sum(isinstance(m, torch.nn.ReLU) for m in float_model.modules())
-    configs = ["granq_paper", "torchao_fq"]  # two configs keep the test short
-    rows = bench.run_qat(configs, bits=3, batch=2, reps=1, warmup=0)
-    by_config = {r["config"]: r for r in rows}
-    assert list(by_config) == configs
-    assert by_config["granq_paper"]["act_fq_calls"] == n_relu == 19
-    for row in rows:
-        assert row["weight_fq"] == n_weighted
-        assert row["peak_mib"] > 0 and row["step_ms"] > 0 and row["reps"] == 1
-    assert by_config["torchao_fq"]["x_torchao_fq_step"] == 1.0
-    assert by_config["torchao_fq"]["x_torchao_fq_peak"] == 1.0
-    table = bench.format_qat_table(rows)
-    assert all(config in table for config in configs)
-    # counting alone for the other configs (no timing)
-    cpu = torch.device("cpu")
-    assert bench.count_fake_quants(bench.build_qat_model("float", 3, 2, cpu)) == {
-        "weight_fq": 0, "act_fq_modules": 0, "act_fq_calls": 0}
-    granq_all_model = bench.build_qat_model("granq_all", 3, 2, cpu)
-    granq_all = bench.count_fake_quants(granq_all_model)
-    assert granq_all["weight_fq"] == n_weighted
-    # torch.ao's placement, whichever fake-quant class fills it: 34 call sites on 32 modules
-    # (FX shares one instance between an op and the flatten/view after it)
-    assert granq_all["act_fq_calls"] == count_activation_fake_quant_calls(granq_all_model) == 34
-    assert granq_all["act_fq_modules"] == 32
-    assert (by_config["torchao_fq"]["act_fq_calls"], by_config["torchao_fq"]["act_fq_modules"]) == (34, 32)
-
-
-def test_torchao_mapping_ranges(bench):
-    qconfig = bench.torchao_qat_mapping(3).global_qconfig
-    act, weight = qconfig.activation(), qconfig.weight()
-    assert (act.quant_min, act.quant_max) == (0, 7)
-    assert (weight.quant_min, weight.quant_max) == (-4, 3)
-    assert weight.qscheme == torch.per_channel_symmetric and weight.ch_axis == 0
-
-
 def test_targets_pass_fail(bench):
     shape = list(bench.TARGET_SHAPE)
     times = {"clone": (1.0, 1.0), "torchao_fq": (10.0, 10.0), "granq": (2.0, 3.0), "granq_iterative": (110.0, 120.0)}
     latency = [{"shape": shape, "candidate": name, "fwd_ms": fwdgrad / 2, "fwdgrad_ms": fwdgrad, "fwdbwd_ms": fwdbwd}
                for name, (fwdgrad, fwdbwd) in times.items()]
-    qat = [{"config": "torchao_fq", "step_ms": 100.0, "peak_mib": 50.0},
-           {"config": "granq_all", "step_ms": 105.0, "peak_mib": 55.0}]
-    targets = bench.evaluate_targets(latency, qat)
+    targets = bench.evaluate_targets(latency)
     assert [(t["status"], round(t["value"], 3) if t["value"] is not None else None) for t in targets] == [
         ("PASS", 2.0), ("PASS", 0.2), ("PASS", 55.0),   # fwd+bwd via autograd.grad
         ("PASS", 3.0), ("FAIL", 0.3), ("FAIL", 40.0),   # fwd+bwd into a leaf
-        ("PASS", 55.0),                                  # forward speed-up over granq_iterative
-        ("PASS", 1.05), ("n/a", None), ("FAIL", 1.1), ("n/a", None)]
+        ("PASS", 55.0)]                                  # forward speed-up over granq_iterative
     assert "[FAIL]" in bench.format_targets(targets)
+    assert all(t["status"] == "n/a" for t in bench.evaluate_targets(latency[:1]))  # clone alone: no ratio
+
+
+QUICK = ["--quick", "--batches", "1", "--reps", "1", "--candidates", "clone,torchao_fq,granq"]
 
 
 def test_main_quick_json(bench, tmp_path, capsys):
     out = tmp_path / "result.json"
-    bench.main(["--quick", "--batches", "1", "--skip-qat", "--reps", "1", "--candidates",
-                "clone,torchao_fq,granq", "--json", str(out)])
+    bench.main(QUICK + ["--json", str(out)])
     printed = capsys.readouterr().out
-    for word in ("torch", "threads", "date", "targets", "x ao-FQ"):
+    for word in ("torch", "threads", "date", "x ao-FQ"):
         assert word in printed
+    assert "targets" not in printed  # only with --check
     result = json.loads(out.read_text())
-    assert set(result) == {"environment", "settings", "latency", "qat", "targets"}
-    assert len(result["latency"]) == 3 * 3 and result["qat"] == []
-    assert all(t["status"] == "n/a" for t in result["targets"])
+    assert set(result) == {"environment", "settings", "latency", "targets"}
+    assert len(result["latency"]) == 3 * 3
+    assert all(t["status"] == "n/a" for t in result["targets"])  # batch 1: not the target shape
+
+
+def test_check_prints_the_targets_and_fails_on_a_missed_one(bench, monkeypatch, capsys):
+    bench.main(QUICK + ["--check"])  # every target n/a at batch 1: passes
+    assert "[n/a ]" in capsys.readouterr().out
+    missed = [{"target": "granq <= 1", "value": 2.0, "limit": 1.0, "op": "<=", "status": "FAIL"}]
+    monkeypatch.setattr(bench, "evaluate_targets", lambda rows: missed)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(QUICK + ["--check"])
+    assert exit_info.value.code == 1 and "[FAIL] granq <= 1" in capsys.readouterr().out

@@ -1,19 +1,11 @@
 """benchmarks/figure5.py on a tiny synthetic latency JSON (no timing is run)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "figure5.py"
-
-
 @pytest.fixture(scope="module")
-def figure5():
-    spec = importlib.util.spec_from_file_location("figure5_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def figure5(load_script):
+    return load_script("benchmarks/figure5.py")
 
 
 def synthetic_report():
