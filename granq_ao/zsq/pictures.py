@@ -17,8 +17,9 @@ output folder; a failure to draw warns and never stops the run.
 * ``activation_error.png`` and ``activation_error.json`` (before QAT at the start, after QAT at
   the final epoch): the paper's Figure 3 / Table 2 view. What is measured, exactly:
 
-  - ``X``: the input of each activation fake-quant of the student (with the paper placement,
-    each ReLU/ReLU6 output), captured with forward pre-hooks while the student runs on the first
+  - ``X``: the input of each activation quantizer of the student (its toolchain's
+    :class:`~granq_ao.student_protocol.StudentProtocol` lists them; with the paper placement, each
+    ReLU/ReLU6 output), captured with forward pre-hooks while the student runs on the first
     :data:`ACTIVATION_IMAGES` evaluation images (normalized as for evaluation) with **every**
     fake-quant (weights and activations) and observer disabled: the float activations of the
     network the student's weights define. Before QAT these are the float teacher's activations
@@ -30,7 +31,8 @@ output folder; a failure to draw warns and never stops the run.
     (asymmetric, dynamic ranges from ``X`` itself) for ``granularity="tensor"`` (layer-wise: one
     range for the batch) and ``"granq"`` (one range per (sample, channel)). Each layer's error is
     thus that of quantizing this one activation of an otherwise float network; errors do not
-    compound across layers. ``nan`` where ``||X|| = 0``.
+    compound across layers. ``nan`` where ``||X|| = 0``. One tensor that several quantizers
+    receive (modelopt quantizes the input of each layer it feeds) is one point.
 """
 from __future__ import annotations
 
@@ -42,9 +44,11 @@ import torch
 from torch import nn
 
 from granq_ao.functional import fake_quantize
+from granq_ao.student_protocol import StudentProtocol
 
 from .checkpoint import atomic_write_json, rng_state, set_rng_state
 from .evaluation import eval_batches
+from .student import student_protocol
 
 __all__ = ["ACTIVATION_IMAGES", "picture_epochs", "activation_errors", "activation_points",
            "accuracy_figure", "activation_error_figure", "generated_images", "save_generated_grid", "RunPictures"]
@@ -63,17 +67,11 @@ def picture_epochs(epochs: int) -> Tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------- activations
-def _activation_fake_quants(model: nn.Module) -> Dict[str, nn.Module]:
-    from torch.ao.quantization import FakeQuantizeBase
-
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, FakeQuantizeBase) and not name.endswith("weight_fake_quant")}
-
-
-def activation_points(model: nn.Module) -> Dict[str, str]:
-    """``{fake-quant module name: label}``: the label is the module (or op) whose output it
-    quantizes, read from the FX graph when ``model`` is a GraphModule."""
-    names = _activation_fake_quants(model)
+def activation_points(model: nn.Module, quantizers: Optional[Dict[str, nn.Module]] = None) -> Dict[str, str]:
+    """``{quantizer module name: label}`` for ``quantizers`` (default: the activation quantizers of
+    an fx student): the label is the module (or op) whose output it quantizes, read from the
+    graph when ``model`` is a GraphModule (fx, pt2e), else the quantizer's own name."""
+    names = quantizers if quantizers is not None else student_protocol("fx").activation_quantizers(model)
     labels = {name: name for name in names}
     graph = getattr(model, "graph", None)
     if graph is not None:
@@ -87,21 +85,25 @@ def activation_points(model: nn.Module) -> Dict[str, str]:
 
 @torch.no_grad()
 def activation_errors(model: nn.Module, images: torch.Tensor, bits: int,
-                      granularities: Sequence[str] = ("tensor", "granq")) -> Dict[str, Any]:
-    """Relative error of quantizing each activation of ``model`` (a prepared student) on
-    ``images`` (module docstring): ``{"layers": [label, ...], "modules": [name, ...], "bits": b,
-    "n_images": N, g: [e per layer] for g in granularities}``. The model's fake-quant and
-    observer switches and its train/eval mode are restored afterwards."""
-    quantizers = _activation_fake_quants(model)
-    labels = activation_points(model)
-    every = [m for m in model.modules() if hasattr(m, "fake_quant_enabled") and hasattr(m, "observer_enabled")]
-    saved = [(m, bool(m.fake_quant_enabled[0]), bool(m.observer_enabled[0])) for m in every]
-    was_training = model.training
+                      granularities: Sequence[str] = ("tensor", "granq"),
+                      protocol: Optional[StudentProtocol] = None) -> Dict[str, Any]:
+    """Relative error of quantizing each activation of ``model`` (a student built by ``protocol``'s
+    toolchain, default fx) on ``images`` (module docstring): ``{"layers": [label, ...], "modules":
+    [name, ...], "bits": b, "n_images": N, g: [e per layer] for g in granularities}``. One tensor
+    reaching several quantizers (modelopt quantizes each layer's input) is one point, named after
+    the first. The model's quantizer switches and its train/eval mode are restored afterwards."""
+    protocol = protocol if protocol is not None else student_protocol("fx")
+    quantizers = protocol.activation_quantizers(model)
+    labels = activation_points(model, quantizers)
     out: Dict[str, Any] = {"layers": [], "modules": [], "bits": int(bits), "n_images": int(images.shape[0]),
                            **{g: [] for g in granularities}}
+    seen: List[torch.Tensor] = []
 
     def hook(name):
         def record(module, inputs):
+            if any(inputs[0] is tensor for tensor in seen):
+                return
+            seen.append(inputs[0])
             x = inputs[0].detach().float()
             calls = out["modules"].count(name)
             out["modules"].append(name)
@@ -116,20 +118,16 @@ def activation_errors(model: nn.Module, images: torch.Tensor, bits: int,
         return record
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in quantizers.items()]
+    was_training = model.training
     try:
-        for module in every:
-            module.enable_fake_quant(False)
-            module.enable_observer(False)
-        model.eval()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        model(images.to(device))
+        with protocol.quantizers_off(model):
+            protocol.set_training(model, False)
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            model(images.to(device))
     finally:
         for handle in handles:
             handle.remove()
-        for module, fake_quant_on, observer_on in saved:
-            module.enable_fake_quant(fake_quant_on)
-            module.enable_observer(observer_on)
-        model.train(was_training)
+        protocol.set_training(model, was_training)
     return out
 
 
@@ -376,7 +374,7 @@ class RunPictures:
         images = first_images(trainer.eval_data, ACTIVATION_IMAGES, trainer.normalize)
         if images is None:
             return
-        errors = activation_errors(trainer.student, images, trainer.config.act_bits)
+        errors = activation_errors(trainer.student, images, trainer.config.act_bits, protocol=trainer.protocol)
         errors["epoch"] = trainer.state["epoch"]
         trainer.state["activation_error_" + stage] = errors
         before = trainer.state.get("activation_error_pre_qat")

@@ -49,7 +49,7 @@ from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, load
 from .generator import GDFQGenerator
 from .losses import (GENERATOR_LOSSES, STUDENT_LOSSES, gdfq_generator_loss, generator_loss, record_batchnorm_inputs,
                      student_loss)
-from .student import build_student, check_student_options, count_fake_quants
+from .student import check_student_options, student_protocol
 
 __all__ = ["ZSQConfig", "DistributedContext", "ZSQTrainer", "lr_at_epoch", "seed_for", "CHECKPOINT_NAME",
            "RESUMABLE_CHANGES"]
@@ -349,9 +349,10 @@ class ZSQTrainer:
             parameter.requires_grad_(False)
         self.teacher.to(self.device)
         example_inputs = (torch.zeros(2, channels, image_size, image_size),)  # batch >= 2: torch.export
-        self.student = build_student(cfg.toolchain, self.teacher, cfg.scheme(fused), example_inputs,
-                                     fold_bn=cfg.fold_bn).to(self.device)
-        self.fake_quants = count_fake_quants(self.student, cfg.toolchain)
+        self.protocol = student_protocol(cfg.toolchain)
+        self.student = self.protocol.prepare(self.teacher, cfg.scheme(fused), example_inputs,
+                                             fold_bn=cfg.fold_bn).to(self.device)
+        self.fake_quants = self.protocol.count(self.student)
         if generator is None:
             generator = GDFQGenerator(num_classes, cfg.latent_dim, img_size=image_size, channels=channels)
         self.generator = generator.to(self.device)
@@ -475,7 +476,8 @@ class ZSQTrainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module) -> Optional[Dict[str, Any]]:
         """Top-1 on the real evaluation images (summed over processes) with its Wilson interval,
-        or None without evaluation data."""
+        or None without evaluation data. ``model``: the teacher or the student (whose train/eval
+        mode goes through its protocol)."""
         from torch.ao.quantization import disable_observer, enable_observer
 
         if self.eval_data is None:
@@ -484,7 +486,8 @@ class ZSQTrainer:
         model.apply(disable_observer)  # test images must not reach the export ranges
         try:
             correct = per_image_correct(model, self.eval_data, self.config.eval_batch_size, self.device,
-                                        self.ctx.rank, self.ctx.world_size, self.normalize)
+                                        self.ctx.rank, self.ctx.world_size, self.normalize,
+                                        set_training=self.protocol.set_training if model is self.student else None)
         finally:
             for module in observers_on:
                 enable_observer(module)
@@ -609,7 +612,7 @@ class ZSQTrainer:
         sampler = torch.Generator(device=self.device)
         sampler.manual_seed(seed_for(cfg.seed, epoch, self.ctx.rank))
         self.generator.train()
-        self.student.eval()  # BN frozen; fake-quants on; as the official code
+        self.protocol.set_training(self.student, False)  # BN frozen; fake-quants on; as the official code
         show = self.progress if self.progress is not None else sys.stderr.isatty()
         bar = _progress_bar(range(cfg.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}" + (" warm-up" if warmup else ""),
                    disable=not (show and self.ctx.is_main), leave=False, dynamic_ncols=True)
