@@ -43,8 +43,9 @@ def zero_shot_qat(teacher: nn.Module, config: Optional[ZSQConfig] = None, *, num
         resume: continue the run saved in ``out_dir``.
         context: a :class:`~granq_ao.zsq.distributed.DistributedContext` (default: one process,
             CPU; ``DistributedContext.from_env()`` under torchrun).
-        trainer_options: ``tensorboard``, ``progress``, ``log``, ``fused``, ``generator``,
-            ``run_info`` (see :class:`~granq_ao.zsq.trainer.ZSQTrainer`).
+        trainer_options: ``generator``, ``run_info``, ``options`` (a
+            :class:`~granq_ao.zsq.options.RunOptions`) or its fields (``tensorboard``,
+            ``progress``, ``log``, ``fused``, ...) (see :class:`~granq_ao.zsq.trainer.ZSQTrainer`).
 
     ``student`` is the trained fake-quantized model (eval mode, set through its toolchain's student
     protocol: an exported PT2E graph keeps refusing ``.train()``/``.eval()``, torchao's rule);

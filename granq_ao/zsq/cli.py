@@ -29,7 +29,9 @@ from .distributed import DistributedContext
 from .evaluation import format_accuracy
 from .losses import GENERATOR_LOSSES, STUDENT_LOSSES
 from .student import TOOLCHAINS
-from .trainer import CHECKPOINT_NAME, RESUMABLE_CHANGES, ZSQConfig, ZSQTrainer, refuse_finished_folder, seed_everything
+from .config import ZSQConfig
+from .run_record import CHECKPOINT_NAME, RESUMABLE_CHANGES, refuse_finished_folder
+from .trainer import ZSQTrainer, seed_everything
 
 __all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_FIELDS",
            "saved_run_info", "run_folder_name"]
