@@ -114,7 +114,7 @@ def test_options_are_one_dataclass_and_unknown_ones_are_refused():
     run = trainer(None, epochs=1)
     assert isinstance(run.options, RunOptions) and run.options.fused == "eager" and run.options.eval_every == 1
     with pytest.raises(TypeError, match="unexpected keyword argument 'tensorbord'"):
-        trainer(None, epochs=1).__class__(run.config, SmallNet(), None, num_classes=4, image_size=16, tensorbord=False)
+        ZSQTrainer(run.config, SmallNet(), None, num_classes=4, image_size=16, tensorbord=False)
     with pytest.raises(ValueError, match="eval_every must be a positive integer"):
         RunOptions(eval_every=0)
 
