@@ -4,10 +4,11 @@
 Builds the recipe's trainer (``granq_ao.zsq.ZSQTrainer``, ResNet-20 teacher from ``../shared/data``,
 no output folder) and
 
-1. **phases**: runs the steps of ``ZSQTrainer.train_step`` one by one with a timer between them
-   (generator forward, teacher forward with BN-statistics hooks, student forward, generator
-   backward + Adam step, student forward on the detached images, student backward + SGD step),
-   median over ``--reps`` iterations, and the evaluation of the student on the real test subset;
+1. **phases**: runs the real iteration (``ZSQAlgorithm.train_step``, the trainer's own) with a
+   timer after each of its steps (``granq_ao.zsq.algorithm.PHASES``: generator forward, teacher
+   forward with BN-statistics hooks, student forward, generator loss + backward + Adam step,
+   student forward on the detached images + loss + backward + SGD step), median over ``--reps``
+   iterations, and the evaluation of the student on the real test subset;
 2. **operators**: ``torch.profiler`` over one full ``train_step``: the operators with the largest
    self CPU time;
 3. **fold_bn A/B**: two trainers with the same seed, ``fold_bn=False`` and ``fold_bn=True``, whose
@@ -41,11 +42,9 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from granq_ao.zsq.data import NUM_CLASSES, load_cifar_test  # noqa: E402
-from granq_ao.zsq.losses import generator_loss, record_batchnorm_inputs, student_loss  # noqa: E402
+from granq_ao.zsq.algorithm import PHASES  # noqa: E402
 from granq_ao.zsq.teachers import build_cifar_teacher  # noqa: E402
 from granq_ao.zsq.trainer import ZSQConfig, ZSQTrainer  # noqa: E402
-
-PHASES = ("generator_fwd", "teacher_fwd", "student_fwd_g", "g_backward_step", "student_fwd_s", "s_backward_step")
 
 
 def build_trainer(dataset: str, bits: int, batch_size: int, act_granularity: str, fold_bn: bool, seed: int,
@@ -56,39 +55,19 @@ def build_trainer(dataset: str, bits: int, batch_size: int, act_granularity: str
                        epochs=1, iters_per_epoch=1, warmup_epochs=0, seed=seed, fold_bn=fold_bn)
     trainer = ZSQTrainer(config, teacher, None, num_classes=NUM_CLASSES[dataset], eval_data=eval_data,
                          tensorboard=False, progress=False, log=lambda _: None, fused="eager")
-    trainer.student.eval()
-    trainer.generator.train()
+    trainer.algorithm.start_epoch(0)  # learning rates and train/eval modes of the run's first epoch
     return trainer
 
 
 def timed_phases(trainer: ZSQTrainer, sampler: torch.Generator) -> Dict[str, float]:
-    """The steps of ``ZSQTrainer.train_step`` (student trained), timed one by one (seconds)."""
-    cfg = trainer.config
+    """One real iteration (``ZSQAlgorithm.train_step``, student trained) with a timer after each of
+    its steps (``PHASES``: its ``on_phase`` callback), in seconds."""
     cpu_start = time.process_time()
-    marks = [time.perf_counter()]
-    z, labels = trainer.generator.sample_inputs(trainer.local_batch, sampler, trainer.device)
-    images = trainer.generator(z, labels)
-    marks.append(time.perf_counter())
-    with record_batchnorm_inputs(trainer.teacher) as bn_records:
-        teacher_logits = trainer.teacher(images)
-    marks.append(time.perf_counter())
-    student_logits = trainer.student(images)
-    marks.append(time.perf_counter())
-    loss_g, _ = generator_loss(teacher_logits, student_logits, labels, bn_records, cfg.alpha_ds, cfg.alpha_as,
-                               cfg.beta, cfg.gamma, cfg.entropy_lower, cfg.entropy_upper)
-    params = [p for p in trainer.generator.parameters() if p.requires_grad]
-    trainer.optimizer_g.zero_grad(set_to_none=True)
-    loss_g.backward(inputs=params)
-    trainer.optimizer_g.step()
-    marks.append(time.perf_counter())
-    student_logits = trainer.student(images.detach())
-    marks.append(time.perf_counter())
-    loss_s = student_loss(cfg.student_loss, teacher_logits.detach(), student_logits, cfg.temperature)
-    trainer.optimizer_s.zero_grad(set_to_none=True)
-    loss_s.backward()
-    trainer.optimizer_s.step()
-    marks.append(time.perf_counter())
-    out = {name: marks[i + 1] - marks[i] for i, name in enumerate(PHASES)}
+    marks = {"start": time.perf_counter()}
+    trainer.algorithm.train_step(sampler, train_student=True,
+                                 on_phase=lambda name: marks.update({name: time.perf_counter()}))
+    names = ("start",) + PHASES
+    out = {name: marks[name] - marks[names[i]] for i, name in enumerate(PHASES)}
     out["cpu_s"] = time.process_time() - cpu_start  # CPU time of this process (all threads)
     return out
 

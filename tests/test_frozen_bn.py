@@ -174,17 +174,12 @@ def test_training_mode_bn_keeps_torch_ao_forward(students):
 
 def test_checkpoint_written_before_fold_bn_existed_still_resumes():
     """A checkpoint whose config has no ``fold_bn`` key was written with the default (False)."""
-    from types import SimpleNamespace
-
-    from granq_ao.zsq.trainer import CHECKPOINT_FORMAT, ZSQTrainer
+    from granq_ao.zsq.run_record import CHECKPOINT_FORMAT, check_resumable
 
     saved = ZSQConfig().to_dict()
     del saved["fold_bn"]
     checkpoint = {"format": CHECKPOINT_FORMAT, "config": saved, "run_info": {}, "world_size": 1}
 
-    def trainer_with(config):
-        return SimpleNamespace(config=config, run_info={}, ctx=SimpleNamespace(world_size=1))
-
-    ZSQTrainer._check_resumable(trainer_with(ZSQConfig()), checkpoint)  # no error
+    check_resumable(checkpoint, ZSQConfig(), {}, 1)  # no error
     with pytest.raises(ValueError, match="fold_bn"):
-        ZSQTrainer._check_resumable(trainer_with(ZSQConfig(fold_bn=True)), checkpoint)
+        check_resumable(checkpoint, ZSQConfig(fold_bn=True), {}, 1)

@@ -13,6 +13,7 @@ import torch
 from granq_ao.zsq.data import load_cifar_test, shared_data_dir
 from granq_ao.zsq.teachers import build_cifar_teacher
 from granq_ao.zsq import ZSQConfig, ZSQTrainer, cli
+from granq_ao.zsq.algorithm import ZSQAlgorithm
 
 from conftest import import_script
 
@@ -178,7 +179,7 @@ def test_cli_errors(env, tmp_path, capsys):
 def test_ctrl_c_keeps_the_last_epoch_and_cli_resume(env, tmp_path, capsys, monkeypatch):
     recipe = load_recipe()
     out = tmp_path / "run"
-    original = ZSQTrainer.train_step
+    original = ZSQAlgorithm.train_step  # the epoch loop is the algorithm's (granq_ao.zsq.algorithm)
     calls = []
 
     def interrupt_in_epoch_two(self, *args, **kwargs):
@@ -187,9 +188,9 @@ def test_ctrl_c_keeps_the_last_epoch_and_cli_resume(env, tmp_path, capsys, monke
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(ZSQTrainer, "train_step", interrupt_in_epoch_two)
+    monkeypatch.setattr(ZSQAlgorithm, "train_step", interrupt_in_epoch_two)
     assert recipe.main(TINY + ["--out", str(out)]) == 130
-    monkeypatch.setattr(ZSQTrainer, "train_step", original)
+    monkeypatch.setattr(ZSQAlgorithm, "train_step", original)
     err = capsys.readouterr().err
     assert "interrupted during epoch 2" in err and "--resume --out" in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1

@@ -299,10 +299,7 @@ def test_presets():
 
 
 def test_a_failing_picture_warns_and_leaves_the_random_state(tmp_path):
-    class FakeTrainer:
-        out_dir = tmp_path
-
-    drawer = pictures.RunPictures(FakeTrainer())
+    drawer = pictures.RunPictures(tmp_path, ZSQConfig())
     torch.manual_seed(1)
     expected = torch.rand(3)
     torch.manual_seed(1)

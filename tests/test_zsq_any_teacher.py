@@ -158,6 +158,11 @@ def test_pt2e_student_trains_and_matches_the_fx_student(tmp_path):
     assert math.isfinite(row["loss_s"]) and math.isfinite(row["loss_g"])
     before = torch.load(tmp_path / "pt2e" / "checkpoint.pt", weights_only=True)["student"]
     assert before.keys() and all(torch.isfinite(v).all() for v in before.values() if v.is_floating_point())
+    # the pictures find the PT2E student's activation quantizers through its protocol, as the fx one's
+    drawn = {name: json.loads((tmp_path / name / "activation_error.json").read_text()) for name in ("fx", "pt2e")}
+    for stage in ("before_qat", "after_qat"):
+        assert len(drawn["pt2e"][stage]["layers"]) == len(drawn["fx"][stage]["layers"]) == 2
+    assert (tmp_path / "pt2e" / "activation_error.png").is_file()
 
 
 @pytest.mark.parametrize("toolchain", ["fx", "pt2e", "modelopt"])

@@ -40,7 +40,7 @@ def test_teacher_without_batchnorm_is_refused_before_the_student_is_built(monkey
     def no_student(*args, **kwargs):
         raise AssertionError("the student was built")
 
-    monkeypatch.setattr("granq_ao.zsq.trainer.build_student", no_student)
+    monkeypatch.setattr("granq_ao.zsq.trainer.student_protocol", no_student)
     with pytest.raises(ValueError, match=r"has no BatchNorm layer.*gamma=0 \(--gamma 0\)") as error:
         zero_shot_qat(LayerNormNet().eval(), ZSQConfig(**TINY), num_classes=4, image_size=8, **QUIET)
     assert "\n" not in str(error.value)

@@ -43,15 +43,17 @@ def zero_shot_qat(teacher: nn.Module, config: Optional[ZSQConfig] = None, *, num
         resume: continue the run saved in ``out_dir``.
         context: a :class:`~granq_ao.zsq.distributed.DistributedContext` (default: one process,
             CPU; ``DistributedContext.from_env()`` under torchrun).
-        trainer_options: ``tensorboard``, ``progress``, ``log``, ``fused``, ``generator``,
-            ``run_info`` (see :class:`~granq_ao.zsq.trainer.ZSQTrainer`).
+        trainer_options: ``generator``, ``run_info``, ``options`` (a
+            :class:`~granq_ao.zsq.options.RunOptions`) or its fields (``tensorboard``,
+            ``progress``, ``log``, ``fused``, ...) (see :class:`~granq_ao.zsq.trainer.ZSQTrainer`).
 
-    ``student`` is the trained fake-quantized model (eval mode); ``results`` has the fields of
-    results.json (accuracies with n and 95% intervals are None without ``eval_data``).
+    ``student`` is the trained fake-quantized model (eval mode, set through its toolchain's student
+    protocol: an exported PT2E graph keeps refusing ``.train()``/``.eval()``, torchao's rule);
+    ``results`` has the fields of results.json (accuracies with n and 95% intervals are None without ``eval_data``).
     """
     trainer = ZSQTrainer(config or ZSQConfig(), teacher, out_dir, num_classes=num_classes, image_size=image_size,
                          channels=channels, eval_data=eval_data, normalize=normalize, context=context,
                          resume=resume, **trainer_options)
     results = trainer.run()
-    trainer.student.eval()
+    trainer.protocol.set_training(trainer.student, False)
     return trainer.student, results

@@ -27,9 +27,12 @@ from granq_ao.config import (ACT_GRANULARITIES, FUSED_MODES, MAX_BITS, MIN_BITS,
 from .checkpoint import load_checkpoint
 from .distributed import DistributedContext
 from .evaluation import format_accuracy
+from .options import RunOptions
 from .losses import GENERATOR_LOSSES, STUDENT_LOSSES
 from .student import TOOLCHAINS
-from .trainer import CHECKPOINT_NAME, RESUMABLE_CHANGES, ZSQConfig, ZSQTrainer, refuse_finished_folder, seed_everything
+from .config import ZSQConfig
+from .run_record import CHECKPOINT_NAME, RESUMABLE_CHANGES, refuse_finished_folder
+from .trainer import ZSQTrainer, seed_everything
 
 __all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_FIELDS",
            "saved_run_info", "run_folder_name"]
@@ -317,23 +320,6 @@ def output_folder(args: argparse.Namespace, parser: argparse.ArgumentParser, con
     return out
 
 
-def run_and_report(trainer: ZSQTrainer, context: DistributedContext, out: Path) -> int:
-    """Train; print the summary (0), or after Ctrl-C how to resume (130)."""
-    try:
-        results = trainer.run()
-    except KeyboardInterrupt:
-        if context.is_main:
-            print(f"\ninterrupted during epoch {trainer.state['epoch'] + 1}; the checkpoint after epoch "
-                  f"{trainer.state['epoch']} is in {out}. Continue with:\n  python {sys.argv[0]} --resume --out {out}",
-                  file=sys.stderr)
-        return 130
-    if context.is_main:
-        print()
-        print(summary_block(results))
-        print(f"results  : {out / 'results.json'}")
-    return 0
-
-
 def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
          preset_values: Callable[[argparse.Namespace], Dict[str, Any]],
          build_task: Callable[[argparse.Namespace, ZSQConfig, DistributedContext], Task],
@@ -366,27 +352,49 @@ def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
                 lock.acquire()
             except ValueError as error:
                 parser.error(str(error))
-        try:
-            # Seed before the teacher is built: its construction is part of the seeded stream.
-            seed_everything(config.seed)
-            task = build_task(args, config, context)
-            fused = args.fused or ("compiled" if context.device.type == "cuda" else "eager")
-            trainer = ZSQTrainer(config, task.teacher, out, num_classes=task.num_classes, image_size=task.image_size,
-                                 eval_data=task.eval_data, normalize=task.normalize, generator=task.generator,
-                                 run_info=task.run_info, context=context, resume=args.resume,
-                                 tensorboard=not args.no_tensorboard, fused=fused, seed_rng=False,
-                                 pictures=not args.no_pictures, amp=args.amp, channels_last=args.channels_last,
-                                 eval_every=args.eval_every)
-        except (FileExistsError, FileNotFoundError, ValueError, *task_errors) as error:
-            parser.error(str(error))
-        if context.is_main:
-            print(f"output   : {out}")
-            if args.preset == "paper" and context.device.type == "cpu":
-                print("warning  : --preset paper is tens of thousands of iterations: days on a CPU (meant for a GPU)")
-        return run_and_report(trainer, context, out)
+        trainer = _build_trainer(parser, args, config, context, out, build_task, task_errors)
+        return _train(trainer, args, context, out)
     finally:
         lock.release()
         context.close()
+
+
+def _build_trainer(parser, args, config, context, out, build_task, task_errors) -> ZSQTrainer:
+    """The recipe's task and its trainer; a problem found there exits with status 2."""
+    try:
+        # Seed before the teacher is built: its construction is part of the seeded stream.
+        seed_everything(config.seed)
+        task = build_task(args, config, context)
+        fused = args.fused or ("compiled" if context.device.type == "cuda" else "eager")
+        options = RunOptions(tensorboard=not args.no_tensorboard, fused=fused, seed_rng=False,
+                             pictures=not args.no_pictures, amp=args.amp, channels_last=args.channels_last,
+                             eval_every=args.eval_every)
+        return ZSQTrainer(config, task.teacher, out, num_classes=task.num_classes, image_size=task.image_size,
+                          eval_data=task.eval_data, normalize=task.normalize, generator=task.generator,
+                          run_info=task.run_info, context=context, resume=args.resume, options=options)
+    except (FileExistsError, FileNotFoundError, ValueError, *task_errors) as error:
+        parser.error(str(error))
+
+
+def _train(trainer: ZSQTrainer, args, context: DistributedContext, out: Path) -> int:
+    """Run, print the summary; 130 after Ctrl-C (with how to resume)."""
+    if context.is_main:
+        print(f"output   : {out}")
+        if args.preset == "paper" and context.device.type == "cpu":
+            print("warning  : --preset paper is tens of thousands of iterations: days on a CPU (meant for a GPU)")
+    try:
+        results = trainer.run()
+    except KeyboardInterrupt:
+        if context.is_main:
+            print(f"\ninterrupted during epoch {trainer.state['epoch'] + 1}; the checkpoint after epoch "
+                  f"{trainer.state['epoch']} is in {out}. Continue with:\n  python {sys.argv[0]} --resume --out {out}",
+                  file=sys.stderr)
+        return 130
+    if context.is_main:
+        print()
+        print(summary_block(results))
+        print(f"results  : {out / 'results.json'}")
+    return 0
 
 
 def timestamp() -> str:

@@ -19,7 +19,7 @@ the same images are compared with an exact McNemar test (:func:`mcnemar_exact_p`
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,6 +29,7 @@ __all__ = ["wilson_interval", "mcnemar_exact_p", "eval_batches", "per_image_corr
            "accuracy_entry", "format_accuracy", "describe_eval_data", "check_eval_data"]
 
 Normalization = Optional[Tuple[Sequence[float], Sequence[float]]]
+SetTraining = Callable[[torch.nn.Module, bool], Any]
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959963984540054) -> Tuple[float, float]:
@@ -106,12 +107,13 @@ def describe_eval_data(eval_data: Any) -> str:
 @torch.no_grad()
 def per_image_correct(model: torch.nn.Module, eval_data: Any, batch_size: int = 256,
                       device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
-                      normalize: Normalization = None) -> torch.Tensor:
+                      normalize: Normalization = None, set_training: Optional[SetTraining] = None) -> torch.Tensor:
     """int64 tensor (N,): 1 where ``model`` (put in eval mode) predicts image i's label.
 
     Process ``rank`` of ``world_size`` runs batches ``rank, rank + world_size, ...`` and leaves 0
-    at the other positions (sum the tensors across processes)."""
-    return _correct_and_mine(model, eval_data, batch_size, device, rank, world_size, normalize)[0]
+    at the other positions (sum the tensors across processes). ``set_training(model, mode)``
+    switches train/eval (default ``model.train(mode)``; a student's protocol's ``set_training``)."""
+    return _correct_and_mine(model, eval_data, batch_size, device, rank, world_size, normalize, set_training)[0]
 
 
 def _batches_of_rank(eval_data, batch_size, normalize, rank, world_size):
@@ -134,11 +136,16 @@ def _batches_of_rank(eval_data, batch_size, normalize, rank, world_size):
         yield ours, min(batch_size, total - start), next(loaded) if ours else None
 
 
-def _correct_and_mine(model, eval_data, batch_size, device, rank, world_size, normalize):
+def _train_mode(model: torch.nn.Module, mode: bool) -> torch.nn.Module:
+    return model.train(mode)
+
+
+def _correct_and_mine(model, eval_data, batch_size, device, rank, world_size, normalize, set_training=None):
     """``(correct, mine)``: per-image int64 correctness (0 off this process's batches) and a bool
     mask of the images this process evaluated."""
+    set_training = set_training or _train_mode
     was_training = model.training
-    model.eval()
+    set_training(model, False)
     correct, mine = [], []
     try:
         for ours, size, batch in _batches_of_rank(eval_data, batch_size, normalize, rank, world_size):
@@ -150,7 +157,7 @@ def _correct_and_mine(model, eval_data, batch_size, device, rank, world_size, no
             logits = model(images.to(device))
             correct.append((logits.argmax(dim=1).cpu() == labels.cpu()).long())
     finally:
-        model.train(was_training)
+        set_training(model, was_training)
     if not correct:
         raise ValueError("the evaluation data holds no images")
     return torch.cat(correct), torch.cat(mine)

@@ -1,7 +1,7 @@
 """Pictures of a zero-shot run: PNG files next to results.json, and TensorBoard images.
 
-The trainer (:class:`~granq_ao.zsq.trainer.ZSQTrainer`) draws them on process 0 when it has an
-output folder; a failure to draw warns and never stops the run.
+A run (:class:`~granq_ao.zsq.trainer.ZSQTrainer`, through its run record) draws them on process 0
+when it has an output folder; a failure to draw warns and never stops the run.
 
 * ``accuracy.png`` (after every epoch): top-1 of the student on the evaluation images per epoch
   with its 95% Wilson interval as a band, and horizontal lines for the teacher and for the
@@ -17,8 +17,9 @@ output folder; a failure to draw warns and never stops the run.
 * ``activation_error.png`` and ``activation_error.json`` (before QAT at the start, after QAT at
   the final epoch): the paper's Figure 3 / Table 2 view. What is measured, exactly:
 
-  - ``X``: the input of each activation fake-quant of the student (with the paper placement,
-    each ReLU/ReLU6 output), captured with forward pre-hooks while the student runs on the first
+  - ``X``: the input of each activation quantizer of the student (its toolchain's
+    :class:`~granq_ao.student_protocol.StudentProtocol` lists them; with the paper placement, each
+    ReLU/ReLU6 output), captured with forward pre-hooks while the student runs on the first
     :data:`ACTIVATION_IMAGES` evaluation images (normalized as for evaluation) with **every**
     fake-quant (weights and activations) and observer disabled: the float activations of the
     network the student's weights define. Before QAT these are the float teacher's activations
@@ -30,7 +31,8 @@ output folder; a failure to draw warns and never stops the run.
     (asymmetric, dynamic ranges from ``X`` itself) for ``granularity="tensor"`` (layer-wise: one
     range for the batch) and ``"granq"`` (one range per (sample, channel)). Each layer's error is
     thus that of quantizing this one activation of an otherwise float network; errors do not
-    compound across layers. ``nan`` where ``||X|| = 0``.
+    compound across layers. ``nan`` where ``||X|| = 0``. One tensor that several quantizers
+    receive (modelopt quantizes the input of each layer it feeds) is one point.
 """
 from __future__ import annotations
 
@@ -42,9 +44,11 @@ import torch
 from torch import nn
 
 from granq_ao.functional import fake_quantize
+from granq_ao.student_protocol import StudentProtocol
 
 from .checkpoint import atomic_write_json, rng_state, set_rng_state
 from .evaluation import eval_batches
+from .student import student_protocol
 
 __all__ = ["ACTIVATION_IMAGES", "picture_epochs", "activation_errors", "activation_points",
            "accuracy_figure", "activation_error_figure", "generated_images", "save_generated_grid", "RunPictures"]
@@ -63,17 +67,11 @@ def picture_epochs(epochs: int) -> Tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------- activations
-def _activation_fake_quants(model: nn.Module) -> Dict[str, nn.Module]:
-    from torch.ao.quantization import FakeQuantizeBase
-
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, FakeQuantizeBase) and not name.endswith("weight_fake_quant")}
-
-
-def activation_points(model: nn.Module) -> Dict[str, str]:
-    """``{fake-quant module name: label}``: the label is the module (or op) whose output it
-    quantizes, read from the FX graph when ``model`` is a GraphModule."""
-    names = _activation_fake_quants(model)
+def activation_points(model: nn.Module, quantizers: Optional[Dict[str, nn.Module]] = None) -> Dict[str, str]:
+    """``{quantizer module name: label}`` for ``quantizers`` (default: the activation quantizers of
+    an fx student): the label is the module (or op) whose output it quantizes, read from the
+    graph when ``model`` is a GraphModule (fx, pt2e), else the quantizer's own name."""
+    names = quantizers if quantizers is not None else student_protocol("fx").activation_quantizers(model)
     labels = {name: name for name in names}
     graph = getattr(model, "graph", None)
     if graph is not None:
@@ -87,21 +85,25 @@ def activation_points(model: nn.Module) -> Dict[str, str]:
 
 @torch.no_grad()
 def activation_errors(model: nn.Module, images: torch.Tensor, bits: int,
-                      granularities: Sequence[str] = ("tensor", "granq")) -> Dict[str, Any]:
-    """Relative error of quantizing each activation of ``model`` (a prepared student) on
-    ``images`` (module docstring): ``{"layers": [label, ...], "modules": [name, ...], "bits": b,
-    "n_images": N, g: [e per layer] for g in granularities}``. The model's fake-quant and
-    observer switches and its train/eval mode are restored afterwards."""
-    quantizers = _activation_fake_quants(model)
-    labels = activation_points(model)
-    every = [m for m in model.modules() if hasattr(m, "fake_quant_enabled") and hasattr(m, "observer_enabled")]
-    saved = [(m, bool(m.fake_quant_enabled[0]), bool(m.observer_enabled[0])) for m in every]
-    was_training = model.training
+                      granularities: Sequence[str] = ("tensor", "granq"),
+                      protocol: Optional[StudentProtocol] = None) -> Dict[str, Any]:
+    """Relative error of quantizing each activation of ``model`` (a student built by ``protocol``'s
+    toolchain, default fx) on ``images`` (module docstring): ``{"layers": [label, ...], "modules":
+    [name, ...], "bits": b, "n_images": N, g: [e per layer] for g in granularities}``. One tensor
+    reaching several quantizers (modelopt quantizes each layer's input) is one point, named after
+    the first. The model's quantizer switches and its train/eval mode are restored afterwards."""
+    protocol = protocol if protocol is not None else student_protocol("fx")
+    quantizers = protocol.activation_quantizers(model)
+    labels = activation_points(model, quantizers)
     out: Dict[str, Any] = {"layers": [], "modules": [], "bits": int(bits), "n_images": int(images.shape[0]),
                            **{g: [] for g in granularities}}
+    seen: List[torch.Tensor] = []
 
     def hook(name):
         def record(module, inputs):
+            if any(inputs[0] is tensor for tensor in seen):
+                return
+            seen.append(inputs[0])
             x = inputs[0].detach().float()
             calls = out["modules"].count(name)
             out["modules"].append(name)
@@ -116,20 +118,16 @@ def activation_errors(model: nn.Module, images: torch.Tensor, bits: int,
         return record
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in quantizers.items()]
+    was_training = model.training
     try:
-        for module in every:
-            module.enable_fake_quant(False)
-            module.enable_observer(False)
-        model.eval()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        model(images.to(device))
+        with protocol.quantizers_off(model):
+            protocol.set_training(model, False)
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            model(images.to(device))
     finally:
         for handle in handles:
             handle.remove()
-        for module, fake_quant_on, observer_on in saved:
-            module.enable_fake_quant(fake_quant_on)
-            module.enable_observer(observer_on)
-        model.train(was_training)
+        protocol.set_training(model, was_training)
     return out
 
 
@@ -300,94 +298,111 @@ def save_generated_grid(images: torch.Tensor, samples: int, path: Path) -> torch
 
 # ----------------------------------------------------------------------------- the run's pictures
 class RunPictures:
-    """Draws the pictures of one :class:`~granq_ao.zsq.trainer.ZSQTrainer` run (process 0, with
-    an output folder). Every method catches its own errors and warns. The global random state
-    is saved and restored around each drawing, so pictures never change the training."""
+    """Draws the pictures of one run into ``out_dir`` (and TensorBoard's ``writer``, when given);
+    the run record (:class:`~granq_ao.zsq.run_record.RunRecord`) calls it on process 0. Every
+    method catches its own errors and warns. The global random state is saved and restored around
+    each drawing, so pictures never change the training.
 
-    def __init__(self, trainer) -> None:
-        self.trainer = trainer
-        self.out_dir = Path(trainer.out_dir)
+    Args:
+        out_dir: the run's folder.
+        config: the run's :class:`~granq_ao.zsq.config.ZSQConfig` (bits, granularity, epochs).
+        run_info: the run's descriptive facts (``teacher``).
+        num_classes: the classes the generator is conditioned on.
+        eval_data, normalize: the evaluation images and their normalization (the activation
+            errors are measured on the first :data:`ACTIVATION_IMAGES`).
+        writer: a TensorBoard ``SummaryWriter`` or None.
+    """
+
+    def __init__(self, out_dir: Path, config: Any, run_info: Optional[Dict[str, Any]] = None, *,
+                 num_classes: Optional[int] = None, eval_data: Any = None, normalize=None, writer=None) -> None:
+        self.out_dir = Path(out_dir)
+        self.config = config
+        self.run_info = run_info or {}
+        self.num_classes = num_classes
+        self.eval_data = eval_data
+        self.normalize = normalize
+        self.writer = writer
 
     # -- helpers
-    def _guard(self, what: str, function, *args) -> None:
+    def _guard(self, what: str, function, *args):
+        """``function(*args)``, or None after a warning when it fails."""
         state = rng_state()
         try:
-            function(*args)
+            return function(*args)
         except Exception as error:  # plotting must never kill a run
             warnings.warn(f"could not draw {what}: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2)
+            return None
         finally:
             set_rng_state(state)
 
     def _display_normalization(self):
-        trainer = self.trainer
-        if trainer.normalize is not None:
-            return trainer.normalize
+        if self.normalize is not None:
+            return self.normalize
         from .data import EvalSet
 
-        if isinstance(trainer.eval_data, EvalSet):
-            return trainer.eval_data.statistics  # the teacher's normalization (raw pixels for ResNet-8)
+        if isinstance(self.eval_data, EvalSet):
+            return self.eval_data.statistics  # the teacher's normalization (raw pixels for ResNet-8)
         return None
 
     def _tensorboard_figure(self, tag: str, fig, step: int) -> None:
-        writer = getattr(self.trainer, "_writer", None)
-        if writer is not None and fig is not None:
-            writer.add_figure(tag, fig, step, close=False)
-            writer.flush()
+        if self.writer is not None and fig is not None:
+            self.writer.add_figure(tag, fig, step, close=False)
+            self.writer.flush()
 
     def _title(self) -> str:
-        cfg = self.trainer.config
-        return f"W{cfg.weight_bits}A{cfg.act_bits} {cfg.act_granularity} | {self.trainer.run_info.get('teacher', '')}"
+        cfg = self.config
+        return f"W{cfg.weight_bits}A{cfg.act_bits} {cfg.act_granularity} | {self.run_info.get('teacher', '')}"
 
     # -- stages
-    def start(self) -> None:
-        """Before QAT: the activation errors of the untrained student (kept in the trainer's
-        state, so a resumed run still has them) and their figure."""
-        self._guard("the activation errors before QAT", self._activations, "pre_qat")
+    def start(self, student: nn.Module, protocol: StudentProtocol, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """Before QAT: the activation errors of the untrained ``student`` and their figure;
+        returns them (for the run's state, so a resumed run still has them), or None."""
+        return self._guard("the activation errors before QAT", self._activations, "pre_qat", student, protocol, state)
 
-    def epoch_end(self, epoch: int) -> None:
-        """After epoch ``epoch`` (1-based): accuracy; generated images at the picture epochs;
-        activation errors after QAT at the final epoch."""
-        self._guard("the accuracy plot", self._accuracy, epoch)
-        if epoch in picture_epochs(self.trainer.config.epochs):
-            self._guard("the generated images", self._generated, epoch)
-        if epoch == self.trainer.config.epochs:
-            self._guard("the activation errors after QAT", self._activations, "final")
+    def epoch_end(self, state: Dict[str, Any], generator: nn.Module, student: nn.Module,
+                  protocol: StudentProtocol) -> Optional[Dict[str, Any]]:
+        """After epoch ``state["epoch"]`` (1-based; ``state`` is the run's: history, accuracy
+        entries, activation errors before QAT): accuracy; generated images at the picture epochs;
+        activation errors after QAT at the final epoch, returned (else None)."""
+        epoch = state["epoch"]
+        self._guard("the accuracy plot", self._accuracy, state)
+        if epoch in picture_epochs(self.config.epochs):
+            self._guard("the generated images", self._generated, generator, epoch)
+        if epoch == self.config.epochs:
+            return self._guard("the activation errors after QAT", self._activations, "final", student, protocol, state)
+        return None
 
-    def _accuracy(self, epoch: int) -> None:
-        state = self.trainer.state
+    def _accuracy(self, state: Dict[str, Any]) -> None:
         fig = accuracy_figure(state["history"], state.get("teacher"), state.get("pre_qat"), self._title())
         if fig is None:
             return
-        self._tensorboard_figure("pictures/accuracy", fig, epoch)
+        self._tensorboard_figure("pictures/accuracy", fig, state["epoch"])
         _save_figure(fig, self.out_dir / "accuracy.png")
 
-    def _generated(self, epoch: int) -> None:
-        trainer = self.trainer
-        classes = grid_classes(trainer.num_classes)
-        images = to_display(generated_images(trainer.generator, classes), self._display_normalization())
+    def _generated(self, generator: nn.Module, epoch: int) -> None:
+        classes = grid_classes(self.num_classes)
+        images = to_display(generated_images(generator, classes), self._display_normalization())
         grid = save_generated_grid(images, GRID_SAMPLES, self.out_dir / f"generated_epoch{epoch:03d}.png")
-        writer = getattr(trainer, "_writer", None)
-        if writer is not None:
-            writer.add_image("pictures/generated", grid, epoch)
-            writer.flush()
+        if self.writer is not None:
+            self.writer.add_image("pictures/generated", grid, epoch)
+            self.writer.flush()
 
-    def _activations(self, stage: str) -> None:
-        trainer = self.trainer
-        images = first_images(trainer.eval_data, ACTIVATION_IMAGES, trainer.normalize)
+    def _activations(self, stage: str, student: nn.Module, protocol: StudentProtocol,
+                     state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        images = first_images(self.eval_data, ACTIVATION_IMAGES, self.normalize)
         if images is None:
-            return
-        errors = activation_errors(trainer.student, images, trainer.config.act_bits)
-        errors["epoch"] = trainer.state["epoch"]
-        trainer.state["activation_error_" + stage] = errors
-        before = trainer.state.get("activation_error_pre_qat")
-        after = trainer.state.get("activation_error_final") if stage == "final" else None
+            return None
+        errors = activation_errors(student, images, self.config.act_bits, protocol=protocol)
+        errors["epoch"] = state["epoch"]
+        before = errors if stage == "pre_qat" else state.get("activation_error_pre_qat")
+        after = errors if stage == "final" else None
         atomic_write_json({"measure": "||X - Q(X)||_F / ||X||_F per quantized activation X (student with every "
                                       "fake-quant off), Q = granq_ao.functional.fake_quantize with the run's "
                                       "activation bits; see granq_ao/zsq/pictures.py",
                            "before_qat": before, "after_qat": after},
                           self.out_dir / "activation_error.json")
         fig = activation_error_figure(before, after)
-        self._tensorboard_figure("pictures/activation_error", fig, trainer.state["epoch"])
+        self._tensorboard_figure("pictures/activation_error", fig, state["epoch"])
         if fig is not None:
             _save_figure(fig, self.out_dir / "activation_error.png")
-
+        return errors

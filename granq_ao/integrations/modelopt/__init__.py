@@ -7,7 +7,8 @@
 * :func:`granq_quant_cfg`: the ``mtq.quantize`` config (list form) of a GranQ scheme; every
   GranQ quantizer runs the ``"granq"`` quant backend (dynamic, asymmetric, per (sample,
   channel) for activations, per output channel for weights; straight-through gradient).
-* :func:`prepare_student`: the zero-shot trainer's student (frozen BN, trainable parameters).
+* :func:`prepare_student`: the zero-shot trainer's student (frozen BN, trainable parameters);
+  :data:`STUDENT`: its student protocol (build, quantizers, counts, train/eval).
 * :func:`export_onnx`: ONNX export whose graph computes the ranges from its input.
 
 Importing this package registers the backend. modelopt restores (``mto.restore``,
@@ -28,7 +29,7 @@ except ImportError as _error:  # pragma: no cover - exercised by a test with the
 from ._backend import BACKEND, backend_args, config_from_args, granq_backend, is_granq_quantizer, register_backend
 from ._config import ACTIVATION_LAYERS, WEIGHT_LAYERS, granq_quant_cfg, relu_fed_layers
 from ._onnx import export_onnx, granq_export_mode
-from ._student import freeze_batchnorm, prepare_student
+from ._student import STUDENT, ModelOptStudent, freeze_batchnorm, prepare_student
 
 register_backend()
 
@@ -36,5 +37,5 @@ __all__ = [
     "BACKEND", "granq_quant_cfg", "relu_fed_layers", "WEIGHT_LAYERS", "ACTIVATION_LAYERS", "backend_args",
     "config_from_args", "granq_backend", "is_granq_quantizer", "register_backend", "export_onnx",
     "granq_export_mode",
-    "prepare_student", "freeze_batchnorm",
+    "prepare_student", "freeze_batchnorm", "STUDENT", "ModelOptStudent",
 ]

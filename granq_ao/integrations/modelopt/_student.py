@@ -7,21 +7,31 @@ updated and normalization always uses them, even after ``student.train()`` (a fo
 puts each BatchNorm back in eval mode), as in the paper. BatchNorm is not folded into the conv
 weights (modelopt keeps conv and BN separate): the weight fake-quant sees the conv weight
 itself, unlike torch.ao FX QAT, which quantizes ``w * gamma / sqrt(var + eps)``.
+
+:data:`STUDENT` is that student's :class:`~granq_ao.student_protocol.StudentProtocol`. Its
+quantizers are the enabled ``TensorQuantizer`` modules on the GranQ backend: ``*.weight_quantizer``
+and ``*.input_quantizer`` (modelopt quantizes the *input* of a layer, so one activation that feeds
+two layers, e.g. a ResNet block's conv and its shortcut conv, passes through two quantizers).
+:meth:`ModelOptStudent.quantizers_off` uses modelopt's own switches (``disable`` / ``enable``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+from typing import Any, Dict, Iterator
 
 import modelopt.torch.quantization as mtq
 import torch
+from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
 from granq_ao.config import GranQScheme
+from granq_ao.student_protocol import StudentProtocol
 
+from ._backend import is_granq_quantizer
 from ._config import granq_quant_cfg
 
-__all__ = ["prepare_student", "freeze_batchnorm"]
+__all__ = ["prepare_student", "freeze_batchnorm", "ModelOptStudent", "STUDENT"]
 
 
 def _stay_in_eval(module: nn.Module, args: Any) -> None:
@@ -52,3 +62,46 @@ def prepare_student(model: nn.Module, scheme: GranQScheme, example_inputs: Any) 
         parameter.requires_grad_(True)
     freeze_batchnorm(student)
     return student.eval()
+
+
+def _granq_quantizers(student: nn.Module, weights: bool) -> Dict[str, nn.Module]:
+    """The enabled GranQ quantizers of ``student``: ``*.weight_quantizer`` ones when ``weights``,
+    else the others (``*.input_quantizer``)."""
+    return {name: module for name, module in student.named_modules()
+            if is_granq_quantizer(module) and module.is_enabled and name.endswith("weight_quantizer") == weights}
+
+
+class ModelOptStudent(StudentProtocol):
+    """The modelopt student (module docstring): ``.train()``/``.eval()`` work as usual, BatchNorm
+    stays frozen through its forward pre-hook."""
+
+    toolchain = "modelopt"
+
+    def prepare(self, teacher: nn.Module, scheme: GranQScheme, example_inputs: Any, fold_bn: bool = False
+                ) -> nn.Module:
+        if fold_bn:
+            raise ValueError("fold_bn is not implemented for the modelopt student")
+        return prepare_student(teacher, scheme, example_inputs)
+
+    def freeze_batchnorm(self, student: nn.Module) -> nn.Module:
+        return freeze_batchnorm(student)
+
+    def activation_quantizers(self, student: nn.Module) -> Dict[str, nn.Module]:
+        return _granq_quantizers(student, weights=False)
+
+    def weight_quantizers(self, student: nn.Module) -> Dict[str, nn.Module]:
+        return _granq_quantizers(student, weights=True)
+
+    @contextlib.contextmanager
+    def quantizers_off(self, student: nn.Module) -> Iterator[nn.Module]:
+        enabled = [m for m in student.modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
+        try:
+            for module in enabled:
+                module.disable()
+            yield student
+        finally:
+            for module in enabled:
+                module.enable()
+
+
+STUDENT = ModelOptStudent()

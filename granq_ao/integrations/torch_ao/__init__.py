@@ -5,7 +5,8 @@
 * :func:`prepare_qat_fx`: torch's, plus the paper's activation placement
   (:func:`apply_paper_placement`); :func:`count_activation_fake_quant_calls` checks what was inserted;
 * :func:`convert_to_reference_fx`: dynamic reference graphs equal to the QAT model in eval;
-* :func:`convert_eager`: the same for eager-mode models (``torch.ao.quantization.prepare_qat``).
+* :func:`convert_eager`: the same for eager-mode models (``torch.ao.quantization.prepare_qat``);
+* :data:`STUDENT` / :func:`prepare_student`: the zero-shot student (frozen BN), its quantizers.
 
 Everything here takes or builds :class:`granq_ao.config.GranQConfig` / ``GranQScheme`` and
 computes with :mod:`granq_ao.functional`.
@@ -18,10 +19,12 @@ from .observer import GranQObserver
 from .placement import activation_fake_quant_calls, apply_paper_placement, count_activation_fake_quant_calls
 from .prepare import prepare_qat_fx
 from .qconfig import GranQQConfigMapping, PlacementWarning, get_granq_qat_qconfig_mapping, get_granq_qconfig
+from .student import STUDENT, FXStudent, freeze_student_batchnorm, prepare_student
 
 __all__ = [
     "GranQFakeQuantize", "GranQObserver", "GranQQConfigMapping", "PlacementWarning", "get_granq_qconfig",
     "get_granq_qat_qconfig_mapping", "prepare_qat_fx", "apply_paper_placement", "activation_fake_quant_calls",
     "count_activation_fake_quant_calls", "convert_to_reference_fx", "insert_dynamic_quant_dequant",
     "bake_weight_module", "weight_codes", "ConvBnEval", "convert_eager", "DynamicQuantDequant",
+    "STUDENT", "FXStudent", "prepare_student", "freeze_student_batchnorm",
 ]

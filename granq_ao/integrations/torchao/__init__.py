@@ -8,7 +8,8 @@
 * :class:`GranQQATConfig`: ``torchao.quantization.quantize_`` QAT for eager conv / transposed conv /
   linear models (with ``filter_fn=is_conv_or_linear``), ``step="prepare"`` then ``step="convert"``
   (to reference modules with ``granq_ao`` q/dq ops, or back to plain layers);
-* :func:`granq_fake_quant_calls`: which fake-quants a prepared graph calls (weights/activations).
+* :func:`granq_fake_quant_calls`: which fake-quants a prepared graph calls (weights/activations);
+* :data:`STUDENT`: the zero-shot student protocol (PT2E graph, frozen BN, its quantizers).
 
 The math is :mod:`granq_ao.functional`; the options are :class:`granq_ao.config.GranQScheme`.
 """
@@ -31,10 +32,11 @@ from .reference_modules import (GranQReference, GranQReferenceConv1d, GranQRefer
                                 GranQReferenceConvTranspose3d, GranQReferenceLinear)
 from .quantizer import GranQQuantizer
 from .specs import granq_spec
+from .student import STUDENT, PT2EStudent
 
 __all__ = [
     "GranQQuantizer", "GranQPT2EFakeQuantize", "granq_spec", "export_for_qat", "prepare_student",
-    "GranQQATConfig", "is_conv_or_linear", "granq_fake_quant_calls",
+    "GranQQATConfig", "is_conv_or_linear", "granq_fake_quant_calls", "STUDENT", "PT2EStudent",
     "GranQQAT", "GranQQATConv", "GranQQATConv1d", "GranQQATConv2d", "GranQQATConv3d", "GranQQATConvTranspose",
     "GranQQATConvTranspose1d", "GranQQATConvTranspose2d", "GranQQATConvTranspose3d", "GranQQATLinear",
     "GranQReference", "GranQReferenceConv1d", "GranQReferenceConv2d", "GranQReferenceConv3d",

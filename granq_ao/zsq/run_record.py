@@ -1,0 +1,232 @@
+"""The record of a zero-shot run: its folder, checkpoint, resume checks, files, TensorBoard, pictures.
+
+:class:`RunRecord` keeps the run's ``state`` (epochs done, metrics history, wall time, the
+accuracy entries, the activation errors drawn) and writes it, on process 0 when there is an
+output folder, as:
+
+* ``config.json`` (config, run_info, world size, device, versions) at each start;
+* ``checkpoint.pt`` after every epoch (atomic): the algorithm's weights and optimizers, the RNG
+  state and ``state``; a resumed run must bring the same config (``epochs`` may grow), the same
+  non-descriptive ``run_info`` and the same number of processes;
+* ``metrics.jsonl`` (one JSON line per epoch, rewritten from ``state``), ``tb/`` (TensorBoard);
+* ``student_final.pt`` and ``results.json`` at the end, and the pictures
+  (:class:`~granq_ao.zsq.pictures.RunPictures`).
+
+It knows the algorithm only through what it saves and restores
+(:meth:`~granq_ao.zsq.algorithm.ZSQAlgorithm.state_dict` / ``load_state_dict``) and the models
+the pictures draw.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from torch import nn
+
+from granq_ao.student_protocol import StudentProtocol
+
+from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, load_checkpoint, rng_state, set_rng_state
+from .config import ZSQConfig
+from .distributed import DistributedContext
+from .evaluation import format_accuracy
+from .options import RunOptions
+from .results import versions
+
+__all__ = ["RunRecord", "CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "check_resumable",
+           "refuse_finished_folder", "epoch_line"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2
+# Config fields that may differ between a checkpoint and the run that resumes it.
+RESUMABLE_CHANGES = ("epochs",)
+# run_info entries that only describe where things came from (paths may move between sessions).
+DESCRIPTIVE_INFO = ("teacher", "eval", "teacher_weights", "data_root")
+STATE_KEYS = ("epoch", "history", "elapsed_s", "teacher", "pre_qat", "last")
+PICTURE_KEYS = ("activation_error_pre_qat", "activation_error_final")
+
+
+def refuse_finished_folder(out_dir: os.PathLike) -> None:
+    """``FileExistsError`` when ``out_dir`` already holds a run (its checkpoint): a new run there
+    would replace it; resume it or choose another folder."""
+    if (Path(out_dir) / CHECKPOINT_NAME).exists():
+        raise FileExistsError(f"{out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to "
+                              f"continue it, or choose another --out")
+
+
+def check_resumable(checkpoint: Dict[str, Any], config: ZSQConfig, run_info: Dict[str, Any],
+                    world_size: int) -> None:
+    """``ValueError`` unless a run with ``config``, ``run_info`` and ``world_size`` processes may
+    continue ``checkpoint`` (module docstring). A config field the checkpoint lacks (added later)
+    counts as its default."""
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint format {checkpoint.get('format')!r} is not {CHECKPOINT_FORMAT}")
+    saved = checkpoint["config"]
+    current = config.to_dict()
+    defaults = ZSQConfig().to_dict()
+    changed = [f"{k}: checkpoint {saved.get(k, defaults[k])!r} != now {current[k]!r}" for k in current
+               if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != current[k]]
+    saved_info = checkpoint.get("run_info", {})
+    changed += [f"{k}: checkpoint {saved_info.get(k)!r} != now {v!r}" for k, v in run_info.items()
+                if k not in DESCRIPTIVE_INFO and saved_info.get(k) != v]
+    if changed:
+        raise ValueError("cannot resume with a different configuration: " + "; ".join(changed))
+    if checkpoint.get("world_size", 1) != world_size:
+        raise ValueError(f"the checkpoint was written by a run with {checkpoint.get('world_size', 1)} "
+                         f"process(es); resume it with the same number (now {world_size})")
+
+
+def epoch_line(config: ZSQConfig, row: Dict[str, Any], test: Optional[Dict[str, Any]], eta: str) -> str:
+    """The log line of one epoch's metrics ``row``."""
+    second_term = f"ce {row['loss_g_ce']:.3f}" if config.generator_loss == "gdfq" else f"margin {row['loss_g_margin']:.3f}"
+    return (f"epoch {row['epoch']:>3}/{config.epochs} {row['phase']:<6} lr {row['lr']:.2g} | L_G {row['loss_g']:.4f} "
+            f"(bns {row['loss_g_bns']:.4f}, {second_term}) | L_S {row['loss_s']:.4f} "
+            + (f"| test {format_accuracy(test)} " if test is not None else "")
+            + f"| {row['s_per_iter']:.2f} s/iter | ETA {eta}")
+
+
+class RunRecord:
+    """The files and state of one run (module docstring). ``out_dir=None``: nothing is written
+    and nothing can be resumed. ``resume``: the checkpoint in ``out_dir`` is read and checked now
+    (``FileNotFoundError`` / ``ValueError``) and restored by :meth:`restore`."""
+
+    def __init__(self, config: ZSQConfig, run_info: Dict[str, Any], out_dir: Optional[os.PathLike],
+                 context: DistributedContext, options: RunOptions = RunOptions(), resume: bool = False) -> None:
+        self.config, self.run_info, self.ctx, self.options = config, run_info, context, options
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.state: Dict[str, Any] = {"epoch": 0, "history": [], "elapsed_s": 0.0}
+        self.checkpoint: Optional[Dict[str, Any]] = None
+        self.writer = None
+        self.pictures = None
+        self._clock = time.time()
+        if self.out_dir is None:
+            if resume:
+                raise ValueError("resume needs an out_dir holding the run's checkpoint")
+            return
+        path = self.out_dir / CHECKPOINT_NAME
+        if not resume:
+            refuse_finished_folder(self.out_dir)
+            return
+        if not path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+        self.checkpoint = load_checkpoint(path)
+        check_resumable(self.checkpoint, config, run_info, context.world_size)
+
+    @property
+    def writes_files(self) -> bool:
+        return self.ctx.is_main and self.out_dir is not None
+
+    @property
+    def fresh(self) -> bool:
+        """Whether nothing has been measured yet (a new run, not a resumed one)."""
+        return self.state["epoch"] == 0 and "teacher" not in self.state
+
+    def log(self, message: str) -> None:
+        if self.ctx.is_main:
+            self.options.log(message)
+
+    # ------------------------------------------------------------------ checkpoint
+    def restore(self, load_algorithm: Callable[[Dict[str, Any]], None]) -> None:
+        """Resume: the algorithm's weights and optimizers (``load_algorithm(checkpoint)``), the RNG
+        state and ``state`` from the checkpoint read at construction (nothing without one)."""
+        checkpoint = self.checkpoint
+        if checkpoint is None:
+            return
+        load_algorithm(checkpoint)
+        set_rng_state(checkpoint["rng"])
+        self.state = {key: checkpoint[key] for key in STATE_KEYS}
+        self.state.update({key: checkpoint[key] for key in PICTURE_KEYS if key in checkpoint})
+
+    def save_checkpoint(self, algorithm_state: Dict[str, Any]) -> None:
+        if not self.writes_files:
+            return
+        checkpoint = {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "run_info": self.run_info,
+                      "world_size": self.ctx.world_size, **algorithm_state, "rng": rng_state(), **self.state}
+        atomic_torch_save(checkpoint, self.out_dir / CHECKPOINT_NAME)
+
+    # ------------------------------------------------------------------ the run's files
+    def start(self, device: Any) -> None:
+        """At each start: the clock, ``config.json``, ``metrics.jsonl`` (from ``state``), TensorBoard."""
+        self._clock = time.time()
+        if self.writes_files:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json({"config": self.config.to_dict(), "run_info": self.run_info,
+                               "world_size": self.ctx.world_size, "device": str(device), "versions": versions()},
+                              self.out_dir / "config.json")
+
+    def tick(self) -> None:
+        """Add the wall time since the last tick to ``elapsed_s`` (kept across resumes)."""
+        now = time.time()
+        self.state["elapsed_s"] += now - self._clock
+        self._clock = now
+
+    def write_metrics(self) -> None:
+        """metrics.jsonl = the history held in the checkpoint (rewritten whole, atomically)."""
+        if not self.writes_files:
+            return
+        text = "".join(json.dumps(row) + "\n" for row in self.state["history"])
+        atomic_write(self.out_dir / "metrics.jsonl", lambda handle: handle.write(text), mode="w")
+
+    def end_epoch(self, row: Dict[str, Any], last: Optional[Dict[str, Any]], evaluated: bool,
+                  algorithm_state: Callable[[], Dict[str, Any]]) -> None:
+        """Epoch ``row["epoch"]`` done: its metrics row (and, when ``evaluated``, its accuracy
+        entry ``last``) into ``state``, then the checkpoint (first: metrics.jsonl is rewritten from
+        it on resume), metrics.jsonl and TensorBoard."""
+        self.state["history"].append(row)
+        if evaluated:
+            self.state["last"] = last
+        self.state["epoch"] = row["epoch"]
+        self.tick()
+        self.save_checkpoint(algorithm_state())
+        self.write_metrics()
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(key, value, row["epoch"])
+            self.writer.flush()
+
+    def finish(self, results: Dict[str, Any], student: nn.Module) -> None:
+        """``student_final.pt`` and ``results.json``."""
+        if self.writes_files:
+            atomic_torch_save(student.state_dict(), self.out_dir / "student_final.pt")
+            atomic_write_json(results, self.out_dir / "results.json")
+
+    # ------------------------------------------------------------------ TensorBoard and pictures
+    def open_tensorboard(self) -> None:
+        if not (self.writes_files and self.options.tensorboard):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed
+            self.log("(tensorboard not installed: metrics go to metrics.jsonl only)")
+            return
+        self.writer = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=self.state["epoch"] + 1)
+
+    def close_tensorboard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def open_pictures(self, num_classes: int, eval_data: Any = None, normalize=None) -> None:
+        """Draw pictures from now on (process 0, with an output folder, ``options.pictures``)."""
+        if self.writes_files and self.options.pictures:
+            from .pictures import RunPictures
+
+            self.pictures = RunPictures(self.out_dir, self.config, self.run_info, num_classes=num_classes,
+                                        eval_data=eval_data, normalize=normalize, writer=self.writer)
+
+    def draw_start(self, student: nn.Module, protocol: StudentProtocol) -> None:
+        """Before QAT: the activation errors of the untrained student, kept in ``state``."""
+        if self.pictures is not None:
+            self._keep("activation_error_pre_qat", self.pictures.start(student, protocol, self.state))
+
+    def draw_epoch(self, generator: nn.Module, student: nn.Module, protocol: StudentProtocol) -> None:
+        """After the epoch just recorded: accuracy, generated images, final activation errors."""
+        if self.pictures is not None:
+            self._keep("activation_error_final", self.pictures.epoch_end(self.state, generator, student, protocol))
+
+    def _keep(self, key: str, errors: Optional[Dict[str, Any]]) -> None:
+        if errors is not None:
+            self.state[key] = errors
