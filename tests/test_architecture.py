@@ -138,9 +138,7 @@ def test_the_checks_can_fail(tmp_path):
         test_imports_point_down("granq_ao.functional", "granq_ao.zsq.trainer")
 
 
-# zsq/trainer.py is being split into the algorithm and the run record on another branch (issue 18,
-# item 3); until it lands, its ZSQTrainer (457 lines, __init__ 92) is the one known exception.
-SIZE_EXCEPTIONS = {"granq_ao/zsq/trainer.py"}
+SIZE_EXCEPTIONS: set = set()  # none: every module of granq_ao/ keeps the limits
 
 
 def test_no_function_over_60_lines_and_no_class_over_250(load_script, tmp_path):
