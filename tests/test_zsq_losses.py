@@ -162,3 +162,20 @@ def test_gdfq_generator_loss_is_ce_on_teacher_plus_weighted_bns():
     L.gdfq_generator_loss(t_grad, y, records, gamma=0.1)[0].backward()
     expected = (torch.softmax(t, 1) - nn.functional.one_hot(y, 10)) / 16
     assert torch.allclose(t_grad.grad, expected, atol=1e-12)
+
+
+def test_standardized_bns_is_scale_free_and_matches_its_formula():
+    from granq_ao.zsq.losses import batchnorm_statistics_loss
+
+    torch.manual_seed(0)
+    mean, var = torch.randn(8), torch.rand(8) + 0.5
+    running_mean, running_var = torch.randn(8), torch.rand(8) + 0.5
+    records = [(mean, var, running_mean, running_var)]
+    scale = running_var + 1e-5
+    expected = (((mean - running_mean) ** 2) / scale).mean() + (((var - running_var) / scale) ** 2).mean()
+    assert torch.allclose(batchnorm_statistics_loss(records, standardized=True), expected)
+    # inputs 255x larger (raw pixels): the paper's loss grows ~255^4 in its variance term, the standardized one not
+    k = 255.0
+    big = [(k * mean, k * k * var, k * running_mean, k * k * running_var)]
+    assert float(batchnorm_statistics_loss(big)) > 1e8 * float(batchnorm_statistics_loss(records))
+    assert torch.allclose(batchnorm_statistics_loss(big, standardized=True), expected, rtol=1e-4)

@@ -209,10 +209,11 @@ class ZSQAlgorithm:
         returns ``(loss_g, its parts)``."""
         cfg = self.config
         if cfg.generator_loss == "gdfq":
-            loss_g, parts = gdfq_generator_loss(teacher_logits, labels, bn_records, cfg.gamma)
+            loss_g, parts = gdfq_generator_loss(teacher_logits, labels, bn_records, cfg.gamma, cfg.bns_standardized)
         else:
             loss_g, parts = generator_loss(teacher_logits, student_logits, labels, bn_records, cfg.alpha_ds,
-                                           cfg.alpha_as, cfg.beta, cfg.gamma, cfg.entropy_lower, cfg.entropy_upper)
+                                           cfg.alpha_as, cfg.beta, cfg.gamma, cfg.entropy_lower, cfg.entropy_upper,
+                                           cfg.bns_standardized)
         generator_params = [p for p in self.generator.parameters() if p.requires_grad]
         self.optimizer_g.zero_grad(set_to_none=True)
         loss_g.backward(inputs=generator_params)

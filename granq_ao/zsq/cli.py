@@ -41,7 +41,8 @@ __all__ = ["Task", "build_parser", "main", "summary_block", "OutputLock", "FLAG_
 # ``weight_bits``); short aliases (--wbits, --abits, --iters, --lr-g, --loss) are kept.
 FLAG_FIELDS = ("weight_bits", "act_bits", "act_granularity", "weight_granularity", "act_placement", "toolchain",
                "epochs", "iters_per_epoch", "batch_size", "warmup_epochs", "lr", "lr_generator", "lr_milestones",
-               "temperature", "student_loss", "generator_loss", "gamma", "seed", "eval_batch_size", "fold_bn")
+               "temperature", "student_loss", "generator_loss", "gamma", "bns_standardized", "seed", "eval_batch_size",
+               "fold_bn")
 
 
 @dataclass
@@ -150,6 +151,9 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
              "gdfq = GDFQ's CE(y, t) + gamma * BNS (GDFQ's code uses --gamma 0.1)")
     add("--gamma", type=non_negative_float, default=None, help="weight of the BN-statistics loss (default 1.0)")
     add("--seed", type=seed, default=None, help="(default 0)")
+    add("--bns-standardized", action="store_true", default=None,
+        help="BN-statistics loss in units of each channel's running std (not the paper's; for teachers whose "
+             "activation scales differ widely, e.g. raw-pixel inputs: docs/NETWORKS.md)")
     add("--fold-bn", action="store_true", default=None,
         help="student: compute each frozen conv-BN as conv(x, fq(w*sf), folded bias) instead of torch.ao's "
              "divide-then-BN (same parameters and function up to float rounding; faster)")

@@ -52,6 +52,7 @@ class ZSQConfig:
     alpha_as: float = 0.1                 # weight of CE(y, t + s)
     beta: float = 1.0                     # weight of the two CE terms together
     gamma: float = 1.0                    # weight of the BN-statistics loss
+    bns_standardized: bool = False        # BN-statistics loss in units of the running std (not the paper's)
     entropy_lower: float = 0.1            # hinge bounds on the normalized disagreement entropy
     entropy_upper: float = 0.8
     seed: int = 0
@@ -79,6 +80,8 @@ class ZSQConfig:
             problems.append(f"student_loss must be one of {STUDENT_LOSSES}, got {self.student_loss!r}")
         if self.generator_loss not in GENERATOR_LOSSES:
             problems.append(f"generator_loss must be one of {GENERATOR_LOSSES}, got {self.generator_loss!r}")
+        if not isinstance(self.bns_standardized, bool):
+            problems.append(f"bns_standardized must be True or False, got {self.bns_standardized!r}")
         if not (math.isfinite(float(self.gamma)) and self.gamma >= 0):
             problems.append(f"gamma must be a finite number >= 0, got {self.gamma!r}")
         for name in ("lr", "lr_generator", "temperature"):
