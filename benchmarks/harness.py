@@ -25,24 +25,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch._dynamo
 
+from granq_ao.zsq.machine import cpu_name  # noqa: F401  (re-exported: every benchmark header uses it)
+
 __all__ = ["cpu_name", "warm_malloc", "malloc_setting", "environment", "run_header", "write_json",
            "CompileFallbackCounter", "reset_compiled", "synchronize", "time_calls", "time_interleaved",
            "peak_step_bytes", "Target", "check_targets", "format_targets", "fmt"]
 
 
 # ----------------------------------------------------------------------------- the machine
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; else what ``platform`` knows)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def warm_malloc() -> bool:
     """glibc: keep freed blocks for reuse (no mmap for blocks < 256 MiB, no heap trimming below
     1 GiB), as a caching allocator (jemalloc, tcmalloc, CUDA's) would: a fresh 13 MB output is

@@ -112,7 +112,7 @@ def default_out(args, config) -> Path:
 
 def main(argv=None) -> int:
     return cli.main(build_parser(), argv, preset_values, build_task, default_out,
-                    task_errors=(TeacherError, DataNotFoundError), check_args=check_args)
+                    task_errors=(TeacherError, DataNotFoundError), check_args=check_args, script=__file__)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_tiny_run_writes_results_and_metrics(env, tmp_path, capsys):
         assert label in printed
     assert f"(n={N_EVAL})" in printed
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy.png", "activation_error.json", "activation_error.png", "checkpoint.pt", "config.json",
+        "RESUME.txt", "accuracy.png", "activation_error.json", "activation_error.png", "checkpoint.pt", "config.json",
         "generated_epoch001.png", "generated_epoch002.png", "metrics.jsonl", "results.json",
         "student_final.pt"]  # lock released; pictures (granq_ao.zsq.pictures) next to results.json
     results = json.loads((out / "results.json").read_text())

@@ -24,7 +24,7 @@ import torch
 from granq_ao.config import (ACT_GRANULARITIES, FUSED_MODES, MAX_BITS, MIN_BITS, PLACEMENTS, WEIGHT_GRANULARITIES,
                              check_bits)
 
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write, load_checkpoint
 from .distributed import DistributedContext
 from .evaluation import format_accuracy
 from .options import RunOptions
@@ -329,8 +329,10 @@ def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
          build_task: Callable[[argparse.Namespace, ZSQConfig, DistributedContext], Task],
          default_out: Callable[[argparse.Namespace, ZSQConfig], Path],
          task_errors: tuple = (),
-         check_args: Optional[Callable[[argparse.Namespace, argparse.ArgumentParser], None]] = None) -> int:
+         check_args: Optional[Callable[[argparse.Namespace, argparse.ArgumentParser], None]] = None,
+         script: Optional[os.PathLike] = None) -> int:
     """Parse, validate, lock the output folder, build the task, train, print the summary.
+    ``script`` is the recipe's file (for the resume command; default ``sys.argv[0]``).
 
     Every problem that can be found before training (bad flags, unusable ``--out``, a damaged
     checkpoint, a missing teacher or data: ``task_errors``) exits with status 2 and one line.
@@ -357,7 +359,7 @@ def main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
             except ValueError as error:
                 parser.error(str(error))
         trainer = _build_trainer(parser, args, config, context, out, build_task, task_errors)
-        return _train(trainer, args, context, out)
+        return _train(trainer, args, context, out, script)
     finally:
         lock.release()
         context.close()
@@ -380,10 +382,13 @@ def _build_trainer(parser, args, config, context, out, build_task, task_errors) 
         parser.error(str(error))
 
 
-def _train(trainer: ZSQTrainer, args, context: DistributedContext, out: Path) -> int:
+def _train(trainer: ZSQTrainer, args, context: DistributedContext, out: Path,
+           script: Optional[os.PathLike] = None) -> int:
     """Run, print the summary; 130 after Ctrl-C (with how to resume)."""
     if context.is_main:
         print(f"output   : {out}")
+        command = write_resume_note(out, context.world_size, script)
+        print(f"resume   : {command}   (after an interruption; also in {out / RESUME_NOTE})")
         if args.preset == "paper" and context.device.type == "cpu":
             print("warning  : --preset paper is tens of thousands of iterations: days on a CPU (meant for a GPU)")
     try:
@@ -391,7 +396,7 @@ def _train(trainer: ZSQTrainer, args, context: DistributedContext, out: Path) ->
     except KeyboardInterrupt:
         if context.is_main:
             print(f"\ninterrupted during epoch {trainer.state['epoch'] + 1}; the checkpoint after epoch "
-                  f"{trainer.state['epoch']} is in {out}. Continue with:\n  python {sys.argv[0]} --resume --out {out}",
+                  f"{trainer.state['epoch']} is in {out}. Continue with:\n  {resume_command(out, context.world_size, script)}",
                   file=sys.stderr)
         return 130
     if context.is_main:
@@ -399,6 +404,33 @@ def _train(trainer: ZSQTrainer, args, context: DistributedContext, out: Path) ->
         print(summary_block(results))
         print(f"results  : {out / 'results.json'}")
     return 0
+
+
+RESUME_NOTE = "RESUME.txt"
+
+
+def resume_command(out: Path, world_size: int = 1, script: Optional[os.PathLike] = None) -> str:
+    """The command that continues the run in ``out`` (the recipe ``script``, default ``sys.argv[0]``;
+    absolute paths; torchrun with the same number of processes when there are several)."""
+    script = Path(script if script is not None else sys.argv[0]).resolve()
+    launcher = f"{sys.executable} -m torch.distributed.run --nproc_per_node={world_size}" if world_size > 1 \
+        else sys.executable
+    return f"{launcher} {script} --resume --out {Path(out).resolve()}"
+
+
+def write_resume_note(out: Path, world_size: int = 1, script: Optional[os.PathLike] = None) -> str:
+    """``<out>/RESUME.txt``: how to continue the run (also on another machine), returns the command."""
+    command = resume_command(out, world_size, script)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(out) / RESUME_NOTE, lambda handle: handle.write(
+        "Continue this run after an interruption (a killed process, a restarted machine):\n\n"
+        f"    {command}\n\n"
+        "It restarts after the last completed epoch (checkpoint.pt). The flags of the run are in the checkpoint;\n"
+        "only --epochs may be raised. On another machine, copy this folder and keep the teacher and data in\n"
+        "../shared/data (or GRANQ_DATA_DIR). On the same CPU model and kernels the result is bit-identical to an\n"
+        "uninterrupted run; on another CPU model the run continues correctly but rounds differently from then on\n"
+        "(results.json lists the machines under 'machines').\n"), mode="w")
+    return command
 
 
 def timestamp() -> str:

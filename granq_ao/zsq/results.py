@@ -48,6 +48,9 @@ def run_results(state: Dict[str, Any], config: ZSQConfig, run_info: Dict[str, An
         "run_info": run_info,
         "fake_quants": fake_quants,
         "config": config.to_dict(),
+        "machines": state.get("machines", []),
+        "reproducibility": ("bit-identical to an uninterrupted run on the same kernels (one entry in 'machines'); "
+                            "a run continued on other kernels rounds differently from then on"),
         "world_size": world_size,
         "device": str(device),
         "versions": versions(),

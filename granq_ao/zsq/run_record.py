@@ -22,7 +22,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from torch import nn
 
@@ -32,10 +32,11 @@ from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, load
 from .config import ZSQConfig
 from .distributed import DistributedContext
 from .evaluation import format_accuracy
+from .machine import kernel_signature
 from .options import RunOptions
 from .results import versions
 
-__all__ = ["RunRecord", "CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "check_resumable",
+__all__ = ["RunRecord", "eta_seconds", "CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "check_resumable",
            "refuse_finished_folder", "epoch_line"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -76,6 +77,31 @@ def check_resumable(checkpoint: Dict[str, Any], config: ZSQConfig, run_info: Dic
     if checkpoint.get("world_size", 1) != world_size:
         raise ValueError(f"the checkpoint was written by a run with {checkpoint.get('world_size', 1)} "
                          f"process(es); resume it with the same number (now {world_size})")
+
+
+def eta_seconds(history: Sequence[Dict[str, Any]], config: ZSQConfig, eval_every: int, overhead_s: float = 0.0
+                ) -> float:
+    """Seconds left after the last epoch of ``history``: for each remaining epoch,
+    ``iters_per_epoch x s/iter`` of its phase (mean of that phase's last 3 epochs; the other
+    phase's while a phase has none yet) + ``overhead_s`` (files, pictures), plus the last measured
+    evaluation time for each remaining epoch that evaluates (every ``eval_every``-th and the last)."""
+    done = history[-1]["epoch"] if history else 0
+    rates: Dict[str, float] = {}
+    for phase in ("warmup", "qat"):
+        recent = [row["s_per_iter"] for row in history if row["phase"] == phase][-3:]
+        if recent:
+            rates[phase] = sum(recent) / len(recent)
+    if not rates:
+        return float("nan")
+    evaluations = [row["eval_time_s"] for row in history if row.get("eval_time_s") is not None]
+    eval_s = evaluations[-1] if evaluations else 0.0
+    total = 0.0
+    for epoch in range(done + 1, config.epochs + 1):  # 1-based
+        phase = "warmup" if epoch <= config.warmup_epochs else "qat"
+        total += config.iters_per_epoch * rates.get(phase, next(iter(rates.values()))) + overhead_s
+        if epoch % eval_every == 0 or epoch == config.epochs:
+            total += eval_s
+    return total
 
 
 def epoch_line(config: ZSQConfig, row: Dict[str, Any], test: Optional[Dict[str, Any]], eta: str) -> str:
@@ -138,6 +164,7 @@ class RunRecord:
         set_rng_state(checkpoint["rng"])
         self.state = {key: checkpoint[key] for key in STATE_KEYS}
         self.state.update({key: checkpoint[key] for key in PICTURE_KEYS if key in checkpoint})
+        self.state["machines"] = list(checkpoint.get("machines", []))
 
     def save_checkpoint(self, algorithm_state: Dict[str, Any]) -> None:
         if not self.writes_files:
@@ -148,13 +175,31 @@ class RunRecord:
 
     # ------------------------------------------------------------------ the run's files
     def start(self, device: Any) -> None:
-        """At each start: the clock, ``config.json``, ``metrics.jsonl`` (from ``state``), TensorBoard."""
+        """At each start: the clock, the machine (:meth:`note_machine`), ``config.json``."""
         self._clock = time.time()
+        self.note_machine()
         if self.writes_files:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json({"config": self.config.to_dict(), "run_info": self.run_info,
                                "world_size": self.ctx.world_size, "device": str(device), "versions": versions()},
                               self.out_dir / "config.json")
+
+    def note_machine(self) -> None:
+        """Append this session's :func:`~granq_ao.zsq.machine.kernel_signature` to ``state["machines"]``
+        when it differs from the last one (a run continued on another CPU model or kernel setting),
+        and say that the run is then no longer bit-identical to an uninterrupted one."""
+        machines = self.state.setdefault("machines", [])
+        signature = kernel_signature()
+        if machines and machines[-1]["kernels"] == signature:
+            return
+        machines.append({"from_epoch": self.state["epoch"], "kernels": signature,
+                         "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+        if len(machines) > 1:
+            before = machines[-2]["kernels"]
+            changed = ", ".join(f"{key} {before.get(key)!r} -> {value!r}" for key, value in signature.items()
+                                if before.get(key) != value)
+            self.log(f"note     : continuing after epoch {self.state['epoch']} on other kernels ({changed}): the run "
+                     f"goes on correctly, but its numbers are not bit-identical to an uninterrupted run")
 
     def tick(self) -> None:
         """Add the wall time since the last tick to ``elapsed_s`` (kept across resumes)."""

@@ -32,7 +32,7 @@ from .preflight import check_activation_quantizers, check_teacher_batchnorm
 from .options import RunOptions
 from .results import run_results
 from .run_record import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, RESUMABLE_CHANGES, RunRecord, epoch_line,
-                         refuse_finished_folder)
+                         eta_seconds, refuse_finished_folder)
 from .student import student_protocol
 
 __all__ = ["ZSQConfig", "RunOptions", "DistributedContext", "ZSQTrainer", "lr_at_epoch", "seed_for", "CHECKPOINT_NAME",
@@ -244,13 +244,16 @@ class ZSQTrainer:
         start = time.time()
         stats = self.algorithm.train_epoch(epoch)
         evaluate_now = (epoch + 1) % self.options.eval_every == 0 or epoch + 1 == cfg.epochs
+        eval_start = time.time()
         test = self.evaluate(self.student) if evaluate_now else None
         row = {"epoch": epoch + 1, "phase": "warmup" if stats.warmup else "qat", "lr": stats.lr, "lr_g": stats.lr_g,
-               **stats.means, "train_time_s": stats.train_time_s, "s_per_iter": stats.train_time_s / cfg.iters_per_epoch}
+               **stats.means, "train_time_s": stats.train_time_s, "s_per_iter": stats.train_time_s / cfg.iters_per_epoch,
+               "eval_time_s": time.time() - eval_start if evaluate_now else None}
         if test is not None:
             row.update({"test_acc": test["acc"], "test_correct": test["correct"], "n_test": test["n"],
                         "test_ci95_low": test["ci95"][0], "test_ci95_high": test["ci95"][1]})
         self.record.end_epoch(row, test, evaluate_now, self.algorithm.state_dict)
         self.record.draw_epoch(self.generator, self.student, self.protocol)
-        epoch_wall = time.time() - start  # training, evaluation, files
-        self.log(epoch_line(cfg, row, test, format_duration((cfg.epochs - epoch - 1) * epoch_wall)))
+        overhead = time.time() - start - stats.train_time_s - (row["eval_time_s"] or 0.0)  # files, pictures
+        eta = eta_seconds(self.state["history"], cfg, self.options.eval_every, overhead)
+        self.log(epoch_line(cfg, row, test, format_duration(eta)))

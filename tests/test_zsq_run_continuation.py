@@ -1,0 +1,76 @@
+"""Continuing a run: the resume command printed and written into the run folder, the machines a
+run went through (another CPU model is said, not refused), and an ETA that counts what is left."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from granq_ao.zsq import ZSQConfig, ZSQTrainer
+from granq_ao.zsq import run_record
+from granq_ao.zsq.run_record import eta_seconds
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+def test_eta_counts_each_remaining_epoch_by_its_phase_and_the_evaluations_left():
+    config = ZSQConfig(epochs=10, iters_per_epoch=100, warmup_epochs=2)
+    history = [{"epoch": 1, "phase": "warmup", "s_per_iter": 0.2, "eval_time_s": None},
+               {"epoch": 2, "phase": "warmup", "s_per_iter": 0.4, "eval_time_s": 7.0},
+               {"epoch": 3, "phase": "qat", "s_per_iter": 1.0, "eval_time_s": None}]
+    # 7 QAT epochs left at 1.0 s/iter, 2 s of files each; evaluations after epochs 4, 6, 8, 10 at 7 s
+    assert eta_seconds(history, config, eval_every=2, overhead_s=2.0) == pytest.approx(7 * 100 + 7 * 2 + 4 * 7)
+    # during the warm-up the QAT rate is not known yet: the warm-up's stands in for it
+    assert eta_seconds(history[:1], config, eval_every=1) == pytest.approx(9 * 100 * 0.2)
+    assert math.isnan(eta_seconds([], config, eval_every=1))
+
+
+def test_a_run_continued_on_another_cpu_says_so_and_records_both(tmp_path, monkeypatch):
+    config = ZSQConfig(epochs=2, iters_per_epoch=2, batch_size=4, warmup_epochs=0, eval_batch_size=8, seed=0)
+    torch.manual_seed(0)
+    teacher = TinyNet().eval()
+    quiet = dict(num_classes=3, image_size=8, tensorboard=False, progress=False, fused="eager", pictures=False)
+    first = ZSQTrainer(config, teacher, tmp_path / "run", log=lambda m: None, **quiet)
+    assert first.run(stop_after_epochs=1) is None
+    other = dict(run_record.kernel_signature(), cpu="Another CPU (R) 9000")
+    monkeypatch.setattr(run_record, "kernel_signature", lambda: other)
+    lines = []
+    resumed = ZSQTrainer(config, teacher, tmp_path / "run", resume=True, log=lines.append, **quiet)
+    results = resumed.run()
+    notes = [line for line in lines if "on other kernels" in line]
+    assert len(notes) == 1 and "Another CPU (R) 9000" in notes[0] and "not bit-identical" in notes[0]
+    assert [m["from_epoch"] for m in results["machines"]] == [0, 1]
+    assert results["machines"][1]["kernels"]["cpu"] == "Another CPU (R) 9000"
+    # the same machine again adds nothing
+    record = run_record.RunRecord(config, {}, None, resumed.ctx)
+    record.state["machines"] = [{"from_epoch": 0, "kernels": other}]
+    record.note_machine()
+    assert len(record.state["machines"]) == 1
+
+
+def test_the_recipe_prints_and_writes_the_command_that_continues_it(tmp_path, capsys, load_script, monkeypatch):
+    from granq_ao.zsq.data import shared_data_dir
+
+    if not (shared_data_dir() / "weights" / "resnet20_cifar10.pth").is_file():
+        pytest.skip("offline teacher not available")
+    monkeypatch.setenv("GRANQ_FUSED", "eager")
+    recipe = load_script("recipes/zsq_cifar.py")
+    out = tmp_path / "run"
+    args = ["--epochs", "1", "--iters", "1", "--batch-size", "4", "--warmup-epochs", "0", "--eval-batch-size", "512",
+            "--no-tensorboard", "--no-pictures", "--out", str(out)]
+    assert recipe.main(args) == 0
+    printed = capsys.readouterr().out
+    line = next(l for l in printed.splitlines() if l.startswith("resume   :"))
+    note = (out / "RESUME.txt").read_text()
+    command = f"recipes/zsq_cifar.py --resume --out {out.resolve()}"
+    assert command in line and command in note and "bit-identical" in note
+    assert note.count("--resume") == 1
