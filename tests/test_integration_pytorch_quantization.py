@@ -76,7 +76,7 @@ def test_missing_pytorch_quantization_gives_install_hint(monkeypatch):
         for name in saved:
             monkeypatch.delitem(sys.modules, name)
         monkeypatch.setitem(sys.modules, "pytorch_quantization", None)  # import -> ImportError
-        with pytest.raises(ImportError, match=r'pip install "granq-ao\[nvidia\]"'):
+        with pytest.raises(ImportError, match=r'pip install -e "\.\[nvidia\]"'):
             importlib.import_module("granq_ao.integrations.pytorch_quantization")
     finally:
         monkeypatch.undo()

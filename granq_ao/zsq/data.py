@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -73,12 +73,14 @@ def normalize_uint8_images(x_uint8_nhwc: np.ndarray, dataset: str) -> torch.Tens
 
 @dataclass
 class EvalSet:
-    """Normalized test images (float32 NCHW), integer labels, and where they came from."""
+    """Normalized test images (float32 NCHW), integer labels, where they came from, and the class
+    names by label (``classes[y]``) when the files carry them."""
 
     images: torch.Tensor
     labels: torch.Tensor
     dataset: str
     source: str  # "subset:<path>" or "torchvision:<root>"
+    classes: Optional[Tuple[str, ...]] = None
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -102,17 +104,18 @@ def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: boo
             )
         with np.load(path) as arrays:
             x, y = arrays["x"], arrays["y"]
+            classes = tuple(str(name) for name in arrays["classes"]) if "classes" in arrays.files else None
         if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8 or len(x) != len(y):
             raise ValueError(f"{path}: expected x uint8 (N, 32, 32, 3) and y (N,), got x {x.dtype} "
                              f"{x.shape}, y {y.shape}")
         return EvalSet(normalize_uint8_images(x, dataset), torch.as_tensor(y, dtype=torch.int64),
-                       dataset, f"subset:{path}")
+                       dataset, f"subset:{path}", classes)
     root = Path(data_root if data_root is not None else shared_data_dir() / "torchvision").expanduser()
     try:
         import torchvision
     except ImportError as error:  # pragma: no cover - torchvision is a declared extra
-        raise DataNotFoundError("reading the full CIFAR test set needs torchvision (pip install "
-                                "granq-ao[vision])") from error
+        raise DataNotFoundError("reading the full CIFAR test set needs torchvision (from the granq_ao "
+                                "clone: pip install -e \".[vision]\")") from error
     cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
     try:
         data = cls(str(root), train=False, download=download)
@@ -124,4 +127,5 @@ def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: boo
         ) from error
     x = np.asarray(data.data)
     y = np.asarray(data.targets, dtype=np.int64)
-    return EvalSet(normalize_uint8_images(x, dataset), torch.from_numpy(y), dataset, f"torchvision:{root}")
+    return EvalSet(normalize_uint8_images(x, dataset), torch.from_numpy(y), dataset, f"torchvision:{root}",
+                   tuple(data.classes))
