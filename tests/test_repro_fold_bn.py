@@ -116,20 +116,26 @@ def test_fold_is_opt_in_and_keeps_modules_and_state(students):
         ZSQConfig(fold_bn="yes").validate()
 
 
+@pytest.mark.numerics
 def test_folded_student_computes_the_same_function_and_gradients(students):
+    """The fold is exact in real arithmetic, so it is checked in float64: there both students agree
+    to rounding error (measured ~4e-16 relative), with every fake-quant on. (In float32, which ulps
+    differ depends on the CPU's conv kernels, and a 3-bit rounding turns a one-ulp difference into a
+    whole step that later layers amplify: 0.029 to 0.033 relative on the logits, by ISA.)"""
     _, default, folded = students
-    images = _images()
-    default.eval(), folded.eval()
+    default, folded = copy.deepcopy(default).double().eval(), copy.deepcopy(folded).double().eval()
+    images = _images().double()
     out_default, out_folded = default(images), folded(images)
-    assert (out_default.argmax(1) == out_folded.argmax(1)).float().mean() >= 0.96
+    assert torch.equal(out_default.argmax(1), out_folded.argmax(1))
     rel = (out_default - out_folded).norm() / out_default.norm()
-    assert rel < 2e-2, rel  # ulp-level differences, amplified only where a 3-bit rounding flips
-    weights = torch.randn_like(out_default)
+    assert rel < 1e-9, rel
+    weights = torch.randn(out_default.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grads_default = torch.autograd.grad((out_default * weights).sum(), list(default.parameters()))
     grads_folded = torch.autograd.grad((out_folded * weights).sum(), list(folded.parameters()))
     names = [name for name, _ in default.named_parameters()]
+    assert len(names) == len(grads_folded) > 0
     for name, g_d, g_f in zip(names, grads_default, grads_folded):
-        assert (g_d - g_f).norm() <= 5e-2 * g_d.norm() + 1e-6, name
+        assert (g_d - g_f).norm() <= 1e-9 * g_d.norm() + 1e-12, name
 
 
 def test_folded_forward_is_the_conv_bn_map_without_activation_quantization(students):
