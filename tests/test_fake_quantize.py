@@ -144,6 +144,7 @@ def test_extra_repr():
 
 
 # ----------------------------------------------------------------------------- forward numbers
+@pytest.mark.numerics
 @pytest.mark.parametrize("granularity", ["granq", "channel", "tensor", "granq_iterative"])
 def test_forward_is_functional_fake_quantize(granularity):
     x = batches([(3, 4, 5, 5)])[0].requires_grad_()

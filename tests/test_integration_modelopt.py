@@ -239,6 +239,7 @@ class ReluNet(torch.nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+@pytest.mark.numerics
 def test_same_numbers_as_torch_ao_fx_path_bit_for_bit():
     """The same float model, weights and inputs through torch.ao FX QAT (eval mode) and through
     modelopt, paper placement, W4A4 GranQ per-(n, c) activations and per-output-channel weights."""

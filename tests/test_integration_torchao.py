@@ -156,6 +156,7 @@ def test_export_needs_a_batch_of_two():
 
 
 # ----------------------------------------------------------------------------- FX vs PT2E
+@pytest.mark.numerics
 @pytest.mark.parametrize("placement", ["paper", "all"])
 def test_matches_torch_ao_fx_bit_for_bit(prepared_resnet20, placement):
     """Same float model (resnet20(seed=0)), same options, same input: the torch.ao FX QAT model

@@ -140,6 +140,7 @@ def test_weight_granularities():
 
 
 # ----------------------------------------------------------------------------- eval: dynamic
+@pytest.mark.numerics
 @pytest.mark.parametrize("granularity, independent", [("granq", True), ("tensor", False)])
 def test_eval_mode_quantizes_each_sample_on_its_own(granularity, independent):
     """No calibration: in eval, GranQ ranges still come from each sample, so a sample's output

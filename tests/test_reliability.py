@@ -281,6 +281,7 @@ MODULE_KINDS = {  # name: (model, input shape or integer input)
 }
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind", sorted(MODULE_KINDS))
 def test_every_module_kind_is_quantized_the_same_in_qat_and_convert(kind):
     """A ConvTranspose2d was float in QAT (torch.ao has no QAT module for it) but its weight was
@@ -356,6 +357,7 @@ def test_float32_range_that_overflows_is_refused(fused, granularity):
         granq_ao.fake_quantize(torch.tensor([[[float("nan"), 1.0]]]), 4, granularity, fused=fused)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("fused", ["eager", "compiled"])
 def test_float64_input_is_computed_in_float64(fused):
     """float64 was computed in float32: 1e300 was reported as "NaN or infinite", 1e-50 became 0 and a
@@ -560,6 +562,7 @@ def test_nvidia_onnx_export_warns_when_onnxruntime_differs_from_pytorch():
 
 
 # ----------------------------------------------------------------------------- documented guarantees
+@pytest.mark.numerics
 def test_sample_output_does_not_depend_on_other_samples_at_a_fixed_batch_size():
     """What README promises: at a given batch size, replacing the other samples of the batch leaves a
     sample's output bit for bit unchanged (GranQ ranges are per sample). Across batch sizes it is not

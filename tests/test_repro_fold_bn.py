@@ -28,6 +28,7 @@ def test_positive_power_of_two_channel_scale_commutes_exactly(granularity):
     assert torch.equal(weight_fq(w * a, granularity), weight_fq(w, granularity) * a)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("granularity", ["channel", "kernel"])
 def test_positive_general_channel_scale_commutes_up_to_rounding(granularity):
     """Any a > 0: equal in real arithmetic; in float a code flips only where x/s + z lands within an
@@ -42,6 +43,7 @@ def test_positive_general_channel_scale_commutes_up_to_rounding(granularity):
     assert torch.allclose(lhs, rhs, atol=float(step) * 1.01)  # a flip moves a value by one step at most
 
 
+@pytest.mark.numerics
 def test_negative_scale_commutes_except_at_rounding_ties():
     """a < 0 swaps min and max: the grid is the same set (mirrored), but round-half-to-even is not
     mirror-symmetric around the zero point, so an exact tie rounds the other way."""
@@ -138,6 +140,7 @@ def test_folded_student_computes_the_same_function_and_gradients(students):
         assert (g_d - g_f).norm() <= 1e-9 * g_d.norm() + 1e-12, name
 
 
+@pytest.mark.numerics
 def test_folded_forward_is_the_conv_bn_map_without_activation_quantization(students):
     """With activation fake-quants off nothing downstream rounds: the two forwards agree to float precision."""
     _, default, folded = students
@@ -154,6 +157,7 @@ def test_folded_forward_is_the_conv_bn_map_without_activation_quantization(stude
         default.apply(enable_fake_quant), folded.apply(enable_fake_quant)
 
 
+@pytest.mark.numerics
 def test_unfold_restores_torch_ao_forward_bit_for_bit(students):
     teacher, default, _ = students
     images = _images(8)
