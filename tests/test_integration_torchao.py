@@ -276,6 +276,8 @@ def test_bad_options_fail_at_construction():
         GranQQuantizer(act_placement="everywhere")
     with pytest.raises(ValueError, match="both a GranQScheme and the keyword option\\(s\\) act_bits:"):
         GranQQuantizer(GranQScheme(), act_bits=3)
+    assert GranQQuantizer(weight_bits=3, act_bits=3, act_placement="paper").scheme == GranQScheme.from_kwargs(
+        3, 3, act_placement="paper")  # keywords alone still build the scheme
     with pytest.raises(TypeError, match="GranQConfig"):
         GranQPT2EFakeQuantize()
     with pytest.raises(ValueError, match="grid"):

@@ -65,7 +65,8 @@ class GranQQuantizer(Quantizer):
             scheme = GranQScheme.from_kwargs(**options)
         elif not isinstance(scheme, GranQScheme):
             raise TypeError(f"scheme must be a GranQScheme, got {scheme!r}")
-        reject_options_with(scheme, options)
+        else:
+            reject_options_with(scheme, options)
         self.scheme = scheme
         self.activation_spec = granq_spec(scheme.activation)
         self.weight_spec = granq_spec(scheme.weight)
