@@ -28,16 +28,17 @@ Vocabularies (one spelling each, used by the Python API and the CLIs alike):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .granularity import Granularity, PerChannel, PerSampleChannel, PerTensor
 
 __all__ = [
     "GranQConfig", "GranQScheme", "MIN_BITS", "MAX_BITS", "ACT_GRANULARITIES", "WEIGHT_GRANULARITIES",
     "PLACEMENTS", "FUSED_MODES", "quant_range", "check_bits", "check_choice", "normalize_fused", "as_granularity",
-    "as_config", "scheme_kwargs",
+    "keyword_defaults", "reject_options_with",
 ]
 
 MIN_BITS = 2
@@ -247,20 +248,29 @@ class GranQScheme:
                 f"({self.placement} placement), weights {self.weight}")
 
 
-def scheme_kwargs(scheme: GranQScheme) -> Dict[str, Any]:
-    """The keyword form of ``scheme`` (inverse of :meth:`GranQScheme.from_kwargs` for named configs)."""
-    return {"weight_bits": scheme.weight.bits, "act_bits": scheme.activation.bits,
-            "act_granularity": scheme.activation.name, "weight_granularity": scheme.weight.name,
-            "act_placement": scheme.placement, "symmetric_weights": scheme.weight.symmetric,
-            "symmetric_acts": scheme.activation.symmetric, "fused": scheme.activation.fused,
-            "check_finite": scheme.activation.check_finite}
+# ----------------------------------------------------------------------------- an object or keywords
+def keyword_defaults(function: Callable) -> Dict[str, Any]:
+    """``{parameter: default}`` of ``function``'s parameters that have a default."""
+    return {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
 
 
-def as_config(value: Union[GranQConfig, Optional[int]] = None, **options: Any) -> GranQConfig:
-    """``value`` if it is a :class:`GranQConfig` (``options`` then replace fields), else a new one
-    from ``bits=value`` and ``options``."""
-    if isinstance(value, GranQConfig):
-        return value.replace(**options) if options else value
-    if value is not None:
-        options["bits"] = value
-    return GranQConfig(**options)
+def _is_default(name: str, value: Any, default: Any) -> bool:
+    if name == "fused" and value is None:
+        return default in (None, "auto")  # None: the legacy spelling of "auto"
+    # same type first: a value of another type (a tensor, 1 for True) was given on purpose
+    return value is default or (type(value) is type(default) and value == default)
+
+
+def reject_options_with(value: Any, options: Mapping[str, Any], defaults: Optional[Mapping[str, Any]] = None) -> None:
+    """``ValueError`` naming the keyword ``options`` given together with ``value`` (a
+    :class:`GranQScheme` or :class:`GranQConfig`, which holds every option itself: a keyword would
+    be silently ignored; torchao's ``QATConfig`` refuses the same mix). With ``defaults`` (the
+    public function's :func:`keyword_defaults`), an option equal to its default counts as not given."""
+    given: List[str] = sorted(name for name, option in options.items()
+                              if defaults is None or name not in defaults
+                              or not _is_default(name, option, defaults[name]))
+    if given:
+        kind = type(value).__name__
+        raise ValueError(f"cannot specify both a {kind} and the keyword option(s) {', '.join(given)}: the "
+                         f"{kind} holds every option (change it with {kind}.replace(...), or give only keywords)")

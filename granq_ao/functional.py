@@ -56,7 +56,8 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from .config import MAX_BITS, MIN_BITS, GranQConfig, as_granularity, normalize_fused, quant_range
+from .config import (MAX_BITS, MIN_BITS, GranQConfig, as_granularity, normalize_fused, quant_range,
+                     keyword_defaults, reject_options_with)
 from .granularity import Granularity, PerTensor
 
 __all__ = [
@@ -422,9 +423,11 @@ def fake_quantize_with_qparams(x: torch.Tensor, scale: torch.Tensor, zero_point:
 
 def _config(bits: Union[int, GranQConfig], granularity: GranularityLike, axis: int, symmetric: bool,
             fused: Any, check_finite: bool) -> GranQConfig:
-    """``bits`` itself when it is a GranQConfig (the other arguments are then not used), else
-    the config the keywords describe (validated there)."""
+    """``bits`` itself when it is a GranQConfig (``ValueError`` if another argument differs from
+    its default too), else the config the keywords describe (validated there)."""
     if isinstance(bits, GranQConfig):
+        reject_options_with(bits, dict(granularity=granularity, axis=axis, symmetric=symmetric, fused=fused,
+                                       check_finite=check_finite), _KEYWORD_DEFAULTS)
         return bits
     return GranQConfig(bits=bits, granularity=granularity, axis=axis, symmetric=symmetric, fused=fused,
                        check_finite=check_finite)
@@ -437,7 +440,8 @@ def fake_quantize(x: torch.Tensor, bits: Union[int, GranQConfig] = 4, granularit
 
     Args:
         x: floating-point tensor, rank >= 2 (rank >= 1 for ``"tensor"``), any layout.
-        bits: 2..8, or a :class:`~granq_ao.config.GranQConfig` holding every option below.
+        bits: 2..8, or a :class:`~granq_ao.config.GranQConfig` holding every option below
+            (giving one of them too is a ``ValueError``).
         granularity: ``"granq"`` (per (sample, channel), default), ``"channel"``, ``"tensor"``,
             ``"granq_iterative"`` or a granularity object.
         axis: the channel axis (default 1, NCHW).
@@ -476,6 +480,9 @@ def fake_quantize_dynamic(x: torch.Tensor, bits: Union[int, GranQConfig] = 4,
     if config.check_finite:
         _raise_unless_finite(all_finite, x_min, x_max)
     return x_hat, x_min, x_max
+
+
+_KEYWORD_DEFAULTS = keyword_defaults(fake_quantize_dynamic)  # read on each call with a GranQConfig: once here
 
 
 def fake_quantize_from_ranges(x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: int,

@@ -76,6 +76,7 @@ CASES = [  # (act_placement, act_granularity, weight_granularity)
 ]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("placement,act,weight", CASES)
 def test_dynamic_reference_equals_qat_eval_resnet20(placement, act, weight):
     torch.manual_seed(1)
@@ -99,6 +100,7 @@ def test_dynamic_reference_equals_qat_eval_resnet20(placement, act, weight):
     assert sum(isinstance(m, ConvBnEval) for m in ref.modules()) == 21  # stem + 18 body convs + 2 shortcuts
 
 
+@pytest.mark.numerics
 def test_dynamic_nodes_compute_integer_codes_and_match_fake_quantize():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     qat = granq_qat(model, torch.randn(2, 3, 8, 8), weight_bits=4, act_bits=4)

@@ -53,6 +53,7 @@ MODULE_KINDS = {  # name: (model, input shape or integer input)
 }
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind", sorted(MODULE_KINDS))
 def test_every_module_kind_is_quantized_the_same_in_qat_and_convert(kind):
     """A ConvTranspose2d was float in QAT (torch.ao has no QAT module for it) but its weight was

@@ -129,6 +129,7 @@ def test_training_steps_train_the_qat_model(resnet):
     assert resnet.qat.conv1.activation_post_process.activation_post_process.min_val.numel() == 64
 
 
+@pytest.mark.numerics
 def test_convert_eager_equals_the_qat_model_in_eval(resnet):
     qat, x = resnet.qat, resnet.x
     expected = qat(x)

@@ -92,6 +92,24 @@ def test_signed_weight_grid_gives_same_dequantized_static_values():
     assert torch.equal(q.dequantize(), unsigned.dequantize())
 
 
+def test_config_with_conflicting_keywords_is_refused():
+    """A GranQConfig holds bits, granularity, axis, symmetric, fused and check_finite: giving one of
+    them too would be ignored silently, so the module and the functional op refuse the mix."""
+    config = granq_ao.GranQConfig(bits=3, granularity="channel")
+    with pytest.raises(ValueError, match=r"both a GranQConfig and the keyword option\(s\) bits, ch_axis: "):
+        GranQFakeQuantize(config=config, bits=4, ch_axis=0)
+    with pytest.raises(ValueError, match=r"keyword option\(s\) granularity: "):
+        GranQFakeQuantize.with_args(config=config, granularity="tensor")()
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"keyword option\(s\) symmetric: "):
+        F.fake_quantize(x, config, symmetric=True)
+    with pytest.raises(ValueError, match=r"keyword option\(s\) axis, check_finite: "):
+        F.fake_quantize_dynamic(x, config, axis=0, check_finite=False)
+    module = GranQFakeQuantize(config=config, fused=None, quant_min=0, quant_max=7, averaging_constant=0.5)
+    assert module.config is config and module.activation_post_process.averaging_constant == 0.5
+    assert torch.equal(F.fake_quantize(x, config, "granq", fused=None), F.fake_quantize(x, 3, "channel"))
+
+
 @pytest.mark.parametrize("bits", [1, 9, 0, 2.5, True])
 def test_bits_outside_2_to_8_rejected_at_construction(bits):
     with pytest.raises(ValueError, match="bits"):
@@ -126,6 +144,7 @@ def test_extra_repr():
 
 
 # ----------------------------------------------------------------------------- forward numbers
+@pytest.mark.numerics
 @pytest.mark.parametrize("granularity", ["granq", "channel", "tensor", "granq_iterative"])
 def test_forward_is_functional_fake_quantize(granularity):
     x = batches([(3, 4, 5, 5)])[0].requires_grad_()

@@ -28,6 +28,7 @@ def test_positive_power_of_two_channel_scale_commutes_exactly(granularity):
     assert torch.equal(weight_fq(w * a, granularity), weight_fq(w, granularity) * a)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("granularity", ["channel", "kernel"])
 def test_positive_general_channel_scale_commutes_up_to_rounding(granularity):
     """Any a > 0: equal in real arithmetic; in float a code flips only where x/s + z lands within an
@@ -42,6 +43,7 @@ def test_positive_general_channel_scale_commutes_up_to_rounding(granularity):
     assert torch.allclose(lhs, rhs, atol=float(step) * 1.01)  # a flip moves a value by one step at most
 
 
+@pytest.mark.numerics
 def test_negative_scale_commutes_except_at_rounding_ties():
     """a < 0 swaps min and max: the grid is the same set (mirrored), but round-half-to-even is not
     mirror-symmetric around the zero point, so an exact tie rounds the other way."""
@@ -116,22 +118,29 @@ def test_fold_is_opt_in_and_keeps_modules_and_state(students):
         ZSQConfig(fold_bn="yes").validate()
 
 
+@pytest.mark.numerics
 def test_folded_student_computes_the_same_function_and_gradients(students):
+    """The fold is exact in real arithmetic, so it is checked in float64: there both students agree
+    to rounding error (measured ~4e-16 relative), with every fake-quant on. (In float32, which ulps
+    differ depends on the CPU's conv kernels, and a 3-bit rounding turns a one-ulp difference into a
+    whole step that later layers amplify: 0.029 to 0.033 relative on the logits, by ISA.)"""
     _, default, folded = students
-    images = _images()
-    default.eval(), folded.eval()
+    default, folded = copy.deepcopy(default).double().eval(), copy.deepcopy(folded).double().eval()
+    images = _images().double()
     out_default, out_folded = default(images), folded(images)
-    assert (out_default.argmax(1) == out_folded.argmax(1)).float().mean() >= 0.96
+    assert torch.equal(out_default.argmax(1), out_folded.argmax(1))
     rel = (out_default - out_folded).norm() / out_default.norm()
-    assert rel < 2e-2, rel  # ulp-level differences, amplified only where a 3-bit rounding flips
-    weights = torch.randn_like(out_default)
+    assert rel < 1e-9, rel
+    weights = torch.randn(out_default.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grads_default = torch.autograd.grad((out_default * weights).sum(), list(default.parameters()))
     grads_folded = torch.autograd.grad((out_folded * weights).sum(), list(folded.parameters()))
     names = [name for name, _ in default.named_parameters()]
+    assert len(names) == len(grads_folded) > 0
     for name, g_d, g_f in zip(names, grads_default, grads_folded):
-        assert (g_d - g_f).norm() <= 5e-2 * g_d.norm() + 1e-6, name
+        assert (g_d - g_f).norm() <= 1e-9 * g_d.norm() + 1e-12, name
 
 
+@pytest.mark.numerics
 def test_folded_forward_is_the_conv_bn_map_without_activation_quantization(students):
     """With activation fake-quants off nothing downstream rounds: the two forwards agree to float precision."""
     _, default, folded = students
@@ -148,6 +157,7 @@ def test_folded_forward_is_the_conv_bn_map_without_activation_quantization(stude
         default.apply(enable_fake_quant), folded.apply(enable_fake_quant)
 
 
+@pytest.mark.numerics
 def test_unfold_restores_torch_ao_forward_bit_for_bit(students):
     teacher, default, _ = students
     images = _images(8)

@@ -75,6 +75,7 @@ SHAPES = {2: (3, 7), 3: (3, 4, 6), 4: (2, 3, 4, 5), 5: (2, 3, 2, 3, 4)}
 
 
 # ----------------------------------------------------------------------------- numbers
+@pytest.mark.numerics
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis", [1, -1])
@@ -110,6 +111,7 @@ def test_rounding_ties_are_half_to_even():
     assert y.tolist() == [[0.0, 15.0, 0.0, 2.0, 2.0, 14.0, 14.0]]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
 def test_granq_iterative_is_bit_exact_granq(rank):
     x = sample(SHAPES[rank], seed=rank)
@@ -161,6 +163,7 @@ def test_quant_range():
 
 
 # ----------------------------------------------------------------------------- fused path
+@pytest.mark.numerics
 def test_compiled_equals_eager_bit_identical():
     """Three compiles of one function (the first costs ~20 s on CPU; each dtype or rank change
     recompiles): fp32 with exact ties, a constant and a random slice; fp16 symmetric; bf16

@@ -76,7 +76,7 @@ def test_missing_pytorch_quantization_gives_install_hint(monkeypatch):
         for name in saved:
             monkeypatch.delitem(sys.modules, name)
         monkeypatch.setitem(sys.modules, "pytorch_quantization", None)  # import -> ImportError
-        with pytest.raises(ImportError, match=r'pip install "granq-ao\[nvidia\]"'):
+        with pytest.raises(ImportError, match=r'pip install -e "\.\[nvidia\]"'):
             importlib.import_module("granq_ao.integrations.pytorch_quantization")
     finally:
         monkeypatch.undo()
@@ -93,6 +93,7 @@ def test_is_a_tensor_quantizer_and_repr():
     assert "3bit granq asymmetric axis=1 dynamic" in repr(quantizer)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape", [(4, 6), (3, 5, 7), (2, 4, 6, 5), (2, 3, 4, 3, 5)])
 def test_forward_matches_independent_formula(bits, shape):
@@ -109,6 +110,7 @@ def test_forward_matches_independent_formula(bits, shape):
     assert out[0, 0].unique().numel() <= 2**bits
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("granularity", ["granq", "channel", "tensor", "granq_iterative"])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_bit_equal_to_torch_ao_fake_quantize(granularity, symmetric):
@@ -119,6 +121,7 @@ def test_bit_equal_to_torch_ao_fake_quantize(granularity, symmetric):
     assert torch.equal(ours(x), theirs(x))
 
 
+@pytest.mark.numerics
 def test_weight_granularity_bit_equal_to_torch_ao():
     w = torch.randn(8, 4, 3, 3)
     ours = GranQTensorQuantizer(GranQDescriptor(num_bits=4, granularity="channel", axis=0, **EAGER))
@@ -514,6 +517,7 @@ def test_load_quant_state_dict_for_calibrated_nvidia_quantizers_on_cpu():
 
 
 # ----------------------------------------------------------------------------- vs torch.ao
+@pytest.mark.numerics
 def test_small_conv_net_same_numbers_as_torch_ao_path():
     """The same float model quantized through this adapter and through torch.ao FX QAT
     (paper placement, GranQ per-output-channel weights) gives bit-identical outputs."""

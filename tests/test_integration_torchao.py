@@ -156,6 +156,7 @@ def test_export_needs_a_batch_of_two():
 
 
 # ----------------------------------------------------------------------------- FX vs PT2E
+@pytest.mark.numerics
 @pytest.mark.parametrize("placement", ["paper", "all"])
 def test_matches_torch_ao_fx_bit_for_bit(prepared_resnet20, placement):
     """Same float model (resnet20(seed=0)), same options, same input: the torch.ao FX QAT model
@@ -273,8 +274,10 @@ def test_bad_options_fail_at_construction():
         GranQQuantizer(act_bits=1)
     with pytest.raises(ValueError, match="act_placement"):
         GranQQuantizer(act_placement="everywhere")
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(ValueError, match="both a GranQScheme and the keyword option\\(s\\) act_bits:"):
         GranQQuantizer(GranQScheme(), act_bits=3)
+    assert GranQQuantizer(weight_bits=3, act_bits=3, act_placement="paper").scheme == GranQScheme.from_kwargs(
+        3, 3, act_placement="paper")  # keywords alone still build the scheme
     with pytest.raises(TypeError, match="GranQConfig"):
         GranQPT2EFakeQuantize()
     with pytest.raises(ValueError, match="grid"):
@@ -360,7 +363,7 @@ def test_missing_torchao_names_the_extra(monkeypatch):
         for name in saved:
             monkeypatch.delitem(sys.modules, name)
         monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
-        with pytest.raises(ImportError, match=r'pip install "granq-ao\[torchao\]"'):
+        with pytest.raises(ImportError, match=r'pip install -e "\.\[torchao\]"'):
             __import__("granq_ao.integrations.torchao")
     finally:
         sys.modules.update(saved)

@@ -182,6 +182,7 @@ def test_disabled_fake_quant_stays_float_after_convert():
                                                       layer.bias))
 
 
+@pytest.mark.numerics
 def test_pytorchcv_resnet20_swap_counts_and_convert_equality():
     pytest.importorskip("pytorchcv")
     from granq_ao.zsq.teachers import get_model

@@ -49,6 +49,7 @@ def test_float32_range_that_overflows_is_refused(fused, granularity):
         granq_ao.fake_quantize(torch.tensor([[[float("nan"), 1.0]]]), 4, granularity, fused=fused)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("fused", ["eager", "compiled"])
 def test_float64_input_is_computed_in_float64(fused):
     """float64 was computed in float32: 1e300 was reported as "NaN or infinite", 1e-50 became 0 and a
@@ -93,6 +94,7 @@ def test_prepared_model_runs_on_the_meta_device():
     assert granq_ao.fake_quantize(torch.empty(2, 3, 4, device="meta"), 4).shape == (2, 3, 4)
 
 
+@pytest.mark.numerics
 def test_sample_output_does_not_depend_on_other_samples_at_a_fixed_batch_size():
     """What README promises: at a given batch size, replacing the other samples of the batch leaves a
     sample's output bit for bit unchanged (GranQ ranges are per sample). Across batch sizes it is not

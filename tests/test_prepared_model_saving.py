@@ -71,6 +71,62 @@ def test_prepared_qat_model_pickles_and_loads_in_a_fresh_process(tmp_path):
     assert out.strip() == "ok"
 
 
+class ConvBnReluConvBnPool(nn.Module):
+    """The pooling op reuses its input's fake-quant: torch.ao registers that one instance under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+
+
+@pytest.mark.parametrize("round_trip", ["torch.save", "pickle", "deepcopy"])
+def test_state_dict_survives_pickling_of_a_shared_fake_quant(round_trip):
+    """Pickling re-traces the graph and keeps one name per module: a prepared model whose pooling
+    shares its input's fake-quant lost that fake-quant's second name (activation_post_process_3)
+    from its state_dict. granq_ao.prepare_qat_fx calls the shared instance by one name, so the
+    saved and the loaded model have the same keys and load each other's state_dicts strictly."""
+    import copy
+    import io
+    import pickle
+
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx as torch_prepare_qat_fx
+
+    from granq_ao.integrations.torch_ao.placement import activation_fake_quant_calls
+
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    mapping = granq_ao.get_granq_qat_qconfig_mapping(4, 4, fused="eager")
+    torch_prepared = torch_prepare_qat_fx(ConvBnReluConvBnPool().train(), mapping, (example,))
+    aliased = dict(torch_prepared.named_modules(remove_duplicate=False))
+    assert aliased["activation_post_process_3"] is aliased["activation_post_process_2"]  # the case at hand
+    qat = prepare(ConvBnReluConvBnPool(), example)
+    calls = activation_fake_quant_calls(qat)
+    assert len(calls) == 4 and calls[2] is calls[3]  # still one instance, called twice
+    assert "activation_post_process_3" not in dict(qat.named_modules(remove_duplicate=False))
+    qat(torch.randn(4, 3, 8, 8))  # observers and BN statistics hold data
+    if round_trip == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(qat, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    elif round_trip == "pickle":
+        loaded = pickle.loads(pickle.dumps(qat))
+    else:
+        loaded = copy.deepcopy(qat)
+    assert list(loaded.state_dict()) == list(qat.state_dict())
+    loaded.load_state_dict(qat.state_dict(), strict=True)
+    qat.load_state_dict(loaded.state_dict(), strict=True)
+    fresh = prepare(ConvBnReluConvBnPool(), example)
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(loaded.eval()(x), qat.eval()(x)) and torch.equal(fresh.eval()(x), qat(x))
+
+
 def test_torch_prepare_with_granq_mapping_pickles_too():
     """The mapping's constructors (GranQ's and the torch.ao ones it keeps) pickle, so torch's own
     prepare_qat_fx with a GranQ mapping gives a picklable model as well."""

@@ -140,6 +140,7 @@ def test_weight_granularities():
 
 
 # ----------------------------------------------------------------------------- eval: dynamic
+@pytest.mark.numerics
 @pytest.mark.parametrize("granularity, independent", [("granq", True), ("tensor", False)])
 def test_eval_mode_quantizes_each_sample_on_its_own(granularity, independent):
     """No calibration: in eval, GranQ ranges still come from each sample, so a sample's output
@@ -262,6 +263,31 @@ def test_bad_bits_rejected_at_qconfig_construction(kwargs):
 def test_bad_names_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         granq_ao.get_granq_qat_qconfig_mapping(**kwargs)
+
+
+def test_scheme_with_conflicting_keywords_is_refused():
+    """A GranQScheme holds every option: a keyword given too would be silently ignored, so it is a
+    ValueError naming the keywords (as torchao's QATConfig does). Non-scheme options still combine."""
+    scheme = granq_ao.GranQScheme.from_kwargs(3, 3)
+    for build in (granq_ao.get_granq_qconfig, granq_ao.get_granq_qat_qconfig_mapping):
+        with pytest.raises(ValueError, match=r"keyword option\(s\) act_bits, fused: "):
+            build(scheme, act_bits=5, fused="eager")
+        with pytest.raises(ValueError, match=r"keyword option\(s\) act_bits: "):
+            build(scheme, 3)  # positional act_bits
+    assert granq_ao.get_granq_qconfig(scheme, fused=None).activation().bits == 3  # None: legacy "auto", the default
+    assert granq_ao.get_granq_qconfig(scheme, averaging_constant=0.1).activation().activation_post_process.averaging_constant == 0.1
+    assert granq_ao.get_granq_qat_qconfig_mapping(scheme, backend="qnnpack").scheme is scheme
+
+
+def test_fused_defaults_to_auto_everywhere():
+    import inspect
+
+    for function in (granq_ao.get_granq_qconfig, granq_ao.get_granq_qat_qconfig_mapping, GranQFakeQuantize,
+                     granq_ao.GranQScheme.from_kwargs, granq_ao.fake_quantize):
+        assert inspect.signature(function).parameters["fused"].default == "auto", function
+    assert GranQFakeQuantize(bits=3).fused == "auto"
+    assert GranQFakeQuantize(bits=3, fused=None).fused == "auto"  # the legacy spelling still works
+    assert granq_ao.get_granq_qconfig(fused=None).activation().fused == "auto"
 
 
 def test_qconfig_bits_reach_the_modules():

@@ -40,6 +40,7 @@ def test_whole_model_compiles_to_one_graph(qat_model):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.numerics
 def test_compiled_model_matches_eager(qat_model):
     x = torch.randn(4, 3, 8, 8)
     qat_model.eval()

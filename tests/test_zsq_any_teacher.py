@@ -135,6 +135,7 @@ def test_modelopt_student_trains_and_resumes(tmp_path):
             assert torch.equal(value, b.state_dict()[key]), key
 
 
+@pytest.mark.numerics
 def test_pt2e_student_trains_and_matches_the_fx_student(tmp_path):
     """ZSQConfig.toolchain="pt2e": the student is a (torchao) PT2E GranQ QAT graph. Its fake-quants sit
     where the torch.ao student's do, its accuracy before QAT is the torch.ao student's (the two

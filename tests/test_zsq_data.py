@@ -44,6 +44,8 @@ def test_offline_subset_and_missing_data_messages(tmp_path, monkeypatch):
         evalset = D.load_cifar_test("cifar10")
         assert len(evalset) == 1017 and evalset.images.shape == (1017, 3, 32, 32)
         assert evalset.labels[:5].tolist() == [3, 8, 8, 0, 6]  # the official test_batch starts so
+        assert evalset.classes[:4] == ("airplane", "automobile", "bird", "cat") and len(evalset.classes) == 10
+        assert [evalset.classes[y] for y in evalset.labels[:2]] == ["cat", "ship"]
     monkeypatch.setenv("GRANQ_DATA_DIR", str(tmp_path))
     with pytest.raises(D.DataNotFoundError, match="test_subset.npz does not exist"):
         D.load_cifar_test("cifar10")

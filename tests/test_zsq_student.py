@@ -32,6 +32,7 @@ def test_student_fake_quants_and_trainability(teacher):
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
 
 
+@pytest.mark.numerics
 def test_student_without_fake_quant_is_the_teacher_and_bn_stays_frozen(teacher):
     torch.manual_seed(0)
     student = prepare_student(teacher, PAPER_W4A4, CIFAR_EXAMPLE)

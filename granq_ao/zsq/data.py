@@ -102,13 +102,15 @@ def generator_output_statistics(dataset: str, normalization: Optional[Normalizat
 
 @dataclass
 class EvalSet:
-    """Normalized test images (float32 NCHW), integer labels, where they came from, and the
-    normalization applied (``None``: the dataset's :data:`CIFAR_NORMALIZATION`)."""
+    """Normalized test images (float32 NCHW), integer labels, where they came from, the class
+    names by label (``classes[y]``) when the files carry them, and the normalization applied
+    (``None``: the dataset's :data:`CIFAR_NORMALIZATION`)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     dataset: str
     source: str  # "subset:<path>" or "torchvision:<root>"
+    classes: Optional[Tuple[str, ...]] = None
     normalization: Optional[Normalization] = None
 
     def __len__(self) -> int:
@@ -140,17 +142,18 @@ def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: boo
             )
         with np.load(path) as arrays:
             x, y = arrays["x"], arrays["y"]
+            classes = tuple(str(name) for name in arrays["classes"]) if "classes" in arrays.files else None
         if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8 or len(x) != len(y):
             raise ValueError(f"{path}: expected x uint8 (N, 32, 32, 3) and y (N,), got x {x.dtype} "
                              f"{x.shape}, y {y.shape}")
         return EvalSet(normalize_uint8_images(x, dataset, normalization), torch.as_tensor(y, dtype=torch.int64),
-                       dataset, f"subset:{path}", normalization)
+                       dataset, f"subset:{path}", classes=classes, normalization=normalization)
     root = Path(data_root if data_root is not None else shared_data_dir() / "torchvision").expanduser()
     try:
         import torchvision
     except ImportError as error:  # pragma: no cover - torchvision is a declared extra
-        raise DataNotFoundError("reading the full CIFAR test set needs torchvision (pip install "
-                                "granq-ao[vision])") from error
+        raise DataNotFoundError("reading the full CIFAR test set needs torchvision (from the granq_ao "
+                                "clone: pip install -e \".[vision]\")") from error
     cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
     try:
         data = cls(str(root), train=False, download=download)
@@ -163,4 +166,4 @@ def load_cifar_test(dataset: str, data_root: Optional[str] = None, download: boo
     x = np.asarray(data.data)
     y = np.asarray(data.targets, dtype=np.int64)
     return EvalSet(normalize_uint8_images(x, dataset, normalization), torch.from_numpy(y), dataset,
-                   f"torchvision:{root}", normalization)
+                   f"torchvision:{root}", classes=tuple(data.classes), normalization=normalization)

@@ -5,10 +5,12 @@ when it has an output folder; a failure to draw warns and never stops the run.
 
 * ``accuracy.png`` (after every epoch): top-1 of the student on the evaluation images per epoch
   with its 95% Wilson interval as a band, and horizontal lines for the teacher and for the
-  student before QAT (with their bands); warm-up epochs shaded. From the metrics history.
+  student before QAT (with their bands); warm-up epochs shaded. From the metrics history. Its
+  title is short: bits, granularity and the teacher's name (:func:`short_title`).
 * ``generated_epochNNN.png`` (after epoch 1, epoch ``epochs // 2`` and the final epoch): the
   generator's images, one row per class in class order (all classes up to 10, else 10 evenly
-  spaced, first and last included: 0, 111, 222, ..., 999 for ImageNet), eight
+  spaced, first and last included: 0, 111, 222, ..., 999 for ImageNet), each row labelled with
+  its class name when the evaluation data carries the names (CIFAR), else its index; eight
   fixed latent codes per class (drawn once from a seeded stream, the same at every epoch, so
   the rows can be compared across epochs). Images are de-normalized with the run's
   ``(mean, std)`` when known (the trainer's ``normalize``, or the CIFAR statistics of a CIFAR
@@ -50,14 +52,17 @@ from .checkpoint import atomic_write_json, rng_state, set_rng_state
 from .evaluation import eval_batches
 from .student import student_protocol
 
-__all__ = ["ACTIVATION_IMAGES", "picture_epochs", "activation_errors", "activation_points",
-           "accuracy_figure", "activation_error_figure", "generated_images", "save_generated_grid", "RunPictures"]
+__all__ = ["ACTIVATION_IMAGES", "picture_epochs", "activation_errors", "activation_points", "short_title",
+           "accuracy_figure", "activation_error_figure", "generated_images", "class_names", "row_labels",
+           "save_generated_grid", "RunPictures"]
 
 ACTIVATION_IMAGES = 32
 GRID_CLASSES = 10
 GRID_SAMPLES = 8
 GRID_MAX_SIDE = 112  # larger generated images are shown downscaled (224 -> 112)
 GRID_MIN_SIDE = 64   # smaller ones are enlarged by an integer factor, nearest neighbour (32 -> 64)
+GRID_PADDING = 2     # white pixels around each image
+LABEL_FONT_SIZE = 9  # row labels, points
 LATENT_SEED = 20250318
 
 
@@ -153,6 +158,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def short_title(weight_bits: int, act_bits: int, act_granularity: str, teacher: str = "") -> str:
+    """``"W4A4 granq | resnet20_cifar10"``: the teacher's description without where its weights
+    came from (``"<name> from <path or URL>"``: often a long absolute path), a bare path reduced to
+    its file name."""
+    name = str(teacher).split(" from ", 1)[0].strip()
+    if "/" in name or "\\" in name:
+        name = name.replace("\\", "/").rstrip("/").rpartition("/")[2]
+    return f"W{weight_bits}A{act_bits} {act_granularity}" + (f" | {name}" if name else "")
 
 
 def accuracy_figure(history: Sequence[Dict[str, Any]], teacher: Optional[Dict[str, Any]],
@@ -285,14 +300,48 @@ def to_display(images: torch.Tensor, normalize=None) -> torch.Tensor:
     return images
 
 
-def save_generated_grid(images: torch.Tensor, samples: int, path: Path) -> torch.Tensor:
-    """``make_grid`` (one row per class) saved as PNG at ``path``; returns the grid (3, H, W)."""
-    from torchvision.utils import make_grid, save_image
+def class_names(eval_data: Any, num_classes: int) -> Optional[Sequence[str]]:
+    """The names of the ``num_classes`` classes, by index, when ``eval_data`` carries them as
+    ``classes`` (an ``EvalSet`` of CIFAR, a torchvision dataset), else None."""
+    names = getattr(eval_data, "classes", None)
+    if names is None or isinstance(names, str) or len(names) != num_classes:
+        return None
+    return [str(name) for name in names]
 
-    grid = make_grid(images, nrow=samples, padding=2, pad_value=1.0)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    save_image(grid, tmp)
-    tmp.replace(path)
+
+def row_labels(classes: Sequence[int], names: Optional[Sequence[str]] = None) -> List[str]:
+    """The label of each grid row: the class name when ``names`` (indexed by class) is given,
+    else the class index."""
+    return [str(names[c]) if names is not None else str(c) for c in classes]
+
+
+def save_generated_grid(images: torch.Tensor, samples: int, path: Path,
+                        labels: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """``make_grid`` (one row per class, ``samples`` images a row) saved as PNG at ``path``, pixel
+    for pixel, with ``labels`` (one per row; default: the row index) written left of the rows;
+    returns the grid without labels (3, H, W)."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images, nrow=samples, padding=GRID_PADDING, pad_value=1.0)
+    rows = -(-images.shape[0] // samples)
+    labels = [str(row) for row in range(rows)] if labels is None else [str(label) for label in labels]
+    if len(labels) != rows:
+        raise ValueError(f"{len(labels)} row labels for a grid of {rows} rows")
+    plt = _pyplot()
+    height, width = grid.shape[1:]
+    margin = 16 + 7 * max(len(label) for label in labels)  # pixels for the labels (about 7 px a character)
+    dpi = 100
+    fig = plt.figure(figsize=((width + margin) / dpi, height / dpi), dpi=dpi, facecolor="white")
+    ax = fig.add_axes((margin / (width + margin), 0, width / (width + margin), 1))
+    ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+    side = images.shape[-2]
+    ax.set_yticks([GRID_PADDING + row * (side + GRID_PADDING) + (side - 1) / 2 for row in range(rows)])
+    ax.set_yticklabels(labels, fontsize=LABEL_FONT_SIZE)
+    ax.set_xticks([])
+    ax.tick_params(length=0, pad=3)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    _save_figure(fig, path)
     return grid
 
 
@@ -351,7 +400,7 @@ class RunPictures:
 
     def _title(self) -> str:
         cfg = self.config
-        return f"W{cfg.weight_bits}A{cfg.act_bits} {cfg.act_granularity} | {self.run_info.get('teacher', '')}"
+        return short_title(cfg.weight_bits, cfg.act_bits, cfg.act_granularity, self.run_info.get("teacher", ""))
 
     # -- stages
     def start(self, student: nn.Module, protocol: StudentProtocol, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -382,7 +431,8 @@ class RunPictures:
     def _generated(self, generator: nn.Module, epoch: int) -> None:
         classes = grid_classes(self.num_classes)
         images = to_display(generated_images(generator, classes), self._display_normalization())
-        grid = save_generated_grid(images, GRID_SAMPLES, self.out_dir / f"generated_epoch{epoch:03d}.png")
+        labels = row_labels(classes, class_names(self.eval_data, self.num_classes))
+        grid = save_generated_grid(images, GRID_SAMPLES, self.out_dir / f"generated_epoch{epoch:03d}.png", labels)
         if self.writer is not None:
             self.writer.add_image("pictures/generated", grid, epoch)
             self.writer.flush()

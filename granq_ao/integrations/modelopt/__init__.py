@@ -1,4 +1,4 @@
-"""GranQ for NVIDIA Model Optimizer (modelopt 0.47): ``pip install "granq-ao[modelopt]"``.
+"""GranQ for NVIDIA Model Optimizer (modelopt 0.47): ``pip install -e ".[modelopt]"`` (from the clone).
 
     import modelopt.torch.quantization as mtq
     from granq_ao.integrations.modelopt import granq_quant_cfg
@@ -23,7 +23,7 @@ try:
 except ImportError as _error:  # pragma: no cover - exercised by a test with the package hidden
     raise ImportError(
         "granq_ao.integrations.modelopt needs NVIDIA Model Optimizer (nvidia-modelopt) "
-        f"({_error}). Install it with:  pip install \"granq-ao[modelopt]\""
+        f"({_error}). Install it from the granq_ao clone with:  pip install -e \".[modelopt]\""
     ) from _error
 
 from ._backend import BACKEND, backend_args, config_from_args, granq_backend, is_granq_quantizer, register_backend

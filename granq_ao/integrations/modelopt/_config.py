@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from granq_ao.config import GranQConfig, GranQScheme
+from granq_ao.config import GranQConfig, GranQScheme, reject_options_with
 from granq_ao.relu import find_relu_fed_modules
 
 from ._backend import BACKEND, backend_args
@@ -72,8 +72,7 @@ def relu_fed_layers(model: torch.nn.Module, example_inputs: Any) -> List[str]:
 
 def _scheme(first: Union[int, GranQScheme, None], kwargs: Dict[str, Any]) -> GranQScheme:
     if isinstance(first, GranQScheme):
-        if kwargs:
-            raise TypeError(f"give a GranQScheme or keyword options, not both (got {sorted(kwargs)})")
+        reject_options_with(first, kwargs)
         return first
     if first is not None:
         kwargs["weight_bits"] = first
@@ -85,7 +84,7 @@ def granq_quant_cfg(weight_bits: Union[int, GranQScheme, None] = None, *, model:
     """The ``mtq.quantize(model, cfg, forward_loop)`` config for GranQ (module docstring).
 
     Args:
-        weight_bits: a :class:`~granq_ao.config.GranQScheme` (then no other options), or the
+        weight_bits: a :class:`~granq_ao.config.GranQScheme` (then no other options: ``ValueError``), or the
             weight bits of :meth:`GranQScheme.from_kwargs` (default 4).
         model, example_inputs: needed for ``act_placement="paper"`` (the forward pass that
             finds the ReLU-fed layers; ``example_inputs`` a tensor or a tuple of arguments);

@@ -1,4 +1,4 @@
-"""GranQ for NVIDIA pytorch-quantization (2.1.3): ``pip install "granq-ao[nvidia]"``.
+"""GranQ for NVIDIA pytorch-quantization (2.1.3): ``pip install -e ".[nvidia]"`` (from the clone).
 
 * :class:`GranQTensorQuantizer`: a ``TensorQuantizer`` doing GranQ's dynamic per-(sample,
   channel) asymmetric fake-quant (other granularities selectable), described by a
@@ -23,7 +23,7 @@ try:
 except ImportError as _error:  # pragma: no cover - exercised by a test with the package hidden
     raise ImportError(
         "granq_ao.integrations.pytorch_quantization needs NVIDIA's pytorch-quantization 2.1.3 "
-        f"({_error}). Install it with:  pip install \"granq-ao[nvidia]\""
+        f"({_error}). Install it from the granq_ao clone with:  pip install -e \".[nvidia]\""
     ) from _error
 
 from ._quantizer import GranQCalibrationWarning, GranQDescriptor, GranQTensorQuantizer, as_granq_descriptor

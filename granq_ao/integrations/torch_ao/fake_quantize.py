@@ -45,7 +45,7 @@ import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from granq_ao import functional as granq_functional
-from granq_ao.config import GranQConfig
+from granq_ao.config import GranQConfig, keyword_defaults, reject_options_with
 from granq_ao.functional import fused_backend
 from granq_ao.granularity import Granularity, PerTensor
 from granq_ao.quantizer_state import EnableFlagsMixin, config_property
@@ -74,7 +74,8 @@ class GranQFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
             grid), the label torch.ao's backend checks. Default: ``qint8`` when ``quant_min < 0``
             is given, else ``quint8``.
         config: a :class:`~granq_ao.config.GranQConfig` giving bits, granularity, ch_axis,
-            symmetric, fused and check_finite at once (those arguments are then not used).
+            symmetric, fused and check_finite at once (giving one of those arguments too is a
+            ``ValueError``).
         observer_kwargs: passed to ``observer`` (e.g. ``averaging_constant``).
 
     ``config`` holds the validated options; ``bits``, ``granularity``, ``symmetric``, ``fused``
@@ -93,7 +94,7 @@ class GranQFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
 
     def __init__(self, observer=GranQObserver, bits: Optional[int] = None,
                  granularity: Union[str, Granularity] = "granq", ch_axis: int = 1,
-                 symmetric: bool = False, fused=None,
+                 symmetric: bool = False, fused="auto",
                  quant_min: Optional[int] = None, quant_max: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, check_finite: bool = True,
                  config: Optional[GranQConfig] = None, **observer_kwargs) -> None:
@@ -105,6 +106,10 @@ class GranQFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
                                  fused=fused, check_finite=check_finite)
         elif not isinstance(config, GranQConfig):
             raise TypeError(f"config must be a GranQConfig, got {config!r}")
+        else:
+            reject_options_with(config, dict(bits=bits, granularity=granularity, ch_axis=ch_axis, symmetric=symmetric,
+                                             fused=fused, check_finite=check_finite),
+                                keyword_defaults(GranQFakeQuantize.__init__))
         if dtype is None:  # a signed torch.ao-style range implies the signed label
             dtype = torch.qint8 if quant_min is not None and quant_min < 0 else torch.quint8
         self.config = config

@@ -6,6 +6,12 @@ prepares twice) and keeps the prepare metadata torch.ao's converter needs in a p
 (:data:`OBSERVED_ATTRS`), so that a prepared model saved whole (``torch.save``) and loaded
 again can still be converted by :func:`granq_ao.convert_to_reference_fx` (torch.ao keeps it in
 ``GraphModule.meta``, which pickling drops).
+
+torch.ao registers a fake-quant shared by several ops (pooling, flatten, view reuse their input's)
+under one name per op. Pickling re-traces the graph and keeps only the first name, so a model
+loaded again would have fewer state_dict keys than the one saved. ``prepare_qat_fx`` therefore
+calls each shared instance by its first name only (:func:`merge_aliases`): same modules, same
+numbers, and the same state_dict before and after pickling.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from .placement import apply_paper_placement, count_activation_fake_quant_calls
 from .qconfig import PlacementWarning, picklable_qconfig
 
-__all__ = ["prepare_qat_fx", "check_not_prepared", "OBSERVED_ATTRS", "META_KEY"]
+__all__ = ["prepare_qat_fx", "check_not_prepared", "merge_aliases", "OBSERVED_ATTRS", "META_KEY"]
 
 META_KEY = "_observed_graph_module_attrs"  # where torch.ao's prepare leaves its metadata
 OBSERVED_ATTRS = "granq_observed_attrs"    # our copy of it, an attribute that pickling keeps
@@ -56,14 +62,37 @@ def _make_qconfigs_picklable(prepared: GraphModule, attrs: Any) -> None:
                     table[key] = picklable_qconfig(qconfig)
 
 
+def merge_aliases(prepared: GraphModule) -> Dict[str, str]:
+    """Make every graph call of a fake-quant/observer registered under several names use its first
+    name (the one ``named_modules()`` and pickling keep) and delete the other names; returns
+    ``{alias: first name}``."""
+    first: Dict[int, str] = {}
+    for name, module in prepared.named_modules(remove_duplicate=False):
+        first.setdefault(id(module), name)
+    aliases: Dict[str, str] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = prepared.get_submodule(str(node.target))
+        name = first[id(module)]
+        if name != node.target and isinstance(module, (FakeQuantizeBase, ObserverBase)):
+            aliases[str(node.target)] = name
+            node.target = name
+    for alias in aliases:
+        prepared.delete_submodule(alias)
+    if aliases:
+        prepared.recompile()
+    return aliases
+
+
 def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping, Dict[str, Any]],
                    example_inputs: Tuple[Any, ...], prepare_custom_config=None,
                    backend_config=None) -> GraphModule:
     """Like ``torch.ao.quantization.quantize_fx.prepare_qat_fx``; with a mapping made by
     ``get_granq_qat_qconfig_mapping(act_placement="paper")`` it then keeps activation
     fake-quants on ReLU/ReLU6 outputs only (``granq_ao.placement``), and warns
-    (:class:`~.qconfig.PlacementWarning`) if that leaves none. ``ValueError`` for a model
-    that is already prepared."""
+    (:class:`~.qconfig.PlacementWarning`) if that leaves none. A shared fake-quant is called by
+    one name (:func:`merge_aliases`). ``ValueError`` for a model that is already prepared."""
     check_not_prepared(model)
     prepared = _torch_prepare_qat_fx(model, qconfig_mapping, example_inputs,
                                      prepare_custom_config=prepare_custom_config,
@@ -75,6 +104,7 @@ def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping
                 "act_placement='paper' left no activation fake-quant: the paper placement quantizes "
                 "ReLU/ReLU6 outputs only and this model has none, so its activations stay float. Use "
                 "act_placement='all' to quantize them.", PlacementWarning, stacklevel=2)
+    merge_aliases(prepared)
     # An attribute survives pickling; listed as preserved, it survives deepcopy too.
     attrs = prepared.meta[META_KEY]
     _make_qconfigs_picklable(prepared, attrs)

@@ -29,7 +29,7 @@ from torch.ao.quantization import QConfig, QConfigMapping, get_default_qat_qconf
 from torch.ao.quantization.fake_quantize import FixedQParamsFakeQuantize
 from torch.ao.quantization.observer import ReuseInputObserver, _PartialWrapper
 
-from granq_ao.config import GranQScheme, check_choice
+from granq_ao.config import GranQScheme, check_choice, keyword_defaults, reject_options_with
 
 from .fake_quantize import GranQFakeQuantize
 from .observer import PicklablePartial
@@ -87,9 +87,11 @@ def _called_by_torch_prepare_only() -> bool:
     return torch_prepare and not ours
 
 
-def _scheme(first, **kwargs) -> GranQScheme:
-    """The scheme given as first argument, or the one the keywords name (``first`` = weight_bits)."""
+def _scheme(first, function, **kwargs) -> GranQScheme:
+    """The scheme given as first argument (``ValueError`` if a keyword of ``function`` also differs
+    from its default), or the one the keywords name (``first`` = weight_bits)."""
     if isinstance(first, GranQScheme):
+        reject_options_with(first, kwargs, keyword_defaults(function))
         return first
     return GranQScheme.from_kwargs(first, **kwargs)
 
@@ -107,14 +109,15 @@ def _qconfig(scheme: GranQScheme, averaging_constant: float = 0.01, weight_confi
 
 def get_granq_qconfig(weight_bits: Union[int, GranQScheme] = 4, act_bits: int = 4,
                       act_granularity: str = "granq", weight_granularity: str = "channel",
-                      symmetric_weights: bool = False, symmetric_acts: bool = False, fused=None,
+                      symmetric_weights: bool = False, symmetric_acts: bool = False, fused="auto",
                       averaging_constant: float = 0.01, check_finite: bool = True) -> QConfig:
     """A QAT ``QConfig`` (eager ``model.qconfig = ...`` or FX): GranQ fake-quant for activations
     and weights (see the module docstring). ``weight_bits`` may be a
-    :class:`~granq_ao.config.GranQScheme` (the other options are then its own).
+    :class:`~granq_ao.config.GranQScheme` (the other scheme options are then its own: giving one too
+    is a ``ValueError``).
     ``averaging_constant``: the activation observers' running-range weight (static export only).
     ``check_finite=False`` drops the per-call NaN/inf check (and its host read: a sync on GPU)."""
-    scheme = _scheme(weight_bits, act_bits=act_bits, act_granularity=act_granularity,
+    scheme = _scheme(weight_bits, get_granq_qconfig, act_bits=act_bits, act_granularity=act_granularity,
                      weight_granularity=weight_granularity, symmetric_weights=symmetric_weights,
                      symmetric_acts=symmetric_acts, fused=fused, check_finite=check_finite)
     return _qconfig(scheme, averaging_constant)
@@ -151,11 +154,11 @@ def get_granq_qat_qconfig_mapping(weight_bits: Union[int, GranQScheme] = 4, act_
                                   act_granularity: str = "granq", weight_granularity: str = "channel",
                                   act_placement: str = "all", backend: str = "x86",
                                   symmetric_weights: bool = False, symmetric_acts: bool = False,
-                                  fused=None, check_finite: bool = True) -> GranQQConfigMapping:
+                                  fused="auto", check_finite: bool = True) -> GranQQConfigMapping:
     """torch.ao's default QAT mapping for ``backend`` with GranQ in place of its default qconfig.
 
     ``weight_bits`` may be a :class:`~granq_ao.config.GranQScheme` (the other options but
-    ``backend`` are then its own). Ops with fixed output ranges (sigmoid, tanh, softmax, ...) and
+    ``backend`` are then its own: giving one too is a ``ValueError``). Ops with fixed output ranges (sigmoid, tanh, softmax, ...) and
     ``reshape`` keep torch.ao's qconfigs. Transposed convolutions get per-tensor weight ranges
     (their weight's output channels are on dim 1) for torch's static converter; torch.ao has no
     QAT module for them, so their weights stay float in QAT and in
@@ -163,8 +166,8 @@ def get_granq_qat_qconfig_mapping(weight_bits: Union[int, GranQScheme] = 4, act_
     ``nn.Embedding``/``nn.EmbeddingBag`` are left float (qconfig None). ``act_placement="paper"``:
     see :class:`GranQQConfigMapping`.
     """
-    scheme = _scheme(weight_bits, act_bits=act_bits, act_granularity=act_granularity,
-                     weight_granularity=weight_granularity, act_placement=act_placement,
+    scheme = _scheme(weight_bits, get_granq_qat_qconfig_mapping, act_bits=act_bits,
+                     act_granularity=act_granularity, weight_granularity=weight_granularity, act_placement=act_placement,
                      symmetric_weights=symmetric_weights, symmetric_acts=symmetric_acts, fused=fused,
                      check_finite=check_finite)
     check_choice(backend, _BACKENDS, "backend")

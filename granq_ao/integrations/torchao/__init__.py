@@ -1,4 +1,4 @@
-"""GranQ for torchao (0.18): PT2E QAT and a ``quantize_`` config. ``pip install "granq-ao[torchao]"``.
+"""GranQ for torchao (0.18): PT2E QAT and a ``quantize_`` config. ``pip install -e ".[torchao]"`` (from the clone).
 
 * :class:`GranQQuantizer`: a PT2E ``Quantizer`` (``prepare_qat_pt2e`` / ``prepare_pt2e``) that
   puts GranQ fake-quants on conv/linear weights and activations (``all`` or ``paper`` placement);
@@ -18,8 +18,8 @@ try:
     from torchao.quantization.pt2e import FakeQuantizeBase as _FakeQuantizeBase  # noqa: F401
 except ImportError as _error:  # pragma: no cover - exercised only without torchao
     raise ImportError(
-        f"granq_ao.integrations.torchao needs torchao 0.18 ({_error}). Install it with:  "
-        "pip install \"granq-ao[torchao]\"") from _error
+        f"granq_ao.integrations.torchao needs torchao 0.18 ({_error}). Install it from the granq_ao "
+        "clone with:  pip install -e \".[torchao]\"") from _error
 
 from .count import granq_fake_quant_calls
 from .fake_quantize import GranQPT2EFakeQuantize

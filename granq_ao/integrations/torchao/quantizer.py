@@ -31,7 +31,7 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer, SharedQuantizationSpec
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-from granq_ao.config import GranQScheme
+from granq_ao.config import GranQScheme, reject_options_with
 from granq_ao.granularity import PerTensor
 
 from .patterns import chain_tail, is_pool, is_relu_node, is_residual_add, is_weighted, tensor_inputs
@@ -55,17 +55,18 @@ class GranQQuantizer(Quantizer):
         scheme: a :class:`~granq_ao.config.GranQScheme`; or give its keyword options instead
             (``weight_bits``, ``act_bits``, ``act_granularity``, ``weight_granularity``,
             ``act_placement``, ``symmetric_weights``, ``symmetric_acts``, ``fused``,
-            ``check_finite``: :meth:`GranQScheme.from_kwargs`, validated there).
+            ``check_finite``: :meth:`GranQScheme.from_kwargs`, validated there); both at once is a
+            ``ValueError`` naming the keywords.
     """
 
     def __init__(self, scheme: Optional[GranQScheme] = None, **options: Any) -> None:
         super().__init__()
         if scheme is None:
             scheme = GranQScheme.from_kwargs(**options)
-        elif options:
-            raise TypeError("give either a GranQScheme or keyword options, not both")
         elif not isinstance(scheme, GranQScheme):
             raise TypeError(f"scheme must be a GranQScheme, got {scheme!r}")
+        else:
+            reject_options_with(scheme, options)
         self.scheme = scheme
         self.activation_spec = granq_spec(scheme.activation)
         self.weight_spec = granq_spec(scheme.weight)
