@@ -52,7 +52,7 @@ from granq_ao.granularity import Granularity, PerTensor
 from granq_ao.saved_settings import load_checking_settings, settings_tensor
 
 from .dynamic_qdq import insert_dynamic_quant_dequant
-from .eager_guard import refuse_torch_eager_convert
+from .eager_guard import refuse_torch_convert
 from .observer import GranQObserver, bits_from_quant_range, picklable_with_args, picklable_with_callable_args
 
 
@@ -229,7 +229,7 @@ class GranQFakeQuantize(FakeQuantizeBase):
     def calculate_qparams(self):
         """Static ``(scale, zero_point)`` from the observer's running ranges (for export).
         Refused inside torch.ao's eager ``convert`` (see :mod:`.eager_guard`)."""
-        refuse_torch_eager_convert()
+        refuse_torch_convert()
         return self.activation_post_process.calculate_qparams()
 
     def convert(self, model: torch.fx.GraphModule, node: torch.fx.Node) -> None:
