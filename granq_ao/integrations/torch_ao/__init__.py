@@ -17,6 +17,7 @@ from .fake_quantize import GranQFakeQuantize
 from .observer import GranQObserver
 from .placement import activation_fake_quant_calls, apply_paper_placement, count_activation_fake_quant_calls
 from .prepare import prepare_qat_fx
+from .shared import GranQSharedFakeQuantize, share_input_qparams
 from .qconfig import GranQQConfigMapping, PlacementWarning, get_granq_qat_qconfig_mapping, get_granq_qconfig
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "get_granq_qat_qconfig_mapping", "prepare_qat_fx", "apply_paper_placement", "activation_fake_quant_calls",
     "count_activation_fake_quant_calls", "convert_to_reference_fx", "insert_dynamic_quant_dequant",
     "bake_weight_module", "weight_codes", "ConvBnEval", "convert_eager", "DynamicQuantDequant",
+    "GranQSharedFakeQuantize", "share_input_qparams",
 ]

@@ -251,7 +251,7 @@ def convert_to_reference_fx(graph_module: GraphModule,
         module = modules.get(str(node.target))
         if isinstance(module, GranQFakeQuantize):
             if mode == "dynamic":
-                insert_dynamic_quant_dequant(graph_module, node, module)
+                module.convert(graph_module, node)  # dynamic q/dq; a shared call reuses its owner's input
             elif not fake_quant_on(module):
                 bypass_node(graph_module.graph, node)
         elif isinstance(getattr(module, "weight_fake_quant", None), GranQFakeQuantize):

@@ -51,7 +51,7 @@ from granq_ao.functional import NonFiniteInputError, fused_backend
 from granq_ao.granularity import Granularity, PerTensor
 from granq_ao.saved_settings import load_checking_settings, settings_tensor
 
-from .dynamic_qdq import insert_dynamic_quant_dequant
+from .dynamic_qdq import insert_dynamic_quant_dequant, record_converted_source
 from .eager_guard import refuse_torch_convert
 from .observer import GranQObserver, bits_from_quant_range, picklable_with_args, picklable_with_callable_args
 
@@ -120,6 +120,10 @@ class GranQFakeQuantize(FakeQuantizeBase):
         # Python mirrors of the fake_quant_enabled / observer_enabled buffers (no device read).
         self._fake_quant_on = True
         self._observer_on = True
+        # shared quantizer (see .shared): the qparams of the latest call, kept for the calls
+        # that reuse them (GranQSharedFakeQuantize) when ``records_qparams`` is set
+        self.records_qparams = False
+        self.last_qparams = None
         self.quant_min = self.activation_post_process.quant_min
         self.quant_max = self.activation_post_process.quant_max
 
@@ -199,6 +203,7 @@ class GranQFakeQuantize(FakeQuantizeBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         observe = self._observer_on
         quantize = self._fake_quant_on
+        self.last_qparams = None
         if not (observe or quantize):
             return x
         try:
@@ -214,6 +219,8 @@ class GranQFakeQuantize(FakeQuantizeBase):
                                                                iterative=self.config.iterative)
             if x.numel() == 0:
                 return x
+            if quantize and self.records_qparams:
+                self.last_qparams = granq_functional.compute_qparams(x_min, x_max, self.bits, self.symmetric)
             if observe:
                 if self._observer_reuses_ranges(x.dim()):
                     self.activation_post_process.record_ranges(x_min, x_max)
@@ -236,7 +243,18 @@ class GranQFakeQuantize(FakeQuantizeBase):
         """torch.ao's conversion hook (called by its decomposed converter): replace this
         module's call ``node`` by dynamic quantize/dequantize nodes that give the fake-quant's
         numbers (see :func:`~granq_ao.integrations.torch_ao.dynamic_qdq.insert_dynamic_quant_dequant`)."""
+        record_converted_source(self, node)
         insert_dynamic_quant_dequant(model, node, self)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["last_qparams"] = None  # a run-time value, not state
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("records_qparams", False)
+        state.setdefault("last_qparams", None)
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         granularity = self.config.name

@@ -21,6 +21,7 @@ Bad input: NaN/inf raise :class:`~granq_ao.functional.NonFiniteInputError`, inte
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -67,6 +68,9 @@ class GranQPT2EFakeQuantize(FakeQuantizeBase):
         self.quant_min, self.quant_max = config.quant_min, config.quant_max
         self.is_dynamic = False  # torchao's "dynamic" = its own choose_qparams ops; GranQ converts itself
         self._fake_quant_on = True  # Python mirror of the fake_quant_enabled buffer: no device read
+        # shared quantizer (see .shared): the qparams of the latest call, for the calls that reuse them
+        self.records_qparams = False
+        self.last_qparams = None
 
     @property
     def fake_quant_on(self) -> bool:
@@ -95,10 +99,15 @@ class GranQPT2EFakeQuantize(FakeQuantizeBase):
         self._fake_quant_on = bool(self.fake_quant_enabled[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_qparams = None
         if not self._fake_quant_on:
             return x
         try:
-            return granq_functional.fake_quantize_dynamic(x, self.config)[0]
+            x_hat, x_min, x_max = granq_functional.fake_quantize_dynamic(x, self.config)
+            if self.records_qparams and x.numel():
+                self.last_qparams = granq_functional.compute_qparams(x_min, x_max, self.config.bits,
+                                                                     self.config.symmetric)
+            return x_hat
         except NonFiniteInputError as error:
             raise NonFiniteInputError(f"{module_label(self)}: {error}") from None
         except (ValueError, TypeError) as error:
@@ -115,9 +124,25 @@ class GranQPT2EFakeQuantize(FakeQuantizeBase):
         disabled fake-quant is removed (its users read its input)."""
         graph = model.graph
         x = node.args[0]
+        CONVERTED_SOURCES[self] = x  # for the shared calls converted after it (.shared)
         value = insert_dynamic_qdq(graph, x, self.config, before=node) if self._fake_quant_on else x
         node.replace_all_uses_with(value)
         graph.erase_node(node)
 
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["last_qparams"] = None  # a run-time value, not state
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("records_qparams", False)
+        state.setdefault("last_qparams", None)
+        super().__setstate__(state)
+
     def extra_repr(self) -> str:
         return f"{self.config}, fake_quant_enabled={self._fake_quant_on}"
+
+
+# The input node of each converted fake-quant call (convert_pt2e goes in graph order), read by
+# the shared calls converted after it.
+CONVERTED_SOURCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

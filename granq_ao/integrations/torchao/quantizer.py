@@ -11,12 +11,11 @@ What is annotated (``scheme = quantizer.scheme``; specs from :func:`.specs.granq
   (``w * gamma / sqrt(var + eps)`` fake-quantized, as torch.ao's ``ConvBn2d``);
 * activations (``scheme.activation``, GranQ per (sample, channel) by default), by ``scheme.placement``:
 
-  - ``"all"`` (what torch.ao FX and torchao's x86 quantizer quantize around these ops): the
-    input of every conv/linear, both inputs of every residual ``add``, the output of every
-    chain ``conv/linear [-> bn] [-> relu]`` and ``add [-> relu]``, and the input and output of
-    max/average pooling (the output with the input's fake-quant, as torch.ao shares its
-    observer). One value is fake-quantized once (its output and input specs are equal:
-    torchao shares one fake-quant). ResNet-20: 34 calls, the FX path's.
+  - ``"all"``: torch.ao FX's points (:mod:`.torch_ao_points`): the output of every
+    ``conv/linear [-> bn] [-> relu]`` chain, residual add, mul, hardswish, dropout, ...;
+    torch.ao's fixed 8-bit grid after sigmoid/hardsigmoid/tanh; the output of shared ops
+    (ReLU6, pooling, flatten, view, ...) on its input's qparams (:mod:`.shared`); any
+    activation input nothing quantized yet (the image). ResNet-20: 34 calls, the FX path's.
   - ``"paper"``: only the outputs of ReLU/ReLU6 (19 in ResNet-20), as the paper's code does.
     The input image, BN outputs, residual sums and logits stay float.
 
@@ -35,7 +34,9 @@ from granq_ao.config import GranQScheme
 from granq_ao.granularity import PerTensor
 
 from .patterns import chain_tail, is_pool, is_relu_node, is_residual_add, is_weighted, tensor_inputs
+from .shared import link_shared_fake_quants, shared_spec
 from .specs import granq_spec
+from .torch_ao_points import annotate_torch_ao_points
 
 __all__ = ["GranQQuantizer"]
 
@@ -69,8 +70,15 @@ class GranQQuantizer(Quantizer):
         self.scheme = scheme
         self.activation_spec = granq_spec(scheme.activation)
         self.weight_spec = granq_spec(scheme.weight)
+        self.shared_spec = shared_spec(scheme.activation)
+
+    def prepare_obs_or_fq_callback(self, model: GraphModule, edge_or_node_to_obs_or_fq) -> None:
+        """Link each shared op's fake-quant to the fake-quant of its input (:mod:`.shared`)."""
+        link_shared_fake_quants(model, edge_or_node_to_obs_or_fq)
 
     def annotate(self, model: GraphModule) -> GraphModule:
+        if self.scheme.placement == "all":  # torch.ao FX's points, shared ops reusing qparams
+            return annotate_torch_ao_points(model, self.activation_spec, self.weight_spec, self.shared_spec)
         paper = self.scheme.placement == "paper"
         for node in list(model.graph.nodes):
             if is_weighted(node):
