@@ -124,10 +124,10 @@ def test_all_placement_quantizes_each_value_once(prepared_resnet20):
     assert any(user.op == "call_module" for user in first.users)
     output = next(n for n in prepared.graph.nodes if n.op == "output")
     assert output.args[0][0].op == "call_module"
-    # the pool's output is fake-quantized by its input's instance (as torch.ao shares observers)
+    # the pool's output reuses its input's qparams (as torch.ao shares observers; tests/test_shared_quantizers.py)
     pool = next(n for n in prepared.graph.nodes if n.target == torch.ops.aten.avg_pool2d.default)
     (pool_user,) = pool.users
-    assert modules[pool_user.target] is modules[pool.args[0].target]
+    assert modules[pool_user.target].owner is modules[pool.args[0].target]
 
 
 # ----------------------------------------------------------------------------- training, batch sizes

@@ -5,7 +5,7 @@ torch.ao's native backend config (x86) sorts ops into three kinds, and the FX pa
 points as torchao annotations, so that PT2E and FX train the same model:
 
 * ops whose output gets its own quantizer (``OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT``):
-  conv/linear chains ``conv/linear [-> bn] [-> relu]`` (torch.ao fuses ReLU only: a ReLU6 or
+  conv/transposed conv/linear chains ``conv/linear [-> bn] [-> relu]`` (torch.ao fuses ReLU only: a ReLU6 or
   Hardtanh after them is a separate, shared op), residual ``add [-> relu]``, ``mul`` of two
   activations, hardswish, dropout, elu, leaky_relu, layer/group/instance norm, ``nn.Flatten``
   (a module, not ``torch.flatten``): GranQ on the output;
@@ -31,6 +31,7 @@ from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec, Qu
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
 from .patterns import is_residual_add, is_weighted, reaches_placeholder, tensor_inputs
+from .transposed import is_transposed_conv
 
 __all__ = ["annotate_torch_ao_points", "OWN_OUTPUT_OPS", "FIXED_QPARAMS_OPS", "SHARED_OPS"]
 
@@ -104,8 +105,10 @@ def _is_module_flatten(node: Node) -> bool:
     return bool(stack) and stack[-1][1] is torch.nn.Flatten
 
 
-def annotate_torch_ao_points(model: GraphModule, activation_spec, weight_spec, shared_spec) -> GraphModule:
-    """Annotate ``model`` with torch.ao FX's activation points (module docstring)."""
+def annotate_torch_ao_points(model: GraphModule, activation_spec, weight_spec, shared_spec,
+                             transposed_weight_spec=None) -> GraphModule:
+    """Annotate ``model`` with torch.ao FX's activation points (module docstring); weights with
+    ``weight_spec``, a transposed convolution's with ``transposed_weight_spec(node)``."""
     quantized: Set[Node] = set()
     fixed: Set[Node] = set()  # quantized on torch.ao's fixed grid: a shared op after them is left alone
     handled: Set[Node] = set()
@@ -124,7 +127,8 @@ def annotate_torch_ao_points(model: GraphModule, activation_spec, weight_spec, s
     for node in list(model.graph.nodes):
         if node.op != "call_function" or node in handled:
             continue
-        if is_weighted(node):
+        transposed = is_transposed_conv(node)
+        if is_weighted(node) or transposed:
             annotation = _annotation(node)
             source = node.args[0]
             # conv-bn QAT rewriting reads input_qspec_map as (input, weight[, bias]) in order
@@ -132,7 +136,7 @@ def annotate_torch_ao_points(model: GraphModule, activation_spec, weight_spec, s
             annotation.input_qspec_map[source] = activation_spec if needs_input else None
             if needs_input:
                 quantized.add(source)
-            annotation.input_qspec_map[node.args[1]] = weight_spec
+            annotation.input_qspec_map[node.args[1]] = transposed_weight_spec(node) if transposed else weight_spec
             tail = _fused_tail(node, batch_norm=True)
             handled.update(user for user in (tail,) if user is not node)
             quantize_output(tail, activation_spec)
