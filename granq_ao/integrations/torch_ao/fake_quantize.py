@@ -203,7 +203,8 @@ class GranQFakeQuantize(FakeQuantizeBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         observe = self._observer_on
         quantize = self._fake_quant_on
-        self.last_qparams = None
+        if self.records_qparams:  # a shared quantizer's owner: no stale qparams if this call computes none
+            self.last_qparams = None
         if not (observe or quantize):
             return x
         try:

@@ -110,7 +110,8 @@ class GranQPT2EFakeQuantize(FakeQuantizeBase):
         self._fake_quant_on = bool(self.fake_quant_enabled[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.last_qparams = None
+        if self.records_qparams:  # a shared quantizer's owner: no stale qparams if this call computes none
+            self.last_qparams = None
         if not self._fake_quant_on:
             return x
         try:
