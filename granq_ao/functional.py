@@ -69,6 +69,8 @@ __all__ = [
     "fake_quantize_with_qparams",
     "fake_quantize_from_ranges",
     "fake_quantize_dynamic",
+    "qparams_for_layout",
+    "fake_quantize_shared",
     "quantize",
     "dequantize",
     "fused_backend",
@@ -497,6 +499,40 @@ def fake_quantize_from_ranges(x: torch.Tensor, x_min: torch.Tensor, x_max: torch
         check_finite_ranges(x_min, x_max, symmetric)
     scale, zero_point = compute_qparams(x_min, x_max, bits, symmetric)
     return fake_quantize_with_qparams(x, scale, zero_point, q_min, q_max, fused)
+
+
+def qparams_for_layout(scale: torch.Tensor, zero_point: torch.Tensor, y: torch.Tensor,
+                       granularity: GranularityLike = "granq", axis: int = 1
+                       ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The qparams of a source tensor, viewed for ``y``, where ``y`` keeps the source's layout.
+
+    ``scale``/``zero_point`` are keepdim qparams of a source of rank ``scale.dim()`` (GranQ:
+    ``(N, C, 1, ..)``). ``y`` keeps the layout when every dim the granularity keeps on the source
+    has the same size at the same position in ``y`` (GranQ: ``y.shape[:2] == (N, C)``: max/avg
+    pooling, ReLU6, a flatten of ``(N, C, 1, 1)``); then each element of ``y`` gets the qparams of
+    its ``(n, c)``: returned viewed to ``y``'s rank. Otherwise (a flatten of ``(N, C, H, W)``,
+    a permute moving channels) ``None``. Per-tensor qparams fit any ``y``."""
+    granularity = as_granularity(granularity, axis)
+    kept = granularity.kept_dims(scale.dim()) if scale.dim() else ()
+    if any(d >= y.dim() or y.shape[d] != scale.shape[d] for d in kept):
+        return None
+    shape = [y.shape[d] if d in kept else 1 for d in range(y.dim())]
+    return scale.reshape(shape), zero_point.reshape(shape)
+
+
+def fake_quantize_shared(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                         config: GranQConfig) -> torch.Tensor:
+    """A shared quantizer's later application: ``y`` (a range-preserving op's output, e.g.
+    ReLU6 / pooling / flatten of an already fake-quantized value) fake-quantized with the qparams
+    the first application computed (``scale``, ``zero_point``, from its own input), where ``y``
+    keeps that input's layout (:func:`qparams_for_layout`); ``y`` unchanged otherwise: a
+    layout-changing op such as flatten only moves values that already sit on their (n, c)'s
+    grid, so re-quantizing each with its own (n, c)'s qparams would return it unchanged.
+    Straight-through gradient."""
+    qparams = qparams_for_layout(scale, zero_point, y, config.granularity)
+    if qparams is None:
+        return y
+    return fake_quantize_with_qparams(y, qparams[0], qparams[1], config.quant_min, config.quant_max, config.fused)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,

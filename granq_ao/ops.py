@@ -16,6 +16,13 @@ with ``torch.export`` and round-trips through ``torch.export.save``/``load`` (im
         # (x_q - z) * s in x's dtype; x itself where s == 0 (an empty range passes through)
 
 ``x_hat`` equals ``functional.fake_quantize(x, b, granularity, axis, symmetric)`` bit for bit.
+
+A shared quantizer's later application (``y`` an op's output, ``source`` the input of the first
+application; :func:`granq_ao.functional.fake_quantize_shared`)::
+
+    y_hat = granq_ao::fake_quantize_shared(y, source, b, granularity, axis, symmetric, check_finite)
+        # choose_qparams_dynamic(source), viewed for y where y keeps source's (n, c) layout,
+        # then quantize -> dequantize of y; y itself where the layout changed
 ``granularity`` is ``"granq"``, ``"channel"`` or ``"tensor"``. NaN/inf input raises
 :class:`~granq_ao.functional.NonFiniteInputError` when ``check_finite``.
 """
@@ -27,7 +34,7 @@ import torch
 
 from . import functional
 
-__all__ = ["choose_qparams_dynamic", "quantize", "dequantize"]
+__all__ = ["choose_qparams_dynamic", "quantize", "dequantize", "fake_quantize_shared"]
 
 
 @torch.library.custom_op("granq_ao::choose_qparams_dynamic", mutates_args=())
@@ -69,3 +76,20 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 @dequantize.register_fake
 def _dequantize_fake(codes, scale, zero_point, passthrough):
     return passthrough.new_empty(codes.shape)
+
+
+@torch.library.custom_op("granq_ao::fake_quantize_shared", mutates_args=())
+def fake_quantize_shared(y: torch.Tensor, source: torch.Tensor, bits: int, granularity: str, axis: int,
+                         symmetric: bool, check_finite: bool) -> torch.Tensor:
+    """``y`` on the grid of ``source``'s qparams where ``y`` keeps its layout (module docstring)."""
+    scale, zero_point = choose_qparams_dynamic(source, bits, granularity, axis, symmetric, check_finite)
+    qparams = functional.qparams_for_layout(scale, zero_point, y, granularity, axis)
+    if qparams is None:
+        return y.clone()
+    codes = functional.quantize(y, qparams[0], qparams[1], bits, symmetric)
+    return functional.dequantize(codes, qparams[0], qparams[1], passthrough=y, dtype=y.dtype)
+
+
+@fake_quantize_shared.register_fake
+def _fake_quantize_shared_fake(y, source, bits, granularity, axis, symmetric, check_finite):
+    return torch.empty_like(y)

@@ -29,7 +29,7 @@ from . import ops  # noqa: F401  (registers torch.ops.granq_ao)
 from .config import GranQConfig
 from .granularity import PerChannel, PerSampleChannel, PerTensor
 
-__all__ = ["op_granularity", "insert_dynamic_qdq", "dynamic_qdq"]
+__all__ = ["op_granularity", "insert_dynamic_qdq", "insert_shared_qdq", "dynamic_qdq"]
 
 
 def op_granularity(config: GranQConfig) -> Tuple[str, int]:
@@ -58,6 +58,15 @@ def insert_dynamic_qdq(graph: Graph, x: Node, config: GranQConfig, before: Node)
         zero_point = graph.call_function(operator.getitem, (qparams, 1))
         codes = graph.call_function(torch.ops.granq_ao.quantize.default, (x, scale, zero_point, bits, symmetric))
         return graph.call_function(torch.ops.granq_ao.dequantize.default, (codes, scale, zero_point, x))
+
+
+def insert_shared_qdq(graph: Graph, y: Node, source: Node, config: GranQConfig, before: Node) -> Node:
+    """Insert, before ``before``, the call ``granq_ao::fake_quantize_shared(y, source, ...)``: a shared
+    quantizer's later application (``y`` on the grid of ``source``'s qparams, see :mod:`granq_ao.ops`)."""
+    name, axis = op_granularity(config)
+    with graph.inserting_before(before):
+        return graph.call_function(torch.ops.granq_ao.fake_quantize_shared.default,
+                                   (y, source, config.bits, name, axis, config.symmetric, config.check_finite))
 
 
 def dynamic_qdq(x: torch.Tensor, config: GranQConfig) -> torch.Tensor:

@@ -61,8 +61,10 @@ def quantize_inputs(graph_module) -> list:
 
 
 def dynamic_quantize_inputs(graph_module) -> list:
-    return [n.args[0].name for n in graph_module.graph.nodes
-            if n.op == "call_function" and n.target is torch.ops.granq_ao.choose_qparams_dynamic.default]
+    """Names of the nodes a dynamic quantize op reads: its own qparams, or (a shared call, e.g.
+    ResNet's avgpool and view outputs) its first call's (tests/test_shared_quantizers.py)."""
+    targets = (torch.ops.granq_ao.choose_qparams_dynamic.default, torch.ops.granq_ao.fake_quantize_shared.default)
+    return [n.args[0].name for n in graph_module.graph.nodes if n.op == "call_function" and n.target in targets]
 
 
 # ----------------------------------------------------------------------------- dynamic == QAT eval

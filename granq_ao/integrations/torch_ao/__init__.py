@@ -18,6 +18,7 @@ from .fake_quantize import GranQFakeQuantize
 from .observer import GranQObserver
 from .placement import activation_fake_quant_calls, apply_paper_placement, count_activation_fake_quant_calls
 from .prepare import prepare_qat_fx
+from .shared import GranQSharedFakeQuantize, share_input_qparams
 from .qconfig import GranQQConfigMapping, PlacementWarning, get_granq_qat_qconfig_mapping, get_granq_qconfig
 from .student import STUDENT, FXStudent, freeze_student_batchnorm, prepare_student
 
@@ -27,4 +28,5 @@ __all__ = [
     "count_activation_fake_quant_calls", "convert_to_reference_fx", "insert_dynamic_quant_dequant",
     "bake_weight_module", "weight_codes", "ConvBnEval", "convert_eager", "DynamicQuantDequant",
     "STUDENT", "FXStudent", "prepare_student", "freeze_student_batchnorm",
+    "GranQSharedFakeQuantize", "share_input_qparams",
 ]

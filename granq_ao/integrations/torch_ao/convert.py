@@ -238,9 +238,11 @@ def convert_to_reference_fx(graph_module: GraphModule,
             raise ValueError(
                 "this GraphModule holds no prepare metadata: it was not made by prepare_qat_fx, or it "
                 "was prepared by torch.ao's prepare_qat_fx and then saved whole and loaded (pickling "
-                "drops GraphModule.meta), or it is a copy.deepcopy of a loaded model. Prepare with "
-                "granq_ao.prepare_qat_fx and convert the loaded model itself, or prepare the float "
-                "model again and load_state_dict().")
+                "drops GraphModule.meta, which torch.ao's converter needs), or it is a copy.deepcopy of "
+                "a loaded model. To save a QAT model so that it converts: prepare with granq_ao.prepare_qat_fx, "
+                "whose models convert after torch.save/torch.load (it keeps the metadata in an attribute "
+                "that pickling keeps); or save model.state_dict(), then prepare the float model again and "
+                "load_state_dict() into it.")
         graph_module.meta[META_KEY] = copy.deepcopy(observed_attrs)  # torch.load drops meta
     modules = dict(graph_module.named_modules(remove_duplicate=False))
     for node in list(graph_module.graph.nodes):
@@ -249,7 +251,7 @@ def convert_to_reference_fx(graph_module: GraphModule,
         module = modules.get(str(node.target))
         if isinstance(module, GranQFakeQuantize):
             if mode == "dynamic":
-                insert_dynamic_quant_dequant(graph_module, node, module)
+                module.convert(graph_module, node)  # dynamic q/dq; a shared call reuses its owner's input
             elif not fake_quant_on(module):
                 bypass_node(graph_module.graph, node)
         elif isinstance(getattr(module, "weight_fake_quant", None), GranQFakeQuantize):

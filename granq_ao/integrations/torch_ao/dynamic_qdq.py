@@ -24,9 +24,12 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from granq_ao.qdq_graph import insert_dynamic_qdq
+import weakref
 
-__all__ = ["insert_dynamic_quant_dequant", "fake_quant_on", "bypass_node"]
+from granq_ao.qdq_graph import insert_dynamic_qdq, insert_shared_qdq
+
+__all__ = ["insert_dynamic_quant_dequant", "insert_shared_quant_dequant", "fake_quant_on", "bypass_node",
+           "record_converted_source"]
 
 
 def fake_quant_on(fake_quant: torch.nn.Module) -> bool:
@@ -59,3 +62,29 @@ def insert_dynamic_quant_dequant(model: GraphModule, node: Node,
     node.replace_all_uses_with(x_hat)
     graph.erase_node(node)
     return x_hat
+
+
+# The input node of each converted fake-quant call, for the shared calls converted after it
+# (a shared quantizer's later calls reuse the qparams of its first call's input).
+_CONVERTED_SOURCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def record_converted_source(fake_quant: torch.nn.Module, node: Node) -> None:
+    """Remember the input of ``fake_quant``'s call ``node`` (converters go in graph order)."""
+    _CONVERTED_SOURCES[fake_quant] = node.args[0]
+
+
+def insert_shared_quant_dequant(model: GraphModule, node: Node, shared: torch.nn.Module) -> Node:
+    """Replace the call ``node`` of a ``GranQSharedFakeQuantize`` (a shared quantizer's later
+    call) by ``granq_ao::fake_quantize_shared(y, source, ...)``, ``source`` being the input of its
+    owner's call, converted before it. Removed when it or its owner is disabled."""
+    graph = model.graph
+    source = _CONVERTED_SOURCES.get(shared.owner)
+    if not fake_quant_on(shared) or not fake_quant_on(shared.owner):
+        return bypass_node(graph, node)
+    if source is None:
+        raise RuntimeError(f"{node.name}: the call of its owner fake-quant was not converted before it")
+    y_hat = insert_shared_qdq(graph, node.args[0], source, shared.config, before=node)
+    node.replace_all_uses_with(y_hat)
+    graph.erase_node(node)
+    return y_hat

@@ -50,8 +50,8 @@ from granq_ao.functional import fused_backend
 from granq_ao.granularity import Granularity, PerTensor
 from granq_ao.quantizer_state import EnableFlagsMixin, config_property
 
-from .dynamic_qdq import insert_dynamic_quant_dequant
-from .eager_guard import refuse_torch_eager_convert
+from .dynamic_qdq import insert_dynamic_quant_dequant, record_converted_source
+from .eager_guard import refuse_torch_convert
 from .observer import GranQObserver, bits_from_quant_range, picklable_with_args, picklable_with_callable_args
 
 
@@ -122,6 +122,10 @@ class GranQFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
                                                 dtype=dtype, quant_min=quant_min, quant_max=quant_max,
                                                 **observer_kwargs)
         self._init_enable_flags()  # Python mirrors of the enable buffers (granq_ao.quantizer_state)
+        # shared quantizer (see .shared): the qparams of the latest call, kept for the calls
+        # that reuse them (GranQSharedFakeQuantize) when ``records_qparams`` is set
+        self.records_qparams = False
+        self.last_qparams = None
         self.quant_min = self.activation_post_process.quant_min
         self.quant_max = self.activation_post_process.quant_max
 
@@ -154,6 +158,8 @@ class GranQFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         observe = self._observer_on
         quantize = self._fake_quant_on
+        if self.records_qparams:  # a shared quantizer's owner: no stale qparams if this call computes none
+            self.last_qparams = None
         if not (observe or quantize):
             return x
         try:
@@ -169,6 +175,8 @@ class GranQFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
                                                                iterative=self.config.iterative)
             if x.numel() == 0:
                 return x
+            if quantize and self.records_qparams:
+                self.last_qparams = granq_functional.compute_qparams(x_min, x_max, self.bits, self.symmetric)
             if observe:
                 if self._observer_reuses_ranges(x.dim()):
                     self.activation_post_process.record_ranges(x_min, x_max)
@@ -182,14 +190,25 @@ class GranQFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
     def calculate_qparams(self):
         """Static ``(scale, zero_point)`` from the observer's running ranges (for export).
         Refused inside torch.ao's eager ``convert`` (see :mod:`.eager_guard`)."""
-        refuse_torch_eager_convert()
+        refuse_torch_convert()
         return self.activation_post_process.calculate_qparams()
 
     def convert(self, model: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         """torch.ao's conversion hook (called by its decomposed converter): replace this
         module's call ``node`` by dynamic quantize/dequantize nodes that give the fake-quant's
         numbers (see :func:`~granq_ao.integrations.torch_ao.dynamic_qdq.insert_dynamic_quant_dequant`)."""
+        record_converted_source(self, node)
         insert_dynamic_quant_dequant(model, node, self)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["last_qparams"] = None  # a run-time value, not state
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("records_qparams", False)
+        state.setdefault("last_qparams", None)
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         granularity = self.config.name

@@ -33,7 +33,7 @@ from torch.ao.quantization.observer import ObserverBase, _PartialWrapper
 
 from granq_ao import functional as granq_functional
 
-from .eager_guard import refuse_torch_eager_convert
+from .eager_guard import refuse_torch_convert
 
 
 class PicklablePartial(_PartialWrapper):
@@ -230,7 +230,7 @@ class GranQObserver(ObserverBase):
         """Static ``(scale float32, zero_point int64)``: per channel, or per tensor after a
         channel mismatch. Ranges include 0; ``scale >= eps``. Before any batch: scale 1, zp 0.
         Refused inside torch.ao's eager ``convert`` (see :mod:`.eager_guard`)."""
-        refuse_torch_eager_convert()
+        refuse_torch_convert()
         if self.per_channel:
             x_min, x_max = self.min_val, self.max_val
             if x_min.numel() == 0:

@@ -2,7 +2,8 @@
 
 torch.ao FX observes the input and output of every quantizable op (the input image, conv-bn
 outputs without ReLU, residual sums, pooled features, logits). The GranQ paper and its official
-code quantize activations only at the outputs of ReLU/ReLU6 (19 points in ResNet-20). torch.ao
+code quantize activations only at the outputs of ReLU/ReLU6 (19 points in ResNet-20), so torch.ao's
+fixed 8-bit fake-quants after sigmoid/hardsigmoid/tanh go too. torch.ao
 cannot express that in a QConfigMapping alone (a fused conv-bn-relu must share one qconfig
 across its parts), so ``apply_paper_placement`` edits the prepared graph: every call of a
 GranQ activation fake-quant whose input is not produced by a ReLU/ReLU6 (module, function,
@@ -13,11 +14,18 @@ ReLU. Weight fake-quants (inside QAT modules) are untouched.
 from __future__ import annotations
 
 import torch
+from torch.ao.quantization.fake_quantize import FixedQParamsFakeQuantize
 from torch.fx import GraphModule, Node
 
 from granq_ao.relu import RELU_METHOD_NAMES, is_relu_call, is_relu_module
 
 from .fake_quantize import GranQFakeQuantize
+
+# GranQ's activation fake-quants, and torch.ao's fixed 8-bit ones the mapping keeps after
+# sigmoid/hardsigmoid/tanh/softmax: the paper quantizes ReLU/ReLU6 outputs and nothing else
+# (and the PT2E quantizer's paper placement puts nothing there either).
+_PAPER_REMOVES = (GranQFakeQuantize, FixedQParamsFakeQuantize)
+
 
 def _is_relu_output(node: Node, modules: dict) -> bool:
     """Whether the value of ``node`` is a ReLU/ReLU6 output (``granq_ao.relu`` decides)."""
@@ -45,7 +53,7 @@ def apply_paper_placement(model: GraphModule) -> int:
     removed_targets = set()
     removed = 0
     for node in list(model.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), GranQFakeQuantize):
+        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), _PAPER_REMOVES):
             continue
         source = node.args[0]
         if isinstance(source, Node) and _is_relu_output(source, modules):

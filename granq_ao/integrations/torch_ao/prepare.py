@@ -28,6 +28,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .placement import apply_paper_placement, count_activation_fake_quant_calls
 from .qconfig import PlacementWarning, picklable_qconfig
+from .shared import share_input_qparams
 
 __all__ = ["prepare_qat_fx", "check_not_prepared", "merge_aliases", "OBSERVED_ATTRS", "META_KEY"]
 
@@ -91,8 +92,11 @@ def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping
     """Like ``torch.ao.quantization.quantize_fx.prepare_qat_fx``; with a mapping made by
     ``get_granq_qat_qconfig_mapping(act_placement="paper")`` it then keeps activation
     fake-quants on ReLU/ReLU6 outputs only (``granq_ao.placement``), and warns
-    (:class:`~.qconfig.PlacementWarning`) if that leaves none. A shared fake-quant is called by
-    one name (:func:`merge_aliases`). ``ValueError`` for a model that is already prepared."""
+    (:class:`~.qconfig.PlacementWarning`) if that leaves none. A fake-quant instance that torch.ao
+    shares between an op's input and output then reuses its first call's qparams at its later
+    calls (:func:`~.shared.share_input_qparams`); any other fake-quant called under several names
+    is called by one (:func:`merge_aliases`, so that pickling keeps every state_dict key).
+    ``ValueError`` for a model that is already prepared."""
     check_not_prepared(model)
     prepared = _torch_prepare_qat_fx(model, qconfig_mapping, example_inputs,
                                      prepare_custom_config=prepare_custom_config,
@@ -104,6 +108,7 @@ def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping
                 "act_placement='paper' left no activation fake-quant: the paper placement quantizes "
                 "ReLU/ReLU6 outputs only and this model has none, so its activations stay float. Use "
                 "act_placement='all' to quantize them.", PlacementWarning, stacklevel=2)
+    share_input_qparams(prepared)  # a shared instance's later calls reuse its first call's qparams
     merge_aliases(prepared)
     # An attribute survives pickling; listed as preserved, it survives deepcopy too.
     attrs = prepared.meta[META_KEY]

@@ -8,6 +8,8 @@
 * :class:`GranQQATConfig`: ``torchao.quantization.quantize_`` QAT for eager conv / transposed conv /
   linear models (with ``filter_fn=is_conv_or_linear``), ``step="prepare"`` then ``step="convert"``
   (to reference modules with ``granq_ao`` q/dq ops, or back to plain layers);
+* :func:`move_exported_model_to_train` / :func:`move_exported_model_to_eval`: torchao's, keeping
+  each dropout's probability (torchao's set every dropout to p = 0.5);
 * :func:`granq_fake_quant_calls`: which fake-quants a prepared graph calls (weights/activations);
 * :data:`STUDENT`: the zero-shot student protocol (PT2E graph, frozen BN, its quantizers).
 
@@ -33,10 +35,12 @@ from .reference_modules import (GranQReference, GranQReferenceConv1d, GranQRefer
 from .quantizer import GranQQuantizer
 from .specs import granq_spec
 from .student import STUDENT, PT2EStudent
+from .train_eval import move_exported_model_to_eval, move_exported_model_to_train
 
 __all__ = [
     "GranQQuantizer", "GranQPT2EFakeQuantize", "granq_spec", "export_for_qat", "prepare_student",
     "GranQQATConfig", "is_conv_or_linear", "granq_fake_quant_calls", "STUDENT", "PT2EStudent",
+    "move_exported_model_to_train", "move_exported_model_to_eval",
     "GranQQAT", "GranQQATConv", "GranQQATConv1d", "GranQQATConv2d", "GranQQATConv3d", "GranQQATConvTranspose",
     "GranQQATConvTranspose1d", "GranQQATConvTranspose2d", "GranQQATConvTranspose3d", "GranQQATLinear",
     "GranQReference", "GranQReferenceConv1d", "GranQReferenceConv2d", "GranQReferenceConv3d",

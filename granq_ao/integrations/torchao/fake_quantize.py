@@ -21,6 +21,7 @@ Bad input: NaN/inf raise :class:`~granq_ao.functional.NonFiniteInputError`, inte
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -31,6 +32,9 @@ from granq_ao import functional as granq_functional
 from granq_ao.config import GranQConfig
 from granq_ao.qdq_graph import insert_dynamic_qdq
 from granq_ao.quantizer_state import EnableFlagsMixin
+
+from .fold_bn import fold_conv_bn
+from .layer_forward import conv_to_transposed_layout, transposed_to_conv_layout
 
 __all__ = ["GranQPT2EFakeQuantize"]
 
@@ -44,6 +48,10 @@ class GranQPT2EFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
         dtype, quant_min, quant_max, qscheme, is_dynamic: what torchao's prepare passes from the
             ``QuantizationSpec``; ``quant_min``/``quant_max`` must be the config's grid. ``dtype``
             defaults to the grid's (``torch.int8`` if ``config.symmetric`` else ``torch.uint8``).
+        transposed_groups: (a transposed convolution's weight, ``(in, out/groups, *k)``) quantize
+            the ``(out, in/groups, *k)`` view, so that ranges are per output channel (:mod:`.transposed`).
+        fold_bn: (a weight's) at convert, fold the conv-bn QAT pattern it sits in
+            (:mod:`.fold_bn`; ``GranQQuantizer(fold_bn=True)``).
 
     Attributes: ``config``, ``dtype``, ``qscheme``, ``quant_min``, ``quant_max``, ``fake_quant_on``,
     ``is_dynamic`` (False, as torchao means it: no torchao ``choose_qparams`` op is wanted; the
@@ -58,7 +66,8 @@ class GranQPT2EFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
 
     def __init__(self, config: Optional[GranQConfig] = None, dtype: Optional[torch.dtype] = None,
                  quant_min: Optional[int] = None, quant_max: Optional[int] = None,
-                 qscheme: Optional[torch.qscheme] = None, is_dynamic: bool = False, **unused: Any) -> None:
+                 qscheme: Optional[torch.qscheme] = None, is_dynamic: bool = False, fold_bn: bool = False,
+                 transposed_groups: Optional[int] = None, **unused: Any) -> None:
         super().__init__()
         if not isinstance(config, GranQConfig):
             raise TypeError(f"GranQPT2EFakeQuantize needs config=GranQConfig(...), got {config!r}")
@@ -71,12 +80,28 @@ class GranQPT2EFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
         self.quant_min, self.quant_max = config.quant_min, config.quant_max
         self.is_dynamic = False  # torchao's "dynamic" = its own choose_qparams ops; GranQ converts itself
         self._init_enable_flags()  # Python mirrors of the enable buffers: no device read in forward
+        self.fold_bn = bool(fold_bn)  # a weight's: fold the conv-bn QAT pattern around it at convert (.fold_bn)
+        # a transposed convolution's weight (in, out/groups, *k): quantized in the (out, in/groups, *k) view
+        self.transposed_groups = None if transposed_groups is None else int(transposed_groups)
+        # shared quantizer (see .shared): the qparams of the latest call, for the calls that reuse them
+        self.records_qparams = False
+        self.last_qparams = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.records_qparams:  # a shared quantizer's owner: no stale qparams if this call computes none
+            self.last_qparams = None
         if not self._fake_quant_on:
             return x
         try:
-            return granq_functional.fake_quantize_dynamic(x, self.config)[0]
+            if self.transposed_groups is not None:
+                groups = self.transposed_groups
+                x_hat = granq_functional.fake_quantize_dynamic(transposed_to_conv_layout(x, groups), self.config)[0]
+                return conv_to_transposed_layout(x_hat, groups)
+            x_hat, x_min, x_max = granq_functional.fake_quantize_dynamic(x, self.config)
+            if self.records_qparams and x.numel():
+                self.last_qparams = granq_functional.compute_qparams(x_min, x_max, self.config.bits,
+                                                                     self.config.symmetric)
+            return x_hat
         except (ValueError, TypeError) as error:  # NonFiniteInputError included
             raise self.labelled(error) from None
 
@@ -91,9 +116,38 @@ class GranQPT2EFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
         disabled fake-quant is removed (its users read its input)."""
         graph = model.graph
         x = node.args[0]
-        value = insert_dynamic_qdq(graph, x, self.config, before=node) if self._fake_quant_on else x
+        CONVERTED_SOURCES[self] = x  # for the shared calls converted after it (.shared)
+        if not self._fake_quant_on:
+            value = x
+        elif self.transposed_groups is not None:
+            with graph.inserting_before(node):
+                view = graph.call_function(transposed_to_conv_layout, (x, self.transposed_groups))
+            value = insert_dynamic_qdq(graph, view, self.config, before=node)
+            with graph.inserting_before(node):
+                value = graph.call_function(conv_to_transposed_layout, (value, self.transposed_groups))
+        else:
+            value = insert_dynamic_qdq(graph, x, self.config, before=node)
         node.replace_all_uses_with(value)
         graph.erase_node(node)
+        if self.fold_bn:
+            fold_conv_bn(graph, x, value)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["last_qparams"] = None  # a run-time value, not state
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("fold_bn", False)
+        state.setdefault("transposed_groups", None)
+        state.setdefault("records_qparams", False)
+        state.setdefault("last_qparams", None)
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         return f"{self.config}, fake_quant_enabled={self._fake_quant_on}"
+
+
+# The input node of each converted fake-quant call (convert_pt2e goes in graph order), read by
+# the shared calls converted after it.
+CONVERTED_SOURCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

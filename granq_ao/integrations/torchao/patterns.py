@@ -1,8 +1,8 @@
 """What the GranQ quantizer looks for in an exported (ATen) graph.
 
 * weighted ops: ``aten.conv1d/2d/3d`` (``default`` and ``padding`` overloads) and ``aten.linear``:
-  input activation = ``args[0]``, weight = ``args[1]``. Transposed convolutions are left in
-  float (their output channels are on weight dim 1).
+  input activation = ``args[0]``, weight = ``args[1]``. Transposed convolutions (output
+  channels on weight dim 1) are recognised by :mod:`.transposed`.
 * a weighted op's *chain*: the op, then (each the only user of the one before) a batch norm,
   then a ReLU/ReLU6 (:func:`granq_ao.relu.is_relu_call`); its last node is where the fused
   block's output is quantized. ``add`` chains the same way into a ReLU (residual blocks).

@@ -13,12 +13,12 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch.fx import GraphModule
-from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
 from granq_ao.config import GranQScheme
 
 from .quantizer import GranQQuantizer
+from .train_eval import move_exported_model_to_eval, move_exported_model_to_train
 
 __all__ = ["export_for_qat", "prepare_student"]
 
@@ -49,12 +49,13 @@ def prepare_student(model: torch.nn.Module, scheme: Optional[GranQScheme], examp
     ``prepare_qat_pt2e(exported, GranQQuantizer(scheme))`` (``scheme=None``: ``GranQScheme()``).
 
     ``freeze_bn=True`` (the paper's student): the graph is moved to eval form with
-    ``torchao.quantization.pt2e.move_exported_model_to_eval``: batch norms normalize with their
+    :func:`.train_eval.move_exported_model_to_eval` (torchao's, keeping each dropout's
+    probability, which torchao's own sets to 0.5): batch norms normalize with their
     running statistics and no longer update them, while their affine parameters (and all
     weights) still get gradients; GranQ fake-quants behave the same in both forms. The same call
     also puts dropout in eval form. ``freeze_bn=False``: training form (batch statistics, running
     statistics updated). ``model.train()``/``.eval()`` are refused on the result (torchao's rule);
-    use ``move_exported_model_to_train/eval``. ``model`` itself is left as it was (a copy is
+    use ``granq_ao.integrations.torchao.move_exported_model_to_train/eval``. ``model`` itself is left as it was (a copy is
     exported: exporting for QAT puts a model in training mode); every parameter of the result
     requires gradients, even where ``model``'s were frozen (a frozen teacher).
     """

@@ -11,16 +11,16 @@ What is annotated (``scheme = quantizer.scheme``; specs from :func:`.specs.granq
   (``w * gamma / sqrt(var + eps)`` fake-quantized, as torch.ao's ``ConvBn2d``);
 * activations (``scheme.activation``, GranQ per (sample, channel) by default), by ``scheme.placement``:
 
-  - ``"all"`` (what torch.ao FX and torchao's x86 quantizer quantize around these ops): the
-    input of every conv/linear, both inputs of every residual ``add``, the output of every
-    chain ``conv/linear [-> bn] [-> relu]`` and ``add [-> relu]``, and the input and output of
-    max/average pooling (the output with the input's fake-quant, as torch.ao shares its
-    observer). One value is fake-quantized once (its output and input specs are equal:
-    torchao shares one fake-quant). ResNet-20: 34 calls, the FX path's.
+  - ``"all"``: torch.ao FX's points (:mod:`.torch_ao_points`): the output of every
+    ``conv/linear [-> bn] [-> relu]`` chain, residual add, mul, hardswish, dropout, ...;
+    torch.ao's fixed 8-bit grid after sigmoid/hardsigmoid/tanh; the output of shared ops
+    (ReLU6, pooling, flatten, view, ...) on its input's qparams (:mod:`.shared`); any
+    activation input nothing quantized yet (the image). ResNet-20: 34 calls, the FX path's.
   - ``"paper"``: only the outputs of ReLU/ReLU6 (19 in ResNet-20), as the paper's code does.
     The input image, BN outputs, residual sums and logits stay float.
 
-Transposed convolutions and reshapes are not annotated.
+Transposed convolutions: weights per output channel (groups included, as ``quantize_``;
+:mod:`.transposed`), activations as a conv's. Reshapes are not annotated.
 """
 from __future__ import annotations
 
@@ -34,8 +34,12 @@ from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 from granq_ao.config import GranQScheme, reject_options_with
 from granq_ao.granularity import PerTensor
 
+from .bn_literals import batch_norm_literals, restore_batch_norm_literals
 from .patterns import chain_tail, is_pool, is_relu_node, is_residual_add, is_weighted, tensor_inputs
+from .shared import link_shared_fake_quants, shared_spec
 from .specs import granq_spec
+from .torch_ao_points import annotate_torch_ao_points
+from .transposed import is_transposed_conv, transposed_groups
 
 __all__ = ["GranQQuantizer"]
 
@@ -57,9 +61,12 @@ class GranQQuantizer(Quantizer):
             ``act_placement``, ``symmetric_weights``, ``symmetric_acts``, ``fused``,
             ``check_finite``: :meth:`GranQScheme.from_kwargs`, validated there); both at once is a
             ``ValueError`` naming the keywords.
+        fold_bn: ``convert_pt2e`` folds each conv-BN into the conv's bias (no batch norm left;
+            equal to QAT eval up to float rounding, which a low-bit quantizer downstream can turn
+            into a step: :mod:`.fold_bn`). Default ``False``: QAT's arithmetic, bit-equal.
     """
 
-    def __init__(self, scheme: Optional[GranQScheme] = None, **options: Any) -> None:
+    def __init__(self, scheme: Optional[GranQScheme] = None, fold_bn: bool = False, **options: Any) -> None:
         super().__init__()
         if scheme is None:
             scheme = GranQScheme.from_kwargs(**options)
@@ -69,11 +76,37 @@ class GranQQuantizer(Quantizer):
             reject_options_with(scheme, options)
         self.scheme = scheme
         self.activation_spec = granq_spec(scheme.activation)
-        self.weight_spec = granq_spec(scheme.weight)
+        self.fold_bn = bool(fold_bn)
+        self.weight_spec = granq_spec(scheme.weight, fold_bn=self.fold_bn)
+        self.shared_spec = shared_spec(scheme.activation)
+
+    def transposed_weight_spec(self, node: Node):
+        """The weight spec of transposed convolution ``node`` (per output channel, groups included)."""
+        return granq_spec(self.scheme.weight, fold_bn=self.fold_bn, transposed_groups=transposed_groups(node))
+
+    def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+        """Remember each batch norm's momentum and eps: torchao's conv-bn QAT fusion, which runs
+        between this and :meth:`prepare_obs_or_fq_callback`, replaces them by its defaults."""
+        self._batch_norm_literals = batch_norm_literals(model)
+        return model
+
+    def prepare_obs_or_fq_callback(self, model: GraphModule, edge_or_node_to_obs_or_fq) -> None:
+        """Restore the batch norms' momentum and eps (:mod:`.bn_literals`); link each shared op's
+        fake-quant to the fake-quant of its input (:mod:`.shared`)."""
+        restore_batch_norm_literals(model, getattr(self, "_batch_norm_literals", {}))
+        link_shared_fake_quants(model, edge_or_node_to_obs_or_fq)
 
     def annotate(self, model: GraphModule) -> GraphModule:
+        if self.scheme.placement == "all":  # torch.ao FX's points, shared ops reusing qparams
+            return annotate_torch_ao_points(model, self.activation_spec, self.weight_spec, self.shared_spec,
+                                            self.transposed_weight_spec)
         paper = self.scheme.placement == "paper"
         for node in list(model.graph.nodes):
+            if is_transposed_conv(node):  # weight per output channel (.transposed); activations as a conv's
+                annotation = _annotation(node)
+                annotation.input_qspec_map[node.args[0]] = None if paper else self.activation_spec
+                annotation.input_qspec_map[node.args[1]] = self.transposed_weight_spec(node)
+                continue
             if is_weighted(node):
                 annotation = _annotation(node)
                 # conv-bn QAT rewriting reads input_qspec_map as (input, weight[, bias]) in order

@@ -36,12 +36,13 @@ def _qscheme(config: GranQConfig) -> torch.qscheme:
     return torch.per_channel_symmetric if config.symmetric else torch.per_channel_affine
 
 
-def granq_spec(config: GranQConfig) -> QuantizationSpec:
-    """The ``QuantizationSpec`` of a GranQ fake-quant for ``config`` (module docstring)."""
+def granq_spec(config: GranQConfig, **fake_quant_options) -> QuantizationSpec:
+    """The ``QuantizationSpec`` of a GranQ fake-quant for ``config`` (module docstring);
+    ``fake_quant_options`` go to :class:`GranQPT2EFakeQuantize` (``fold_bn=True``)."""
     per_tensor = isinstance(config.granularity, PerTensor)
     return QuantizationSpec(
         dtype=torch.int8 if config.symmetric else torch.uint8,
-        observer_or_fake_quant_ctr=GranQPT2EFakeQuantize.with_args(config=config),
+        observer_or_fake_quant_ctr=GranQPT2EFakeQuantize.with_args(config=config, **fake_quant_options),
         quant_min=config.quant_min,
         quant_max=config.quant_max,
         qscheme=_qscheme(config),
