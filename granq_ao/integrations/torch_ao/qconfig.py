@@ -29,7 +29,7 @@ from torch.ao.quantization import QConfig, QConfigMapping, get_default_qat_qconf
 from torch.ao.quantization.fake_quantize import FixedQParamsFakeQuantize
 from torch.ao.quantization.observer import ReuseInputObserver, _PartialWrapper
 
-from granq_ao.config import GranQScheme, check_choice
+from granq_ao.config import GranQScheme, PlacementWarning, check_choice
 
 from .fake_quantize import GranQFakeQuantize
 from .observer import PicklablePartial
@@ -37,10 +37,6 @@ from .observer import PicklablePartial
 __all__ = ["GranQQConfigMapping", "PlacementWarning", "get_granq_qconfig", "get_granq_qat_qconfig_mapping"]
 
 _BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
-
-
-class PlacementWarning(UserWarning):
-    """A mapping asks for ``act_placement="paper"`` but the prepare function cannot apply it."""
 
 
 class GranQQConfigMapping(QConfigMapping):
@@ -60,17 +56,25 @@ class GranQQConfigMapping(QConfigMapping):
     def __deepcopy__(self, memo):
         # torch's prepare_fx deep-copies the mapping first: the one moment to tell a user of
         # torch's prepare_qat_fx that "paper" placement will not happen.
-        if self.act_placement == "paper" and _called_by_torch_prepare_only():
+        if self.act_placement != "all" and _called_by_torch_prepare_only():
+            what, fix = _PLACEMENT_WORDS[self.act_placement]
             warnings.warn(
-                "this mapping asks for act_placement='paper' (activation fake-quants only on "
-                "ReLU/ReLU6 outputs), which torch.ao's prepare_qat_fx cannot apply: the model gets "
-                "torch.ao's placement (every op's input and output). Use granq_ao.prepare_qat_fx, or "
-                "call granq_ao.apply_paper_placement(prepared) afterwards.", PlacementWarning, stacklevel=2)
+                f"this mapping asks for act_placement={self.act_placement!r} ({what}), which torch.ao's "
+                "prepare_qat_fx cannot apply: the model gets torch.ao's placement (every op's input and "
+                f"output). Use granq_ao.prepare_qat_fx, or call {fix}(prepared) afterwards.",
+                PlacementWarning, stacklevel=2)
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         for key, value in self.__dict__.items():
             setattr(copied, key, copy.deepcopy(value, memo))
         return copied
+
+
+_PLACEMENT_WORDS = {
+    "paper": ("activation fake-quants only on ReLU/ReLU6 outputs", "granq_ao.apply_paper_placement"),
+    "inputs": ("activation fake-quants only on the inputs of conv/linear layers",
+               "granq_ao.integrations.torch_ao.apply_input_placement"),
+}
 
 
 def _called_by_torch_prepare_only() -> bool:

@@ -19,11 +19,20 @@ What is annotated (``scheme = quantizer.scheme``; specs from :func:`.specs.granq
     torchao shares one fake-quant). ResNet-20: 34 calls, the FX path's.
   - ``"paper"``: only the outputs of ReLU/ReLU6 (19 in ResNet-20), as the paper's code does.
     The input image, BN outputs, residual sums and logits stay float.
+  - ``"inputs"``: only the input of every conv/linear (and transposed conv), as TensorRT and
+    modelopt quantize (20 values in ResNet-20: a value read by several layers, e.g. a block
+    input read by a shortcut conv and the block's first conv, is fake-quantized once, torchao's
+    sharing of equal specs on one value). Works on any network (SiLU, GELU, LayerNorm ...).
 
-Transposed convolutions and reshapes are not annotated.
+``prepare_qat_pt2e`` warns (:class:`~granq_ao.config.PlacementWarning`) when a placement
+annotates no activation, naming how many conv/linear inputs ``"inputs"`` would quantize.
+
+Transposed convolutions and reshapes are not annotated (``"inputs"`` annotates the input of a
+transposed convolution, not its weight).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -31,10 +40,11 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer, SharedQuantizationSpec
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-from granq_ao.config import GranQScheme
+from granq_ao.config import GranQScheme, PlacementWarning
 from granq_ao.granularity import PerTensor
 
-from .patterns import chain_tail, is_pool, is_relu_node, is_residual_add, is_weighted, tensor_inputs
+from .patterns import (chain_tail, is_conv_or_linear_input_op, is_pool, is_relu_node, is_residual_add, is_weighted,
+                       tensor_inputs)
 from .specs import granq_spec
 
 __all__ = ["GranQQuantizer"]
@@ -71,6 +81,8 @@ class GranQQuantizer(Quantizer):
         self.weight_spec = granq_spec(scheme.weight)
 
     def annotate(self, model: GraphModule) -> GraphModule:
+        if self.scheme.placement == "inputs":
+            return self._annotate_inputs(model)
         paper = self.scheme.placement == "paper"
         for node in list(model.graph.nodes):
             if is_weighted(node):
@@ -93,9 +105,40 @@ class GranQQuantizer(Quantizer):
                 annotation.output_qspec = SharedQuantizationSpec((node.args[0], node))
         return model
 
+    def _annotate_inputs(self, model: GraphModule) -> GraphModule:
+        """``"inputs"``: the input of every conv/linear (weights as in the other placements)."""
+        for node in list(model.graph.nodes):
+            if not is_conv_or_linear_input_op(node):
+                continue
+            annotation = _annotation(node)
+            annotation.input_qspec_map[node.args[0]] = self.activation_spec
+            if is_weighted(node):
+                annotation.input_qspec_map[node.args[1]] = self.weight_spec
+        return model
+
+    def _annotated_activations(self, model: GraphModule) -> list:
+        """``(node, value)`` for every activation value annotated with the activation spec."""
+        found = []
+        for node in model.graph.nodes:
+            annotation = node.meta.get(Q_ANNOTATION_KEY)
+            if annotation is None:
+                continue
+            found += [(node, value) for value, spec in annotation.input_qspec_map.items()
+                      if spec is self.activation_spec]
+            if annotation.output_qspec is self.activation_spec:
+                found.append((node, node))
+        return found
+
     def validate(self, model: GraphModule) -> None:
         """Every annotated activation must have the rank its granularity needs (>= 2 unless per
-        tensor): ``ValueError`` naming the node otherwise."""
+        tensor): ``ValueError`` naming the node otherwise. A placement that annotates no
+        activation warns (:class:`~granq_ao.config.PlacementWarning`)."""
+        if not self._annotated_activations(model):
+            inputs = {node.args[0] for node in model.graph.nodes if is_conv_or_linear_input_op(node)}
+            warnings.warn(
+                f"GranQQuantizer: act_placement={self.scheme.placement!r} annotated 0 activations, so this "
+                f"model's activations stay float; act_placement='inputs' would quantize the {len(inputs)} "
+                "conv/linear input(s).", PlacementWarning, stacklevel=2)
         if isinstance(self.scheme.activation.granularity, PerTensor):
             return
         for node in model.graph.nodes:
