@@ -19,11 +19,12 @@ from .input_placement import apply_input_placement, count_weighted_inputs
 from .observer import GranQObserver
 from .placement import activation_fake_quant_calls, apply_paper_placement, count_activation_fake_quant_calls
 from .prepare import prepare_qat_fx
+from .zero_gamma import route_zero_gamma_batchnorm
 from .qconfig import GranQQConfigMapping, PlacementWarning, get_granq_qat_qconfig_mapping, get_granq_qconfig
 
 __all__ = [
     "GranQFakeQuantize", "GranQObserver", "GranQQConfigMapping", "PlacementWarning", "get_granq_qconfig",
     "get_granq_qat_qconfig_mapping", "prepare_qat_fx", "apply_paper_placement", "activation_fake_quant_calls",
     "count_activation_fake_quant_calls", "convert_to_reference_fx", "insert_dynamic_quant_dequant",
-    "apply_input_placement", "count_weighted_inputs", "bake_weight_module", "weight_codes", "ConvBnEval", "convert_eager", "DynamicQuantDequant",
+    "route_zero_gamma_batchnorm", "apply_input_placement", "count_weighted_inputs", "bake_weight_module", "weight_codes", "ConvBnEval", "convert_eager", "DynamicQuantDequant",
 ]

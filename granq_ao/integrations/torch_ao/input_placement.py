@@ -10,7 +10,9 @@ quantized (BN outputs, residual sums, SiLU/GELU outputs, the logits stay float).
   kept where its value is the input (``args[0]``) of a conv/linear (module or functional call),
   and it then feeds only those layers: every other user reads the unquantized value again. Calls
   that feed no conv/linear are removed. A value read by several conv/linear layers is
-  fake-quantized once (torch.ao inserts one fake-quant per value). Every kept call gets a
+  fake-quantized once (torch.ao inserts one fake-quant per value). torch.ao's activation
+  fake-quants on parameters read by other ops (ConvNeXt's ``layer_scale`` in a ``mul``) go too;
+  the weight fake-quants of functional ``F.conv2d``/``F.linear`` calls (``args[1]``) stay. Every kept call gets a
   fake-quant instance of its own (torch.ao shares one instance between, e.g., a ReLU output and
   the max-pool after it; here each conv input gets its own ranges, as in the PT2E quantizer).
 * eager (:func:`apply_input_placement` on a ``torch.ao.quantization.prepare_qat`` model): every
@@ -90,32 +92,40 @@ def _is_activation_fake_quant(node: Node, modules: dict) -> bool:
             and bool(node.args) and isinstance(node.args[0], Node) and _reaches_placeholder(node.args[0]))
 
 
+def _is_granq_call(node: Node, modules: dict) -> bool:
+    return node.op == "call_module" and isinstance(modules.get(str(node.target)), GranQFakeQuantize) and bool(node.args)
+
+
 def _apply_fx(model: GraphModule) -> int:
     modules = dict(model.named_modules(remove_duplicate=False))
     kept = 0
     removed_targets = set()
     for node in list(model.graph.nodes):
-        if not _is_activation_fake_quant(node, modules):
+        if not _is_granq_call(node, modules):
             continue
         source = node.args[0]
+        input_uses = 0
         for user in list(node.users):
-            if is_weighted_call(user, modules) and user.args and user.args[0] is node:
+            if not is_weighted_call(user, modules):
+                user.replace_input_with(node, source)
+            elif user.args and user.args[0] is node:
                 # the input (args[0]) stays quantized; any other use of it reads the float value
                 user.args = (node,) + tuple(source if arg is node else arg for arg in user.args[1:])
                 user.kwargs = {key: source if value is node else value for key, value in user.kwargs.items()}
-            else:
-                user.replace_input_with(node, source)
-        removed_targets.add(str(node.target))
+                input_uses += 1
+            # else: the weight fake-quant of a functional conv/linear (args[1]): untouched
         if not node.users:
             model.graph.erase_node(node)
-            continue
-        # a fake-quant of its own (torch.ao may share one instance between several values)
-        name = f"{str(node.target).replace('.', '_')}_input{kept}"
-        while hasattr(model, name):
-            name += "_"
-        model.add_submodule(name, copy.deepcopy(modules[str(node.target)]))
-        node.target = name
-        kept += 1
+            removed_targets.add(str(node.target))
+        elif input_uses and _is_activation_fake_quant(node, modules):
+            # a fake-quant of its own (torch.ao may share one instance between several values)
+            name = f"{str(node.target).replace('.', '_')}_input{kept}"
+            while hasattr(model, name):
+                name += "_"
+            model.add_submodule(name, copy.deepcopy(modules[str(node.target)]))
+            removed_targets.add(str(node.target))
+            node.target = name
+            kept += 1
     still_called = {str(node.target) for node in model.graph.nodes if node.op == "call_module"}
     for target in sorted(removed_targets - still_called):
         model.delete_submodule(target)

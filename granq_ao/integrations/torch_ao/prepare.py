@@ -22,6 +22,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .input_placement import apply_input_placement, count_weighted_inputs
 from .placement import apply_paper_placement, count_activation_fake_quant_calls
+from .zero_gamma import route_zero_gamma_batchnorm
 from .qconfig import GranQQConfigMapping, PlacementWarning, picklable_qconfig
 
 __all__ = ["prepare_qat_fx", "check_not_prepared", "OBSERVED_ATTRS", "META_KEY"]
@@ -72,12 +73,14 @@ def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping
     fake-quants on ReLU/ReLU6 outputs only (:mod:`.placement`), with ``"inputs"`` on the inputs of
     conv/linear layers only (:mod:`.input_placement`), and warns
     (:class:`~granq_ao.config.PlacementWarning`, naming how many conv/linear inputs ``"inputs"``
-    would quantize) if the placement leaves no activation fake-quant. ``ValueError`` for a model
-    that is already prepared."""
+    would quantize) if the placement leaves no activation fake-quant. Fused Conv-BN modules whose
+    BN weight holds an exact 0 get a forward that does not divide by it (:mod:`.zero_gamma`).
+    ``ValueError`` for a model that is already prepared."""
     check_not_prepared(model)
     prepared = _torch_prepare_qat_fx(model, qconfig_mapping, example_inputs,
                                      prepare_custom_config=prepare_custom_config,
                                      backend_config=backend_config)
+    route_zero_gamma_batchnorm(prepared)  # BN weights of exactly 0: finite outputs (.zero_gamma)
     placement = getattr(qconfig_mapping, "act_placement", "all")
     if placement == "paper":
         apply_paper_placement(prepared)

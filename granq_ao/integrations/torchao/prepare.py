@@ -3,8 +3,9 @@
 :func:`export_for_qat` is ``torch.export.export(model.train(), example_inputs, dynamic_shapes=...)``
 with dim 0 of every tensor input dynamic (GranQ's ranges are per sample, so a prepared or
 converted model must run at any batch size), returned as a ``GraphModule``.
-:func:`prepare_student` adds ``prepare_qat_pt2e`` with a :class:`~.quantizer.GranQQuantizer`:
-the student of the zero-shot trainer.
+:func:`prepare_qat` is ``prepare_qat_pt2e`` that also takes networks whose BatchNorm weights
+hold exact zeros (:mod:`.zero_gamma`). :func:`prepare_student` adds :func:`prepare_qat` with a
+:class:`~.quantizer.GranQQuantizer`: the student of the zero-shot trainer.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 from granq_ao.config import GranQScheme
 
 from .quantizer import GranQQuantizer
+from .zero_gamma import route_zero_gamma_conv_bn
 
-__all__ = ["export_for_qat", "prepare_student"]
+__all__ = ["export_for_qat", "prepare_qat", "prepare_student"]
 
 
 def export_for_qat(model: torch.nn.Module, example_inputs: Tuple[Any, ...], dynamic_batch: bool = True
@@ -43,10 +45,25 @@ def export_for_qat(model: torch.nn.Module, example_inputs: Tuple[Any, ...], dyna
     return torch.export.export(model.train(), example_inputs, dynamic_shapes=dynamic_shapes).module()
 
 
+def prepare_qat(exported: GraphModule, quantizer: GranQQuantizer) -> GraphModule:
+    """``prepare_qat_pt2e(exported, quantizer)``, then every conv-bn QAT pattern whose BatchNorm
+    weight holds an exact 0 divides by a nonzero scale there (:mod:`.zero_gamma`: finite outputs,
+    the same numbers elsewhere). ``quantizer`` must be a :class:`GranQQuantizer`."""
+    if not isinstance(quantizer, GranQQuantizer):
+        raise TypeError(f"quantizer must be a GranQQuantizer, got {type(quantizer).__name__}")
+    quantizer._routes_zero_gamma = True
+    try:
+        prepared = prepare_qat_pt2e(exported, quantizer)
+    finally:
+        quantizer._routes_zero_gamma = False
+    route_zero_gamma_conv_bn(prepared)
+    return prepared
+
+
 def prepare_student(model: torch.nn.Module, scheme: Optional[GranQScheme], example_inputs: Tuple[Any, ...],
                     freeze_bn: bool = True) -> GraphModule:
     """A GranQ QAT student ready to train: :func:`export_for_qat` (dynamic batch) then
-    ``prepare_qat_pt2e(exported, GranQQuantizer(scheme))`` (``scheme=None``: ``GranQScheme()``).
+    :func:`prepare_qat` ``(exported, GranQQuantizer(scheme))`` (``scheme=None``: ``GranQScheme()``).
 
     ``freeze_bn=True`` (the paper's student): the graph is moved to eval form with
     ``torchao.quantization.pt2e.move_exported_model_to_eval``: batch norms normalize with their
@@ -59,7 +76,7 @@ def prepare_student(model: torch.nn.Module, scheme: Optional[GranQScheme], examp
     requires gradients, even where ``model``'s were frozen (a frozen teacher).
     """
     scheme = GranQScheme() if scheme is None else scheme
-    prepared = prepare_qat_pt2e(export_for_qat(copy.deepcopy(model), example_inputs), GranQQuantizer(scheme))
+    prepared = prepare_qat(export_for_qat(copy.deepcopy(model), example_inputs), GranQQuantizer(scheme))
     for parameter in prepared.parameters():
         parameter.requires_grad_(True)
     return move_exported_model_to_eval(prepared) if freeze_bn else move_exported_model_to_train(prepared)

@@ -46,6 +46,7 @@ from granq_ao.granularity import PerTensor
 from .patterns import (chain_tail, is_conv_or_linear_input_op, is_pool, is_relu_node, is_residual_add, is_weighted,
                        tensor_inputs)
 from .specs import granq_spec
+from .zero_gamma import zero_gamma_batch_norms
 
 __all__ = ["GranQQuantizer"]
 
@@ -77,6 +78,8 @@ class GranQQuantizer(Quantizer):
         elif not isinstance(scheme, GranQScheme):
             raise TypeError(f"scheme must be a GranQScheme, got {scheme!r}")
         self.scheme = scheme
+        # set by granq_ao's prepare_qat, which routes conv-bn patterns around zero gammas
+        self._routes_zero_gamma = False
         self.activation_spec = granq_spec(scheme.activation)
         self.weight_spec = granq_spec(scheme.weight)
 
@@ -132,7 +135,19 @@ class GranQQuantizer(Quantizer):
     def validate(self, model: GraphModule) -> None:
         """Every annotated activation must have the rank its granularity needs (>= 2 unless per
         tensor): ``ValueError`` naming the node otherwise. A placement that annotates no
-        activation warns (:class:`~granq_ao.config.PlacementWarning`)."""
+        activation warns (:class:`~granq_ao.config.PlacementWarning`). A conv followed by a
+        BatchNorm whose weight holds an exact 0 is refused (``ValueError`` naming it): the conv-bn
+        QAT pattern would divide by 0; :func:`granq_ao.integrations.torchao.prepare_qat` routes
+        around it (:mod:`.zero_gamma`)."""
+        if not self._routes_zero_gamma:
+            zero = zero_gamma_batch_norms(model, after=is_weighted)
+            if zero:
+                raise ValueError(
+                    f"GranQQuantizer: BatchNorm weight {zero[0]!r} (and {len(zero) - 1} more) holds exact zeros "
+                    "(zero-initialised last BN, or a pruned channel): prepare_qat_pt2e's conv-bn QAT pattern "
+                    "divides the conv output by gamma / sqrt(var + eps), which gives NaN there. Prepare with "
+                    "granq_ao.integrations.torchao.prepare_qat(exported, quantizer) instead, which routes "
+                    "those channels around the division")
         if not self._annotated_activations(model):
             inputs = {node.args[0] for node in model.graph.nodes if is_conv_or_linear_input_op(node)}
             warnings.warn(
