@@ -27,6 +27,7 @@ Weight fake-quants are untouched.
 from __future__ import annotations
 
 import copy
+import importlib
 
 import torch
 import torch.nn.functional as nn_functional
@@ -135,8 +136,8 @@ def _apply_fx(model: GraphModule) -> int:
 
 
 def _torch_observer_hooks():
-    from torch.ao.quantization import quantize as torch_quantize
-
+    """torch.ao's eager ``(_observer_forward_hook, _observer_forward_pre_hook)``."""
+    torch_quantize = importlib.import_module("torch.ao.quantization.quantize")
     return torch_quantize._observer_forward_hook, torch_quantize._observer_forward_pre_hook
 
 

@@ -22,6 +22,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .input_placement import apply_input_placement, count_weighted_inputs
 from .placement import apply_paper_placement, count_activation_fake_quant_calls
+from .training_flag import check_training_branches, make_training_flags_live
 from .zero_gamma import route_zero_gamma_batchnorm
 from .qconfig import GranQQConfigMapping, PlacementWarning, picklable_qconfig
 
@@ -75,12 +76,17 @@ def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping
     (:class:`~granq_ao.config.PlacementWarning`, naming how many conv/linear inputs ``"inputs"``
     would quantize) if the placement leaves no activation fake-quant. Fused Conv-BN modules whose
     BN weight holds an exact 0 get a forward that does not divide by it (:mod:`.zero_gamma`).
+    Functional calls whose training flag tracing froze (``F.dropout(x, p, self.training)``,
+    ``F.batch_norm``) read the live ``training`` flag again; a model with another branch on
+    ``self.training`` is refused (``ValueError``; :mod:`.training_flag`).
     ``ValueError`` for a model that is already prepared."""
     check_not_prepared(model)
+    check_training_branches(model)
     prepared = _torch_prepare_qat_fx(model, qconfig_mapping, example_inputs,
                                      prepare_custom_config=prepare_custom_config,
                                      backend_config=backend_config)
     route_zero_gamma_batchnorm(prepared)  # BN weights of exactly 0: finite outputs (.zero_gamma)
+    make_training_flags_live(prepared)  # F.dropout(x, training=self.training) & co. follow .eval()
     placement = getattr(qconfig_mapping, "act_placement", "all")
     if placement == "paper":
         apply_paper_placement(prepared)
