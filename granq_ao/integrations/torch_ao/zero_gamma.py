@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 
-__all__ = ["zero_gamma_safe_forward", "route_zero_gamma_batchnorm", "has_zero_gamma", "is_routed"]
+__all__ = ["safe_scale_factor", "zero_gamma_safe_forward", "route_zero_gamma_batchnorm", "has_zero_gamma", "is_routed"]
 
 _ATTRIBUTE = "_forward_approximate"
 
@@ -42,13 +42,19 @@ def has_zero_gamma(bn: nn.Module) -> bool:
     return weight is not None and bool((weight.detach() == 0).any())
 
 
+def safe_scale_factor(bn: nn.Module) -> torch.Tensor:
+    """``sf = gamma / sqrt(running_var + eps)`` (torch.ao's expression, bit for bit), with
+    ``1 / sqrt(running_var + eps)`` where ``sf == 0`` (module docstring)."""
+    running_std = torch.sqrt(bn.running_var + bn.eps)
+    scale_factor = bn.weight / running_std
+    return torch.where(scale_factor == 0, running_std.reciprocal(), scale_factor)
+
+
 def zero_gamma_safe_forward(self: _ConvBnNd, input: torch.Tensor) -> torch.Tensor:
     """torch.ao's approximate Conv-BN QAT forward with ``sf`` of zero-gamma channels taken as
     ``1 / std`` (module docstring)."""
     bn = self.bn
-    running_std = torch.sqrt(bn.running_var + bn.eps)
-    scale_factor = bn.weight / running_std
-    scale_factor = torch.where(scale_factor == 0, running_std.reciprocal(), scale_factor)
+    scale_factor = safe_scale_factor(bn)
     weight_shape = [1] * self.weight.dim()
     weight_shape[0] = -1
     channel_shape = [1] * self.weight.dim()
