@@ -24,6 +24,7 @@ beyond those calls and the ``num_batches_tracked`` counter update of a traced ba
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -85,7 +86,9 @@ def make_training_flags_live(model: GraphModule) -> List[str]:
         if not isinstance(value, bool):
             continue
         owner = _owner_path(model, node)
-        with model.graph.inserting_before(node):
+        with model.graph.inserting_before(node), warnings.catch_warnings():
+            # a plain attribute, not a parameter/buffer/module: FX warns, and reads it all the same
+            warnings.simplefilter("ignore", UserWarning)
             flag = model.graph.get_attr(f"{owner}.training" if owner else "training")
         if where[0] == "arg":
             args = list(node.args)
