@@ -14,8 +14,9 @@ or a :class:`~granq_ao.config.GranQScheme` as first argument. Activations:
 same module with the weight config (``ch_axis=0``), ``qint8`` label.
 
 ``act_placement="paper"`` marks the mapping so that :func:`granq_ao.prepare_qat_fx` keeps
-activation fake-quants only on ReLU/ReLU6 outputs (see :mod:`.placement`). torch's own
-``prepare_qat_fx`` cannot apply it: given such a mapping it warns (:class:`PlacementWarning`).
+activation fake-quants only on ReLU/ReLU6 outputs (see :mod:`.placement`); ``"inputs"`` only on
+the inputs of conv/linear layers (see :mod:`.input_placement`). torch's own ``prepare_qat_fx``
+cannot apply them: given such a mapping it warns (:class:`PlacementWarning`).
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ _BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
 
 class GranQQConfigMapping(QConfigMapping):
     """A ``QConfigMapping`` that also carries the :class:`~granq_ao.config.GranQScheme` it was made
-    from, whose ``placement`` (``"all"`` as torch.ao does, or ``"paper"``: after ReLU/ReLU6
-    only) :func:`granq_ao.prepare_qat_fx` applies."""
+    from, whose ``placement`` (``"all"`` as torch.ao does, ``"paper"``: after ReLU/ReLU6 only,
+    ``"inputs"``: conv/linear inputs only) :func:`granq_ao.prepare_qat_fx` applies."""
 
     def __init__(self, act_placement: Union[str, GranQScheme] = "all") -> None:
         super().__init__()
@@ -55,7 +56,7 @@ class GranQQConfigMapping(QConfigMapping):
 
     def __deepcopy__(self, memo):
         # torch's prepare_fx deep-copies the mapping first: the one moment to tell a user of
-        # torch's prepare_qat_fx that "paper" placement will not happen.
+        # torch's prepare_qat_fx that the "paper"/"inputs" placement will not happen.
         if self.act_placement != "all" and _called_by_torch_prepare_only():
             what, fix = _PLACEMENT_WORDS[self.act_placement]
             warnings.warn(
