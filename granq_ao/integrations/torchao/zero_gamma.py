@@ -47,14 +47,23 @@ def _has_zero(value) -> bool:
     return isinstance(value, torch.Tensor) and bool((value.detach() == 0).any())
 
 
+def _training_form(node: Node) -> bool:
+    """A batch norm exported in training form (what ``prepare_qat_pt2e`` rewrites into its conv-bn
+    QAT pattern; an eval-form export, as for ``prepare_pt2e``, is left as it is)."""
+    if node.target == _aten.batch_norm.default:
+        return len(node.args) > 5 and node.args[5] is True
+    return node.target != _aten._native_batch_norm_legit_no_training.default
+
+
 def zero_gamma_batch_norms(model: GraphModule, after=None) -> List[str]:
     """The BatchNorm weights of an exported graph that hold an exact 0, by name
-    (``"layer1.0.bn2.weight"``), in graph order; ``after(node)``: only batch norms whose input
-    node it accepts."""
+    (``"layer1.0.bn2.weight"``), in graph order; ``after(node)``: only batch norms in training
+    form whose input node it accepts."""
     names = []
     for node in model.graph.nodes:
         if node.op == "call_function" and node.target in BATCH_NORM_OPS and len(node.args) > 1:
-            if after is not None and not (isinstance(node.args[0], Node) and after(node.args[0])):
+            if after is not None and not (isinstance(node.args[0], Node) and after(node.args[0])
+                                          and _training_form(node)):
                 continue
             gamma = node.args[1]
             if _has_zero(_attribute(model, gamma)) and str(gamma.target) not in names:
