@@ -38,7 +38,8 @@ from .granularity import Granularity, PerChannel, PerSampleChannel, PerTensor
 
 __all__ = [
     "GranQConfig", "GranQScheme", "MIN_BITS", "MAX_BITS", "ACT_GRANULARITIES", "WEIGHT_GRANULARITIES",
-    "PLACEMENTS", "PlacementWarning", "FUSED_MODES", "quant_range", "check_bits", "check_choice", "normalize_fused", "as_granularity",
+    "PLACEMENTS", "PlacementWarning", "FUSED_MODES", "quant_range", "check_bits", "check_choice", "normalize_fused",
+    "as_granularity",
     "as_config", "scheme_kwargs",
 ]
 

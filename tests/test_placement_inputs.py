@@ -212,3 +212,11 @@ def test_pytorch_quantization_inputs_replaces_conv_linear_quantizers_only():
         gq.replace_input_quantizers(model, only_after_relu=True, placement="inputs")
     with pytest.raises(ValueError, match="placement must be one of"):
         gq.replace_input_quantizers(model, placement="outputs")
+
+
+def test_placement_counts_script_row_of_docs(capsys):
+    """The ResNet-20 row of docs/PLACEMENT.md, as benchmarks/placement_counts.py prints it (FX)."""
+    from benchmarks import placement_counts
+
+    placement_counts.main(["--nets", "resnet20_cifar10", "--toolchains", "fx"])
+    assert "| resnet20_cifar10 | 22 | 19 | 34 | 20 |" in capsys.readouterr().out.splitlines()

@@ -45,8 +45,8 @@ def pruned_net():
 
 
 def fx(model, example=(torch.randn(2, 3, 32, 32),), mapping=None):
-    return granq_ao.prepare_qat_fx(copy.deepcopy(model).train(), mapping or granq_ao.get_granq_qat_qconfig_mapping(SCHEME),
-                                   example)
+    mapping = mapping or granq_ao.get_granq_qat_qconfig_mapping(SCHEME)
+    return granq_ao.prepare_qat_fx(copy.deepcopy(model).train(), mapping, example)
 
 
 def test_torch_ao_conv_bn_qat_divides_by_zero_gamma():

@@ -26,5 +26,6 @@ __all__ = [
     "GranQFakeQuantize", "GranQObserver", "GranQQConfigMapping", "PlacementWarning", "get_granq_qconfig",
     "get_granq_qat_qconfig_mapping", "prepare_qat_fx", "apply_paper_placement", "activation_fake_quant_calls",
     "count_activation_fake_quant_calls", "convert_to_reference_fx", "insert_dynamic_quant_dequant",
-    "route_zero_gamma_batchnorm", "apply_input_placement", "count_weighted_inputs", "bake_weight_module", "weight_codes", "ConvBnEval", "convert_eager", "DynamicQuantDequant",
+    "route_zero_gamma_batchnorm", "apply_input_placement", "count_weighted_inputs", "bake_weight_module",
+    "weight_codes", "ConvBnEval", "convert_eager", "DynamicQuantDequant",
 ]

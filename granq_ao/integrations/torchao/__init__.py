@@ -35,7 +35,8 @@ from .quantizer import GranQQuantizer
 from .specs import granq_spec
 
 __all__ = [
-    "GranQQuantizer", "GranQPT2EFakeQuantize", "granq_spec", "export_for_qat", "prepare_qat", "prepare_student", "route_zero_gamma_conv_bn",
+    "GranQQuantizer", "GranQPT2EFakeQuantize", "granq_spec", "export_for_qat", "prepare_qat", "prepare_student",
+    "route_zero_gamma_conv_bn",
     "GranQQATConfig", "is_conv_or_linear", "granq_fake_quant_calls",
     "GranQQAT", "GranQQATConv", "GranQQATConv1d", "GranQQATConv2d", "GranQQATConv3d", "GranQQATConvTranspose",
     "GranQQATConvTranspose1d", "GranQQATConvTranspose2d", "GranQQATConvTranspose3d", "GranQQATLinear",
