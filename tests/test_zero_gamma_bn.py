@@ -107,7 +107,10 @@ def test_eager_prepare_qat_then_route():
     model.qconfig = granq_ao.get_granq_qconfig(SCHEME)
     torch.ao.quantization.prepare_qat(model, inplace=True)
     x = torch.randn(2, 3, 32, 32)
-    with pytest.raises(granq_ao.NonFiniteInputError):  # torch.ao's forward: NaN from layer1.0's bn2
+    # torch.ao's forward: NaN from layer1.0's bn2; the error names the cause and the way out
+    with pytest.raises(granq_ao.NonFiniteInputError, match=r"Likely cause: the BatchNorm weight of fused Conv-BN "
+                                                           r"'layer1\.0\.conv2' \(8 module\(s\)\).*"
+                                                           r"route_zero_gamma_batchnorm"):
         copy.deepcopy(model)(x)
     assert route_zero_gamma_batchnorm(model) == [f"layer{i}.{j}.conv2" for i in (1, 2, 3, 4) for j in (0, 1)]
     assert torch.isfinite(model(x)).all()

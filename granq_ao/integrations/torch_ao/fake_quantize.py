@@ -53,6 +53,7 @@ from granq_ao.saved_settings import load_checking_settings, settings_tensor
 
 from .dynamic_qdq import insert_dynamic_quant_dequant
 from .eager_guard import refuse_torch_eager_convert
+from .zero_gamma import unrouted_zero_gamma_note
 from .observer import GranQObserver, bits_from_quant_range, picklable_with_args, picklable_with_callable_args
 
 
@@ -221,7 +222,7 @@ class GranQFakeQuantize(FakeQuantizeBase):
                     self.activation_post_process(x_detached)
             return x_hat
         except NonFiniteInputError as error:
-            raise NonFiniteInputError(f"{module_label(self)}: {error}") from None
+            raise NonFiniteInputError(f"{module_label(self)}: {error}{unrouted_zero_gamma_note(self)}") from None
         except (ValueError, TypeError) as error:
             raise type(error)(f"{module_label(self)}: {error}") from None
 

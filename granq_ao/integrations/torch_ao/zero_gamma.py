@@ -31,7 +31,9 @@ import torch
 from torch import nn
 from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 
-__all__ = ["safe_scale_factor", "zero_gamma_safe_forward", "route_zero_gamma_batchnorm", "has_zero_gamma", "is_routed"]
+from granq_ao.diagnostics import locate_in_caller
+
+__all__ = ["unrouted_zero_gamma_note", "safe_scale_factor", "zero_gamma_safe_forward", "route_zero_gamma_batchnorm", "has_zero_gamma", "is_routed"]
 
 _ATTRIBUTE = "_forward_approximate"
 
@@ -77,6 +79,24 @@ def route_zero_gamma_batchnorm(model: nn.Module) -> List[str]:
             setattr(module, _ATTRIBUTE, types.MethodType(zero_gamma_safe_forward, module))
             routed.append(name)
     return routed
+
+
+def unrouted_zero_gamma_note(module: nn.Module) -> str:
+    """For an error message about NaN reaching ``module`` (a fake-quant): ``""``, or a sentence
+    naming the fused Conv-BN modules of the running model whose BN weight holds a 0 and that run
+    torch.ao's dividing forward (the cause), with the way out. Walks the call stack: error paths only."""
+    location = locate_in_caller(module)
+    if location is None:
+        return ""
+    _, owner = location
+    names = [name for name, held in owner.named_modules()
+             if isinstance(held, _ConvBnNd) and has_zero_gamma(held.bn) and _ATTRIBUTE not in held.__dict__]
+    if not names:
+        return ""
+    return (f". Likely cause: the BatchNorm weight of fused Conv-BN '{names[0]}' ({len(names)} module(s)) holds "
+            "exact zeros, and torch.ao's conv-bn QAT forward divides by gamma / sqrt(var + eps); call "
+            "granq_ao.integrations.torch_ao.route_zero_gamma_batchnorm(model) after prepare_qat "
+            "(granq_ao.prepare_qat_fx does it)")
 
 
 def is_routed(module: nn.Module) -> bool:
