@@ -220,3 +220,20 @@ def test_placement_counts_script_row_of_docs(capsys):
 
     placement_counts.main(["--nets", "resnet20_cifar10", "--toolchains", "fx"])
     assert "| resnet20_cifar10 | 22 | 19 | 34 | 20 |" in capsys.readouterr().out.splitlines()
+
+
+def test_mobilenet_v3_small_counts_fx_and_pt2e():
+    """Hard-swish and squeeze-excitation: paper finds the 14 ReLU points, inputs all 54 layers
+    (docs/PLACEMENT.md)."""
+    import torchvision
+
+    from granq_ao.integrations.torchao import granq_fake_quant_calls
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(weights=None)
+    example = (torch.randn(2, 3, 64, 64),)
+    counts = {}
+    for placement in ("paper", "inputs"):
+        counts["fx", placement] = granq_ao.count_activation_fake_quant_calls(fx_prepare(model, placement, example))
+        counts["pt2e", placement] = len(granq_fake_quant_calls(pt2e_prepare(model, placement, example))["activation"])
+    assert counts == {("fx", "paper"): 14, ("pt2e", "paper"): 14, ("fx", "inputs"): 54, ("pt2e", "inputs"): 54}
