@@ -143,3 +143,46 @@ def test_fx_student_evaluates_deterministically():
     x = torch.randn(6, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(student(x), student(x))
+
+
+class StochasticDepthNet(nn.Module):
+    """torchvision's StochasticDepth (an fx-wrapped function taking self.training) on a branch."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.drop = StochasticDepth(p, "row")
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.fc((x + self.drop(self.conv(x))).mean((2, 3)))
+
+
+def test_fx_stochastic_depth_flag_is_live():
+    torch.manual_seed(0)
+    teacher = StochasticDepthNet()
+    model = prepare(copy.deepcopy(teacher).train())
+    node = next(node for node in model.graph.nodes if "stochastic_depth" in str(node.target))
+    flag = node.args[3] if len(node.args) > 3 else node.kwargs["training"]
+    assert isinstance(flag, torch.fx.Node) and flag.target == "training"
+    model.eval()
+    from_eval = prepare(copy.deepcopy(teacher).eval()).eval()
+    x = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        assert torch.equal(model(x), from_eval(x))
+
+
+def test_pt2e_student_refuses_a_random_eval_form():
+    pytest.importorskip("torchao")
+    from granq_ao.zsq.student import build_student
+
+    with pytest.raises(ValueError, match=r"still draws random numbers in eval form \(aten\.bernoulli.*"
+                                         r"stochastic_depth_prob"):
+        build_student("pt2e", StochasticDepthNet(), SCHEME, EXAMPLE)
+    student = build_student("pt2e", StochasticDepthNet(p=0.0), SCHEME, EXAMPLE)  # nothing random left
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(student(x), student(x))

@@ -12,7 +12,9 @@ quantized (BN outputs, residual sums, SiLU/GELU outputs, the logits stay float).
   that feed no conv/linear are removed. A value read by several conv/linear layers is
   fake-quantized once (torch.ao inserts one fake-quant per value). torch.ao's activation
   fake-quants on parameters read by other ops (ConvNeXt's ``layer_scale`` in a ``mul``) go too;
-  the weight fake-quants of functional ``F.conv2d``/``F.linear`` calls (``args[1]``) stay. Every kept call gets a
+  the weight fake-quants of functional ``F.conv2d``/``F.linear`` calls (``args[1]``) stay.
+  torch.ao's own activation fake-quants that feed no conv/linear (the fixed-qparams 8-bit ones
+  on sigmoid / hard-sigmoid outputs in squeeze-excitation blocks) go as well. Every kept call gets a
   fake-quant instance of its own (torch.ao shares one instance between, e.g., a ReLU output and
   the max-pool after it; here each conv input gets its own ranges, as in the PT2E quantizer).
 * eager (:func:`apply_input_placement` on a ``torch.ao.quantization.prepare_qat`` model): every
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as nn_functional
 from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from torch.ao.quantization.observer import ObserverBase
 from torch.fx import GraphModule, Node
 
 from .fake_quantize import GranQFakeQuantize
@@ -97,11 +101,25 @@ def _is_granq_call(node: Node, modules: dict) -> bool:
     return node.op == "call_module" and isinstance(modules.get(str(node.target)), GranQFakeQuantize) and bool(node.args)
 
 
+def _is_other_activation_quantizer(node: Node, modules: dict) -> bool:
+    """A call of one of torch.ao's own activation fake-quants/observers (e.g. the fixed-qparams
+    fake-quant of a sigmoid / hard-sigmoid output) that feeds no conv/linear."""
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    if not isinstance(module, (FakeQuantizeBase, ObserverBase)) or isinstance(module, GranQFakeQuantize):
+        return False
+    return node.args and not any(is_weighted_call(user, modules) for user in node.users)
+
+
 def _apply_fx(model: GraphModule) -> int:
     modules = dict(model.named_modules(remove_duplicate=False))
     kept = 0
     removed_targets = set()
     for node in list(model.graph.nodes):
+        if _is_other_activation_quantizer(node, modules):
+            node.replace_all_uses_with(node.args[0])
+            model.graph.erase_node(node)
+            removed_targets.add(str(node.target))
+            continue
         if not _is_granq_call(node, modules):
             continue
         source = node.args[0]

@@ -10,7 +10,8 @@ affected: their own ``forward`` reads the flag at run time.
 
 :func:`make_training_flags_live` rewrites a traced graph: where a call of a function in
 :data:`TRAINING_FLAG_ARGS` (the dropout family, ``batch_norm``, ``rrelu``) got a constant bool for
-its training argument, the constant becomes a read of a module's live ``training`` attribute: for
+its training argument (and torchvision's fx-wrapped ``stochastic_depth``), the constant becomes a
+read of a module's live ``training`` attribute: for
 ``batch_norm``, the module that holds its running statistics (so that freezing that module with
 ``.eval()`` freezes it); otherwise the traced model's own flag (``model.train()/.eval()``). A model
 traced from a train-mode copy then computes, in eval mode, what a model traced from an eval-mode
@@ -47,6 +48,12 @@ TRAINING_FLAG_ARGS: Dict[Callable, Tuple[int, str]] = {
 }
 TRAINING_FLAG_ARGS.update({torch.dropout: (2, "train"), torch.alpha_dropout: (2, "train"),
                            torch.feature_alpha_dropout: (2, "train"), torch.batch_norm: (5, "training")})
+try:  # torchvision's StochasticDepth calls this fx-wrapped function with self.training
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+except ImportError:  # pragma: no cover - torchvision is optional
+    pass
+else:
+    TRAINING_FLAG_ARGS[_stochastic_depth] = (_position(_stochastic_depth, "training"), "training")
 
 
 def _flag_of(node: Node) -> Tuple[Optional[object], Optional[Tuple[str, object]]]:
@@ -102,20 +109,22 @@ def make_training_flags_live(model: GraphModule) -> List[str]:
     return rewritten
 
 
-def _signature(graph: torch.fx.Graph) -> List[Tuple[str, str]]:
-    """The graph's operations without the calls whose training flag is made live and without
+def _signature(graph: torch.fx.Graph) -> List[Tuple[str, str, tuple]]:
+    """The graph's operations (with their bool arguments: a flag such as ``self.training`` passed
+    to a wrapped function shows there), without the flags that are made live and without
     batch-norm counter updates (``num_batches_tracked.add_(1)``: a side effect only)."""
     ops = []
     for node in graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
         if node.op == "call_function" and node.target in TRAINING_FLAG_ARGS:
-            ops.append((node.op, str(node.target)))  # present in both modes; its flag is made live
+            ops.append((node.op, str(node.target), ()))  # present in both modes; its flag is made live
             continue
         if node.op == "call_method" and node.target in ("add_", "add") and node.args and \
                 isinstance(node.args[0], Node) and str(node.args[0].target).endswith("num_batches_tracked"):
             continue
-        ops.append((node.op, str(node.target)))
+        flags = tuple(value for value in (*node.args, *node.kwargs.values()) if isinstance(value, bool))
+        ops.append((node.op, str(node.target), flags))
     return ops
 
 
@@ -140,8 +149,12 @@ def check_training_branches(model: torch.nn.Module, tracer_class: type = Tracer)
     if train == evaluation:
         return
     index = next((i for i, (a, b) in enumerate(zip(train, evaluation)) if a != b), min(len(train), len(evaluation)))
-    in_train = train[index][1] if index < len(train) else "(nothing)"
-    in_eval = evaluation[index][1] if index < len(evaluation) else "(nothing)"
+    def describe(ops, i):
+        if i >= len(ops):
+            return "(nothing)"
+        return ops[i][1] + (f" with flags {ops[i][2]}" if ops[i][2] else "")
+
+    in_train, in_eval = describe(train, index), describe(evaluation, index)
     raise ValueError(
         f"{type(model).__name__}'s forward takes a different path in train and eval mode (operation {index}: "
         f"{in_train} in train mode, {in_eval} in eval mode): tracing freezes the branch of the mode it traced "

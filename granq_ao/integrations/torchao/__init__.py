@@ -23,7 +23,7 @@ except ImportError as _error:  # pragma: no cover - exercised only without torch
 
 from .count import granq_fake_quant_calls
 from .fake_quantize import GranQPT2EFakeQuantize
-from .prepare import export_for_qat, prepare_qat, prepare_student
+from .prepare import check_deterministic_eval_form, export_for_qat, prepare_qat, prepare_student
 from .zero_gamma import route_zero_gamma_conv_bn
 from .qat_config import GranQQATConfig, is_conv_or_linear
 from .qat_modules import (GranQQAT, GranQQATConv, GranQQATConv1d, GranQQATConv2d, GranQQATConv3d, GranQQATConvTranspose,
@@ -35,7 +35,7 @@ from .quantizer import GranQQuantizer
 from .specs import granq_spec
 
 __all__ = [
-    "GranQQuantizer", "GranQPT2EFakeQuantize", "granq_spec", "export_for_qat", "prepare_qat", "prepare_student",
+    "GranQQuantizer", "GranQPT2EFakeQuantize", "granq_spec", "export_for_qat", "check_deterministic_eval_form", "prepare_qat", "prepare_student",
     "route_zero_gamma_conv_bn",
     "GranQQATConfig", "is_conv_or_linear", "granq_fake_quant_calls",
     "GranQQAT", "GranQQATConv", "GranQQATConv1d", "GranQQATConv2d", "GranQQATConv3d", "GranQQATConvTranspose",

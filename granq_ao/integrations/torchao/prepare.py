@@ -22,7 +22,11 @@ from granq_ao.config import GranQScheme
 from .quantizer import GranQQuantizer
 from .zero_gamma import route_zero_gamma_conv_bn
 
-__all__ = ["export_for_qat", "prepare_qat", "prepare_student"]
+__all__ = ["export_for_qat", "prepare_qat", "prepare_student", "check_deterministic_eval_form", "RANDOM_OPS"]
+
+#: ATen ops that draw random numbers; none may remain in an eval-form graph
+RANDOM_OPS = ("bernoulli", "bernoulli_", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
+              "randperm", "native_dropout", "multinomial", "normal", "normal_", "uniform_", "exponential_")
 
 
 def export_for_qat(model: torch.nn.Module, example_inputs: Tuple[Any, ...], dynamic_batch: bool = True
@@ -60,6 +64,28 @@ def prepare_qat(exported: GraphModule, quantizer: GranQQuantizer) -> GraphModule
     return prepared
 
 
+def check_deterministic_eval_form(model: GraphModule) -> None:
+    """``ValueError`` if an exported graph in eval form still draws random numbers (an op of
+    :data:`RANDOM_OPS`, or ``aten.dropout`` in training form). ``torch.export`` freezes
+    ``self.training`` at export time: ``move_exported_model_to_eval`` turns dropout and batch norm
+    back into their eval form, but not, e.g., torchvision's ``StochasticDepth`` or timm's
+    ``DropPath``, whose random draws would make every evaluation differ."""
+    for node in model.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        training_dropout = name == "dropout" and len(node.args) > 2 and node.args[2] is True
+        if name in RANDOM_OPS or training_dropout:
+            stack = node.meta.get("nn_module_stack") or {}
+            where = next(reversed(stack.values()))[0] if stack else "?"
+            raise ValueError(
+                f"the exported student still draws random numbers in eval form (aten.{name} at node '{node.name}', "
+                f"in module '{where}'): torch.export froze self.training=True there (e.g. torchvision's "
+                "StochasticDepth, timm's DropPath), so its evaluations would differ from call to call. Set that "
+                "probability to 0 in the teacher (stochastic_depth_prob / drop_path_rate) or build the student "
+                "with the fx toolchain, which keeps the flag live")
+
+
 def prepare_student(model: torch.nn.Module, scheme: Optional[GranQScheme], example_inputs: Tuple[Any, ...],
                     freeze_bn: bool = True) -> GraphModule:
     """A GranQ QAT student ready to train: :func:`export_for_qat` (dynamic batch) then
@@ -69,7 +95,8 @@ def prepare_student(model: torch.nn.Module, scheme: Optional[GranQScheme], examp
     ``torchao.quantization.pt2e.move_exported_model_to_eval``: batch norms normalize with their
     running statistics and no longer update them, while their affine parameters (and all
     weights) still get gradients; GranQ fake-quants behave the same in both forms. The same call
-    also puts dropout in eval form. ``freeze_bn=False``: training form (batch statistics, running
+    also puts dropout in eval form; a graph that still draws random numbers then is refused
+    (:func:`check_deterministic_eval_form`). ``freeze_bn=False``: training form (batch statistics, running
     statistics updated). ``model.train()``/``.eval()`` are refused on the result (torchao's rule);
     use ``move_exported_model_to_train/eval``. ``model`` itself is left as it was (a copy is
     exported: exporting for QAT puts a model in training mode); every parameter of the result
@@ -79,4 +106,8 @@ def prepare_student(model: torch.nn.Module, scheme: Optional[GranQScheme], examp
     prepared = prepare_qat(export_for_qat(copy.deepcopy(model), example_inputs), GranQQuantizer(scheme))
     for parameter in prepared.parameters():
         parameter.requires_grad_(True)
-    return move_exported_model_to_eval(prepared) if freeze_bn else move_exported_model_to_train(prepared)
+    if not freeze_bn:
+        return move_exported_model_to_train(prepared)
+    prepared = move_exported_model_to_eval(prepared)
+    check_deterministic_eval_form(prepared)
+    return prepared
