@@ -34,8 +34,8 @@ ACTS = ("tensor", "channel", "granq")
 PAIRS = (("tensor", "granq"), ("channel", "granq"), ("tensor", "channel"))
 
 
-def run_folder(runs: Path, arch: str, bits: int, act: str, seed: int) -> Path:
-    return runs / f"{arch}_w{bits}a{bits}" / f"a-{act}_w-channel_l-entropy" / f"seed{seed}"
+def run_folder(runs: Path, arch: str, bits: int, act: str, seed: int, suffix: str = "") -> Path:
+    return runs / f"{arch}_w{bits}a{bits}{suffix}" / f"a-{act}_w-channel_l-entropy" / f"seed{seed}"
 
 
 def read(folder: Path) -> Optional[Dict[str, object]]:
@@ -104,12 +104,13 @@ def error_summary(arch: str, folder: Path) -> Optional[str]:
     return "; ".join(parts)
 
 
-def report(runs: Path, arch: str, bits: int, seeds: Sequence[int], figures: Optional[Path]) -> List[str]:
-    found = {(act, seed): read(run_folder(runs, arch, bits, act, seed)) for act in ACTS for seed in seeds}
+def report(runs: Path, arch: str, bits: int, seeds: Sequence[int], figures: Optional[Path], suffix: str = ""
+           ) -> List[str]:
+    found = {(act, seed): read(run_folder(runs, arch, bits, act, seed, suffix)) for act in ACTS for seed in seeds}
     if not any(found.values()):
         return []
     any_run = next(v for v in found.values() if v)["results"]
-    lines = [f"### {arch}, W{bits}A{bits}", "",
+    lines = [f"### {arch}, W{bits}A{bits}{suffix.replace('_', ', ')}", "",
              f"Teacher {accuracy(any_run, 'teacher')} (n = {any_run['n_test']}); "
              f"{any_run['fake_quants']['activation']} activation and {any_run['fake_quants']['weight']} weight "
              f"fake-quants ({any_run['config']['act_placement']} placement).", "",
@@ -131,13 +132,13 @@ def report(runs: Path, arch: str, bits: int, seeds: Sequence[int], figures: Opti
             if a and b and a["per_image"] and b["per_image"]:
                 lines.append(f"| {first} -> {second} | {seed} | {mcnemar(a['per_image'], b['per_image'])} |")
     for seed in seeds:
-        folder = run_folder(runs, arch, bits, "granq", seed)
+        folder = run_folder(runs, arch, bits, "granq", seed, suffix)
         summary = error_summary(arch, folder) if found[("granq", seed)] else None
         if summary:
             lines += ["", f"Activation error of the GranQ run, seed {seed} (mean relative error): {summary}."]
         if figures is not None and (folder / "activation_error.png").is_file():
             figures.mkdir(parents=True, exist_ok=True)
-            target = figures / f"{arch}_w{bits}a{bits}_seed{seed}_activation_error.png"
+            target = figures / f"{arch}_w{bits}a{bits}{suffix}_seed{seed}_activation_error.png"
             shutil.copyfile(folder / "activation_error.png", target)
             lines += ["", f"![{arch} W{bits}A{bits} seed {seed}: activation error]({target.relative_to(REPO / 'docs')})"]
     return lines + [""]
@@ -150,12 +151,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("--bits", default="4,3")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--figures", default=None, help="copy the GranQ runs' activation_error.png here")
+    parser.add_argument("--suffix", default="", help="run-folder suffix of a variant (e.g. _bnsstd)")
     args = parser.parse_args(argv)
     figures = Path(args.figures).resolve() if args.figures else None
     lines: List[str] = []
     for arch in args.archs.split(","):
         for bits in (int(b) for b in args.bits.split(",")):
-            lines += report(Path(args.runs), arch, bits, [int(s) for s in args.seeds.split(",")], figures)
+            lines += report(Path(args.runs), arch, bits, [int(s) for s in args.seeds.split(",")], figures, args.suffix)
     text = "\n".join(lines)
     print(text)
     return text

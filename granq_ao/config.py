@@ -7,8 +7,9 @@
     GranQConfig.for_weight(4, "kernel")                   # per (out, in) slice: the official code
 
 ``GranQScheme`` is what a whole network gets: an activation config, a weight config and where
-activations are quantized (``placement``: ``"all"`` as the host toolchain does, or ``"paper"``:
-only ReLU/ReLU6 outputs). Every adapter (torch.ao, pytorch-quantization, torchao, modelopt),
+activations are quantized (``placement``: ``"all"`` as the host toolchain does, ``"paper"``:
+only ReLU/ReLU6 outputs, or ``"inputs"``: the input of every conv/linear, as TensorRT and
+modelopt quantize). Every adapter (torch.ao, pytorch-quantization, torchao, modelopt),
 the zero-shot config and the CLIs take or build these; the keyword APIs
 (``get_granq_qat_qconfig_mapping(weight_bits=..., act_bits=...)``) are thin wrappers over
 :meth:`GranQScheme.from_kwargs`.
@@ -20,7 +21,8 @@ Vocabularies (one spelling each, used by the Python API and the CLIs alike):
                          ``granq_iterative`` (GranQ's ranges by a Python loop: ``iterative=True``)
 ``WEIGHT_GRANULARITIES`` ``channel`` (per output channel), ``kernel`` (per (out, in) slice:
                          GranQ's per-(dim 0, dim 1) ranges applied to a weight), ``tensor``
-``PLACEMENTS``           ``all``, ``paper``
+``PLACEMENTS``           ``all`` (the host toolchain's), ``paper`` (ReLU/ReLU6 outputs only),
+                         ``inputs`` (the input of every conv/linear, nothing else)
 ``FUSED_MODES``          ``auto`` (torch.compile'd where it works, else eager), ``compiled``,
                          ``eager``; the numbers are the same. Legacy ``None/True/False`` map to them.
 =======================  ====================================================================
@@ -37,18 +39,23 @@ from .granularity import Granularity, PerChannel, PerSampleChannel, PerTensor
 
 __all__ = [
     "GranQConfig", "GranQScheme", "MIN_BITS", "MAX_BITS", "ACT_GRANULARITIES", "WEIGHT_GRANULARITIES",
-    "PLACEMENTS", "FUSED_MODES", "quant_range", "check_bits", "check_choice", "normalize_fused", "as_granularity",
-    "keyword_defaults", "reject_options_with",
+    "PLACEMENTS", "PlacementWarning", "FUSED_MODES", "quant_range", "check_bits", "check_choice", "normalize_fused",
+    "as_granularity", "keyword_defaults", "reject_options_with",
 ]
 
 MIN_BITS = 2
 MAX_BITS = 8
 ACT_GRANULARITIES = ("granq", "channel", "tensor", "granq_iterative")
 WEIGHT_GRANULARITIES = ("channel", "kernel", "tensor")
-PLACEMENTS = ("all", "paper")
+PLACEMENTS = ("all", "paper", "inputs")
 FUSED_MODES = ("auto", "compiled", "eager")
 
 _LEGACY_FUSED = {None: "auto", True: "compiled", False: "eager"}
+
+
+class PlacementWarning(UserWarning):
+    """An activation placement that cannot be applied, or that found no activation to quantize
+    (e.g. ``"paper"`` on a network without ReLU/ReLU6)."""
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -211,7 +218,8 @@ class GranQConfig:
 class GranQScheme:
     """How a network is quantized: ``activation`` and ``weight`` configs and the activation
     ``placement`` (``"all"``: wherever the host toolchain observes activations; ``"paper"``: only
-    the outputs of ReLU/ReLU6, as the paper and its official code do)."""
+    the outputs of ReLU/ReLU6, as the paper and its official code do; ``"inputs"``: the input of
+    every conv/linear and nothing else, as TensorRT and modelopt quantize: works on any network)."""
 
     activation: GranQConfig = field(default_factory=GranQConfig.for_activation)
     weight: GranQConfig = field(default_factory=GranQConfig.for_weight)

@@ -133,7 +133,8 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
     add("--weight-granularity", choices=WEIGHT_GRANULARITIES, default=None,
         help="weight ranges: channel = per output channel (default); kernel = per (out, in) slice (official code)")
     add("--act-placement", choices=PLACEMENTS, default=None,
-        help="paper: activations quantized after ReLU only (default); all: the toolchain's placement")
+        help="paper: activations quantized after ReLU/ReLU6 only (default); inputs: the input of every conv/linear "
+             "(any network: SiLU, Hardswish, GELU); all: the toolchain's placement")
     add("--toolchain", choices=TOOLCHAINS, default=None, help="integration that builds the student: fx = torch.ao FX (default), pt2e = torchao PT2E, modelopt")
     add("--epochs", type=positive_int, default=None)
     add("--iters-per-epoch", "--iters", type=positive_int, default=None, help="iterations per epoch")

@@ -21,7 +21,11 @@ Every GranQ quantizer is configured (``"backend": "granq"``, ``"type": "dynamic"
   InstanceNorm, LeakyReLU, Embedding and RNN quantizers stay off;
 * activations, placement ``"paper"``: only the input quantizers of those layers whose input is
   a ReLU/ReLU6 output, found by the data flow of one forward pass of ``model`` on
-  ``example_inputs`` (:func:`granq_ao.relu.find_relu_fed_modules`); one exact-name entry each.
+  ``example_inputs`` (:func:`granq_ao.relu.find_relu_fed_modules`); one exact-name entry each;
+* activations, placement ``"inputs"``: the input quantizers of ``WEIGHT_LAYERS`` only (every
+  conv/linear input; pooling inputs stay float). modelopt quantizes each layer's input inside
+  the layer: a value read by two layers is fake-quantized by each (the same numbers, as GranQ's
+  ranges come from the value itself).
 """
 from __future__ import annotations
 
@@ -88,7 +92,7 @@ def granq_quant_cfg(weight_bits: Union[int, GranQScheme, None] = None, *, model:
             weight bits of :meth:`GranQScheme.from_kwargs` (default 4).
         model, example_inputs: needed for ``act_placement="paper"`` (the forward pass that
             finds the ReLU-fed layers; ``example_inputs`` a tensor or a tuple of arguments);
-            not used by ``"all"``.
+            not used by ``"all"`` and ``"inputs"``.
         **options: the other keywords of :meth:`GranQScheme.from_kwargs` (``act_bits``,
             ``act_granularity``, ``weight_granularity``, ``act_placement``, ``symmetric_weights``,
             ``symmetric_acts``, ``fused``, ``check_finite``), validated there.
@@ -104,9 +108,10 @@ def granq_quant_cfg(weight_bits: Union[int, GranQScheme, None] = None, *, model:
     ]
     entries += [{"quantizer_name": "*weight_quantizer", "parent_class": key, "enable": True}
                 for key in WEIGHT_LAYERS]
-    if scheme.placement == "all":
+    if scheme.placement in ("all", "inputs"):
+        layers = ACTIVATION_LAYERS if scheme.placement == "all" else WEIGHT_LAYERS
         entries += [{"quantizer_name": "*input_quantizer", "parent_class": key, "enable": True}
-                    for key in ACTIVATION_LAYERS]
+                    for key in layers]
     else:
         if model is None or example_inputs is None:
             raise ValueError('act_placement="paper" needs model= and example_inputs= to find the layers '

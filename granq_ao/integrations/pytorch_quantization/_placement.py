@@ -2,7 +2,11 @@
 
 ``replace_input_quantizers`` swaps the ``_input_quantizer`` of quant modules (``QuantConv2d``,
 ``QuantLinear``, ``QuantAvgPool2d`` ...) for :class:`GranQTensorQuantizer`; with
-``only_after_relu=True`` only those whose input is a ReLU output (the paper's placement).
+``placement="paper"`` (or ``only_after_relu=True``) only those whose input is a ReLU output (the
+paper's placement); with ``placement="inputs"`` only the conv/linear quant modules (every
+conv/linear input, as TensorRT quantizes; pooling inputs are left to ``disable_others``).
+pytorch-quantization quantizes a layer's input inside the layer: a value read by two layers is
+fake-quantized by each (the same numbers: GranQ's ranges come from the value).
 
 Which inputs are ReLU outputs is found by *data flow*, not by module order
 (:func:`granq_ao.relu.find_relu_fed_modules`, shared with the other input-quantizing
@@ -25,8 +29,12 @@ import torch
 from pytorch_quantization.nn import TensorQuantizer
 
 from granq_ao import relu
+from granq_ao.config import PLACEMENTS, check_choice
 
 from ._quantizer import GranQTensorQuantizer, as_granq_descriptor
+
+# pytorch-quantization's QuantConvNd/QuantLinear (and the GranQ ones) subclass these
+_CONV_OR_LINEAR = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
 
 __all__ = ["quant_modules_with_input_quantizer", "find_relu_fed_modules", "replace_input_quantizers",
            "load_quant_state_dict", "DisabledTensorQuantizer"]
@@ -85,11 +93,31 @@ def find_relu_fed_modules(model: torch.nn.Module, example_inputs: Any,
             quantizer._disabled = state
 
 
+def _resolve_placement(placement: Optional[str], only_after_relu: bool) -> bool:
+    """``only_after_relu`` as ``placement`` says (``"paper"``), refusing a contradiction."""
+    if placement is None:
+        return only_after_relu
+    check_choice(placement, PLACEMENTS, "placement")
+    if only_after_relu and placement != "paper":
+        raise ValueError(f"only_after_relu=True is the 'paper' placement; got placement={placement!r}")
+    return placement == "paper"
+
+
+def _candidates(quant_modules: Dict[str, torch.nn.Module], module_filter, placement: Optional[str]):
+    """The quant modules ``module_filter`` keeps; with ``"inputs"`` the conv/linear ones only."""
+    candidates = quant_modules
+    if module_filter is not None:
+        candidates = {name: module for name, module in quant_modules.items() if module_filter(name, module)}
+    if placement == "inputs":
+        candidates = {name: module for name, module in candidates.items() if isinstance(module, _CONV_OR_LINEAR)}
+    return candidates
+
+
 def replace_input_quantizers(model: torch.nn.Module, quant_desc: Any = None, *,
                              only_after_relu: bool = False, example_inputs: Any = None,
                              disable_others: bool = False,
                              module_filter: Optional[Callable[[str, torch.nn.Module], bool]] = None,
-                             ) -> List[str]:
+                             placement: Optional[str] = None) -> List[str]:
     """Give quant modules of ``model`` a :class:`GranQTensorQuantizer` as input quantizer.
 
     Args:
@@ -105,14 +133,16 @@ def replace_input_quantizers(model: torch.nn.Module, quant_desc: Any = None, *,
             :class:`DisabledTensorQuantizer` (pytorch-quantization's usual calibration loop
             leaves them float instead of failing on their empty calibrators).
         module_filter: optional ``(name, module) -> bool`` to narrow the candidates further.
+        placement: one of ``granq_ao.config.PLACEMENTS``: ``"all"`` (every quant module),
+            ``"paper"`` (= ``only_after_relu=True``) or ``"inputs"`` (conv/linear quant modules
+            only). Default: ``"paper"`` if ``only_after_relu`` else ``"all"``.
 
     Returns the names of the modules whose input quantizer was replaced, in model order.
     """
     desc = as_granq_descriptor(quant_desc)
+    only_after_relu = _resolve_placement(placement, only_after_relu)
     quant_modules = quant_modules_with_input_quantizer(model)
-    candidates = quant_modules
-    if module_filter is not None:
-        candidates = {name: module for name, module in quant_modules.items() if module_filter(name, module)}
+    candidates = _candidates(quant_modules, module_filter, placement)
     if only_after_relu:
         if example_inputs is None:
             raise ValueError("only_after_relu=True needs example_inputs to follow the data flow")

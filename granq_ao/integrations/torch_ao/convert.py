@@ -49,6 +49,7 @@ from .dynamic_qdq import bypass_node, fake_quant_on, insert_dynamic_quant_dequan
 from .fake_quantize import GranQFakeQuantize
 from .observer import GranQObserver
 from .prepare import META_KEY, OBSERVED_ATTRS
+from .zero_gamma import safe_scale_factor
 
 __all__ = ["MODES", "convert_to_reference_fx", "insert_dynamic_quant_dequant", "bake_weight_module",
            "weight_codes"]
@@ -59,13 +60,15 @@ MODES = ("dynamic", "static")
 # ----------------------------------------------------------------------------- weights
 def _bn_scale_factor(module: torch.nn.Module) -> Optional[torch.Tensor]:
     """``gamma / sqrt(running_var + eps)`` of a fused QAT Conv/Linear-BN module (the expression
-    torch's QAT forward uses, so the scaled weight is bit-identical), else None."""
+    torch's QAT forward uses, so the scaled weight is bit-identical), else None; where a gamma is
+    exactly 0, ``1 / sqrt(running_var + eps)`` as the QAT module's zero-gamma-safe forward
+    (:mod:`.zero_gamma`) uses."""
     bn = getattr(module, "bn", None)
     if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
         return None
     if bn.running_var is None or bn.running_mean is None:
         raise ValueError(f"{type(module).__name__}: BatchNorm without running statistics cannot be converted")
-    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return safe_scale_factor(bn)
 
 
 class ConvBnEval(torch.nn.Module):

@@ -46,12 +46,13 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from granq_ao import functional as granq_functional
 from granq_ao.config import GranQConfig, keyword_defaults, reject_options_with
-from granq_ao.functional import fused_backend
+from granq_ao.functional import NonFiniteInputError, fused_backend
 from granq_ao.granularity import Granularity, PerTensor
 from granq_ao.quantizer_state import EnableFlagsMixin, config_property
 
 from .dynamic_qdq import insert_dynamic_quant_dequant, record_converted_source
 from .eager_guard import refuse_torch_convert
+from .zero_gamma import unrouted_zero_gamma_note
 from .observer import GranQObserver, bits_from_quant_range, picklable_with_args, picklable_with_callable_args
 
 
@@ -183,7 +184,9 @@ class GranQFakeQuantize(EnableFlagsMixin, FakeQuantizeBase):
                 else:  # e.g. (N, F) input: per-sample ranges, per-feature observer
                     self.activation_post_process(x_detached)
             return x_hat
-        except (ValueError, TypeError) as error:  # NonFiniteInputError included
+        except NonFiniteInputError as error:  # the likely cause: a zero BN weight in torch.ao's dividing conv-BN
+            raise self.labelled(NonFiniteInputError(f"{error}{unrouted_zero_gamma_note(self)}")) from None
+        except (ValueError, TypeError) as error:
             raise self.labelled(error) from None
 
     @torch.jit.export

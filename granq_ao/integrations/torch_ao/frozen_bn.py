@@ -18,7 +18,8 @@ flip a later low-bit rounding of an activation that sits on a rounding boundary)
 state dict, ``type()`` of each module and torch.ao's conversion are unchanged: the faster forward
 is an instance attribute shadowing ``_forward_approximate``, removed again by
 :func:`unfold_frozen_batchnorm`. A module whose BN is in training mode (batch statistics) keeps
-torch.ao's forward at every call.
+torch.ao's forward at every call (in its zero-gamma-safe form, :mod:`.zero_gamma`: the same
+operations where no gamma is 0). A zero gamma needs nothing here: ``sf = 0`` multiplies, never divides.
 
 This is not the "fold BN into the conv before prepare" alternative (``fuse_fx`` in eval mode),
 which makes ``w * sf`` and the folded bias the trainable parameters: the same function at the
@@ -33,6 +34,8 @@ import torch
 from torch import nn
 from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 
+from .zero_gamma import route_zero_gamma_batchnorm, zero_gamma_safe_forward
+
 __all__ = ["fold_frozen_batchnorm", "unfold_frozen_batchnorm", "is_folded"]
 
 _ATTRIBUTE = "_forward_approximate"
@@ -41,8 +44,10 @@ _ATTRIBUTE = "_forward_approximate"
 def _frozen_bn_forward(self: _ConvBnNd, input: torch.Tensor) -> torch.Tensor:
     """``conv(x, fq(w * sf), beta + (b - mean) * sf)``; torch.ao's forward when the BN is training."""
     bn = self.bn
-    if bn.training or bn.running_var is None:
+    if bn.running_var is None:
         return type(self)._forward_approximate(self, input)
+    if bn.training:
+        return zero_gamma_safe_forward(self, input)
     running_std = torch.sqrt(bn.running_var + bn.eps)
     scale_factor = bn.weight / running_std if bn.weight is not None else 1.0 / running_std
     weight_shape = [1] * self.weight.dim()
@@ -67,15 +72,18 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
 
 
 def unfold_frozen_batchnorm(model: nn.Module) -> int:
-    """Undo :func:`fold_frozen_batchnorm` (torch.ao's own forward again); returns the count."""
+    """Undo :func:`fold_frozen_batchnorm` (torch.ao's own forward again, zero-gamma-safe where a
+    gamma is 0: :mod:`.zero_gamma`); returns the count."""
     count = 0
     for module in model.modules():
-        if isinstance(module, _ConvBnNd) and _ATTRIBUTE in module.__dict__:
+        if is_folded(module):
             del module.__dict__[_ATTRIBUTE]
             count += 1
+    route_zero_gamma_batchnorm(model)
     return count
 
 
 def is_folded(module: nn.Module) -> bool:
     """Whether ``module`` (a fused Conv-BN QAT module) runs the frozen-BN forward."""
-    return isinstance(module, _ConvBnNd) and _ATTRIBUTE in module.__dict__
+    method = module.__dict__.get(_ATTRIBUTE) if isinstance(module, _ConvBnNd) else None
+    return isinstance(method, types.MethodType) and method.__func__ is _frozen_bn_forward

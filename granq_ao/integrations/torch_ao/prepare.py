@@ -26,9 +26,12 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx as _torch_prepare_q
 from torch.fx import GraphModule
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from .input_placement import apply_input_placement, count_weighted_inputs
 from .placement import apply_paper_placement, count_activation_fake_quant_calls
-from .qconfig import PlacementWarning, picklable_qconfig
+from .qconfig import GranQQConfigMapping, PlacementWarning, picklable_qconfig
 from .shared import share_input_qparams
+from .training_flag import check_training_branches, make_training_flags_live
+from .zero_gamma import route_zero_gamma_batchnorm
 
 __all__ = ["prepare_qat_fx", "check_not_prepared", "merge_aliases", "OBSERVED_ATTRS", "META_KEY"]
 
@@ -86,30 +89,49 @@ def merge_aliases(prepared: GraphModule) -> Dict[str, str]:
     return aliases
 
 
+_PLACEMENT_FOUND = {
+    "paper": "the paper placement quantizes ReLU/ReLU6 outputs only and this model has none",
+    "inputs": "this model has no quantized conv/linear",
+    "all": "torch.ao quantized no op of this model",
+}
+
+
 def prepare_qat_fx(model: torch.nn.Module, qconfig_mapping: Union[QConfigMapping, Dict[str, Any]],
                    example_inputs: Tuple[Any, ...], prepare_custom_config=None,
                    backend_config=None) -> GraphModule:
     """Like ``torch.ao.quantization.quantize_fx.prepare_qat_fx``; with a mapping made by
     ``get_granq_qat_qconfig_mapping(act_placement="paper")`` it then keeps activation
-    fake-quants on ReLU/ReLU6 outputs only (``granq_ao.placement``), and warns
-    (:class:`~.qconfig.PlacementWarning`) if that leaves none. A fake-quant instance that torch.ao
-    shares between an op's input and output then reuses its first call's qparams at its later
-    calls (:func:`~.shared.share_input_qparams`); any other fake-quant called under several names
-    is called by one (:func:`merge_aliases`, so that pickling keeps every state_dict key).
+    fake-quants on ReLU/ReLU6 outputs only (:mod:`.placement`), with ``"inputs"`` on the inputs of
+    conv/linear layers only (:mod:`.input_placement`), and warns
+    (:class:`~granq_ao.config.PlacementWarning`, naming how many conv/linear inputs ``"inputs"``
+    would quantize) if the placement leaves no activation fake-quant. A fake-quant instance that
+    torch.ao shares between an op's input and output then reuses its first call's qparams at its
+    later calls (:func:`~.shared.share_input_qparams`); any other fake-quant called under several
+    names is called by one (:func:`merge_aliases`, so that pickling keeps every state_dict key).
+    Fused Conv-BN modules whose BN weight holds an exact 0 get a forward that does not divide by
+    it (:mod:`.zero_gamma`). Functional calls whose training flag tracing froze
+    (``F.dropout(x, p, self.training)``, ``F.batch_norm``) read the live ``training`` flag again; a
+    model with another branch on ``self.training`` is refused (``ValueError``; :mod:`.training_flag`).
     ``ValueError`` for a model that is already prepared."""
     check_not_prepared(model)
+    check_training_branches(model)
     prepared = _torch_prepare_qat_fx(model, qconfig_mapping, example_inputs,
                                      prepare_custom_config=prepare_custom_config,
                                      backend_config=backend_config)
-    if getattr(qconfig_mapping, "act_placement", "all") == "paper":
+    route_zero_gamma_batchnorm(prepared)  # BN weights of exactly 0: finite outputs (.zero_gamma)
+    make_training_flags_live(prepared)  # F.dropout(x, training=self.training) & co. follow .eval()
+    placement = getattr(qconfig_mapping, "act_placement", "all")
+    if placement == "paper":
         apply_paper_placement(prepared)
-        if count_activation_fake_quant_calls(prepared) == 0:
-            warnings.warn(
-                "act_placement='paper' left no activation fake-quant: the paper placement quantizes "
-                "ReLU/ReLU6 outputs only and this model has none, so its activations stay float. Use "
-                "act_placement='all' to quantize them.", PlacementWarning, stacklevel=2)
+    elif placement == "inputs":
+        apply_input_placement(prepared)
     share_input_qparams(prepared)  # a shared instance's later calls reuse its first call's qparams
     merge_aliases(prepared)
+    if isinstance(qconfig_mapping, GranQQConfigMapping) and count_activation_fake_quant_calls(prepared) == 0:
+        warnings.warn(
+            f"act_placement={placement!r} left 0 activation fake-quants ({_PLACEMENT_FOUND[placement]}), so "
+            f"this model's activations stay float; act_placement='inputs' would quantize the "
+            f"{count_weighted_inputs(prepared)} conv/linear input(s).", PlacementWarning, stacklevel=2)
     # An attribute survives pickling; listed as preserved, it survives deepcopy too.
     attrs = prepared.meta[META_KEY]
     _make_qconfigs_picklable(prepared, attrs)

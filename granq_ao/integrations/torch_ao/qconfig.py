@@ -14,8 +14,9 @@ or a :class:`~granq_ao.config.GranQScheme` as first argument. Activations:
 same module with the weight config (``ch_axis=0``), ``qint8`` label.
 
 ``act_placement="paper"`` marks the mapping so that :func:`granq_ao.prepare_qat_fx` keeps
-activation fake-quants only on ReLU/ReLU6 outputs (see :mod:`.placement`). torch's own
-``prepare_qat_fx`` cannot apply it: given such a mapping it warns (:class:`PlacementWarning`).
+activation fake-quants only on ReLU/ReLU6 outputs (see :mod:`.placement`); ``"inputs"`` only on
+the inputs of conv/linear layers (see :mod:`.input_placement`). torch's own ``prepare_qat_fx``
+cannot apply them: given such a mapping it warns (:class:`PlacementWarning`).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from torch.ao.quantization import QConfig, QConfigMapping, get_default_qat_qconf
 from torch.ao.quantization.fake_quantize import FixedQParamsFakeQuantize
 from torch.ao.quantization.observer import ReuseInputObserver, _PartialWrapper
 
-from granq_ao.config import GranQScheme, check_choice, keyword_defaults, reject_options_with
+from granq_ao.config import GranQScheme, PlacementWarning, check_choice, keyword_defaults, reject_options_with
 
 from .fake_quantize import GranQFakeQuantize
 from .observer import PicklablePartial
@@ -39,14 +40,10 @@ __all__ = ["GranQQConfigMapping", "PlacementWarning", "get_granq_qconfig", "get_
 _BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
 
 
-class PlacementWarning(UserWarning):
-    """A mapping asks for ``act_placement="paper"`` but the prepare function cannot apply it."""
-
-
 class GranQQConfigMapping(QConfigMapping):
     """A ``QConfigMapping`` that also carries the :class:`~granq_ao.config.GranQScheme` it was made
-    from, whose ``placement`` (``"all"`` as torch.ao does, or ``"paper"``: after ReLU/ReLU6
-    only) :func:`granq_ao.prepare_qat_fx` applies."""
+    from, whose ``placement`` (``"all"`` as torch.ao does, ``"paper"``: after ReLU/ReLU6 only,
+    ``"inputs"``: conv/linear inputs only) :func:`granq_ao.prepare_qat_fx` applies."""
 
     def __init__(self, act_placement: Union[str, GranQScheme] = "all") -> None:
         super().__init__()
@@ -59,18 +56,26 @@ class GranQQConfigMapping(QConfigMapping):
 
     def __deepcopy__(self, memo):
         # torch's prepare_fx deep-copies the mapping first: the one moment to tell a user of
-        # torch's prepare_qat_fx that "paper" placement will not happen.
-        if self.act_placement == "paper" and _called_by_torch_prepare_only():
+        # torch's prepare_qat_fx that the "paper"/"inputs" placement will not happen.
+        if self.act_placement != "all" and _called_by_torch_prepare_only():
+            what, fix = _PLACEMENT_WORDS[self.act_placement]
             warnings.warn(
-                "this mapping asks for act_placement='paper' (activation fake-quants only on "
-                "ReLU/ReLU6 outputs), which torch.ao's prepare_qat_fx cannot apply: the model gets "
-                "torch.ao's placement (every op's input and output). Use granq_ao.prepare_qat_fx, or "
-                "call granq_ao.apply_paper_placement(prepared) afterwards.", PlacementWarning, stacklevel=2)
+                f"this mapping asks for act_placement={self.act_placement!r} ({what}), which torch.ao's "
+                "prepare_qat_fx cannot apply: the model gets torch.ao's placement (every op's input and "
+                f"output). Use granq_ao.prepare_qat_fx, or call {fix}(prepared) afterwards.",
+                PlacementWarning, stacklevel=2)
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         for key, value in self.__dict__.items():
             setattr(copied, key, copy.deepcopy(value, memo))
         return copied
+
+
+_PLACEMENT_WORDS = {
+    "paper": ("activation fake-quants only on ReLU/ReLU6 outputs", "granq_ao.apply_paper_placement"),
+    "inputs": ("activation fake-quants only on the inputs of conv/linear layers",
+               "granq_ao.integrations.torch_ao.apply_input_placement"),
+}
 
 
 def _called_by_torch_prepare_only() -> bool:

@@ -36,10 +36,12 @@ __all__ = ["STUDENT", "FXStudent", "prepare_student", "freeze_student_batchnorm"
 
 def freeze_student_batchnorm(student: nn.Module) -> nn.Module:
     """Freeze BN running statistics of a prepared student: fused ConvBn QAT modules via
-    ``freeze_bn_stats``; any stand-alone BatchNorm is put in eval mode. Returns ``student``."""
+    ``freeze_bn_stats``; any stand-alone BatchNorm is put in eval mode, and so is any module that
+    holds running statistics itself (a BN traced as ``F.batch_norm`` inside its owner, e.g. timm's
+    ``BatchNormAct2d``: its live training flag is the owner's). Returns ``student``."""
     student.apply(freeze_bn_stats)
     for module in student.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) or "running_mean" in module._buffers:
             module.eval()
     return student
 

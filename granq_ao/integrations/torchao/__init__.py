@@ -4,7 +4,8 @@
   puts GranQ fake-quants on conv/linear weights and activations (``all`` or ``paper`` placement);
 * :class:`GranQPT2EFakeQuantize`: the fake-quant it inserts; ``convert_pt2e`` turns each into
   explicit dynamic ``torch.ops.granq_ao`` q/dq ops equal to the QAT model in eval;
-* :func:`export_for_qat` / :func:`prepare_student`: export with a dynamic batch (and prepare);
+* :func:`export_for_qat` / :func:`prepare_qat` / :func:`prepare_student`: export with a dynamic batch,
+  prepare (routing conv-bn patterns around BatchNorm weights of exactly 0);
 * :class:`GranQQATConfig`: ``torchao.quantization.quantize_`` QAT for eager conv / transposed conv /
   linear models (with ``filter_fn=is_conv_or_linear``), ``step="prepare"`` then ``step="convert"``
   (to reference modules with ``granq_ao`` q/dq ops, or back to plain layers);
@@ -25,7 +26,8 @@ except ImportError as _error:  # pragma: no cover - exercised only without torch
 
 from .count import granq_fake_quant_calls
 from .fake_quantize import GranQPT2EFakeQuantize
-from .prepare import export_for_qat, prepare_student
+from .prepare import check_deterministic_eval_form, export_for_qat, prepare_qat, prepare_student
+from .zero_gamma import route_zero_gamma_conv_bn
 from .qat_config import GranQQATConfig, is_conv_or_linear
 from .qat_modules import (GranQQAT, GranQQATConv, GranQQATConv1d, GranQQATConv2d, GranQQATConv3d, GranQQATConvTranspose,
                           GranQQATConvTranspose1d, GranQQATConvTranspose2d, GranQQATConvTranspose3d, GranQQATLinear)
@@ -38,7 +40,8 @@ from .student import STUDENT, PT2EStudent
 from .train_eval import move_exported_model_to_eval, move_exported_model_to_train
 
 __all__ = [
-    "GranQQuantizer", "GranQPT2EFakeQuantize", "granq_spec", "export_for_qat", "prepare_student",
+    "GranQQuantizer", "GranQPT2EFakeQuantize", "granq_spec", "export_for_qat", "check_deterministic_eval_form",
+    "prepare_qat", "prepare_student", "route_zero_gamma_conv_bn",
     "GranQQATConfig", "is_conv_or_linear", "granq_fake_quant_calls", "STUDENT", "PT2EStudent",
     "move_exported_model_to_train", "move_exported_model_to_eval",
     "GranQQAT", "GranQQATConv", "GranQQATConv1d", "GranQQATConv2d", "GranQQATConv3d", "GranQQATConvTranspose",

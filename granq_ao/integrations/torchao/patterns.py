@@ -20,7 +20,8 @@ from torch.fx import Node
 
 from granq_ao.relu import is_relu_call
 
-__all__ = ["WEIGHTED_OPS", "POOL_OPS", "is_weighted", "is_pool", "is_relu_node", "is_residual_add", "chain_tail",
+__all__ = ["WEIGHTED_OPS", "TRANSPOSED_CONV_OPS", "POOL_OPS", "is_weighted", "is_conv_or_linear_input_op", "is_pool",
+           "is_relu_node", "is_residual_add", "chain_tail",
            "tensor_inputs", "reaches_placeholder"]
 
 _aten = torch.ops.aten
@@ -28,6 +29,10 @@ WEIGHTED_OPS = frozenset({
     _aten.conv1d.default, _aten.conv1d.padding, _aten.conv2d.default, _aten.conv2d.padding,
     _aten.conv3d.default, _aten.conv3d.padding, _aten.linear.default,
 })
+#: transposed convolutions (input = ``args[0]``; their weight is not annotated)
+TRANSPOSED_CONV_OPS = frozenset(getattr(packet, overload) for packet in (_aten.conv_transpose1d, _aten.conv_transpose2d,
+                                                                          _aten.conv_transpose3d)
+                                for overload in packet.overloads())
 _BATCH_NORMS = frozenset({
     _aten.batch_norm.default, _aten._native_batch_norm_legit_no_training.default,
 })
@@ -43,6 +48,12 @@ def _is_call(node: Node, targets) -> bool:
 def is_weighted(node: Node) -> bool:
     """A conv or linear call (its input is ``args[0]``, its weight ``args[1]``)."""
     return _is_call(node, WEIGHTED_OPS)
+
+
+def is_conv_or_linear_input_op(node: Node) -> bool:
+    """A conv, transposed conv or linear call: the ops whose input ``args[0]`` the ``"inputs"``
+    placement quantizes."""
+    return _is_call(node, WEIGHTED_OPS | TRANSPOSED_CONV_OPS)
 
 
 def is_pool(node: Node) -> bool:

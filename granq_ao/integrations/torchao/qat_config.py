@@ -16,9 +16,12 @@ Two steps, as torchao's own ``QATConfig``::
   also turns reference modules back into plain layers. Other modules are left alone.
 
 ``quantize_``'s default filter selects ``nn.Linear`` only, so pass ``filter_fn=is_conv_or_linear``
-to both steps. Module swapping sees no data flow, so activations are quantized at every swapped
-layer's input (``scheme.placement`` must be ``"all"``); the paper's ReLU-output placement needs
-the graph: use :class:`~.quantizer.GranQQuantizer` (PT2E).
+to both steps. Placement: activations are quantized at every swapped layer's input and nowhere
+else, i.e. the ``"inputs"`` placement; ``"all"`` (the host's own placement: torchao's QAT also
+fake-quantizes each swapped layer's input) means the same here. Module swapping sees no data
+flow: a value read by two swapped layers is fake-quantized by each (the same numbers), and the
+paper's ReLU-output placement (``"paper"``) is refused: use :class:`~.quantizer.GranQQuantizer`
+(PT2E).
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ __all__ = ["GranQQATConfig", "is_conv_or_linear", "QAT_STEPS", "CONVERT_TARGETS"
 
 QAT_STEPS = ("prepare", "convert")
 CONVERT_TARGETS = ("reference", "float")
+#: the placements module swapping can apply (both: the input of every swapped layer)
+SUPPORTED_PLACEMENTS = ("all", "inputs")
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,8 @@ class GranQQATConfig(AOBaseConfig):
     """``quantize_`` config (module docstring).
 
     Args:
-        scheme: the :class:`GranQScheme` the prepare step puts on each layer (``placement="all"``).
+        scheme: the :class:`GranQScheme` the prepare step puts on each layer (``placement``
+            ``"inputs"``, or ``"all"``, the same here).
         step: ``"prepare"`` or ``"convert"``.
         target: what ``convert`` produces: ``"reference"`` (q/dq ops) or ``"float"`` (plain layers).
     """
@@ -60,10 +66,11 @@ class GranQQATConfig(AOBaseConfig):
             raise TypeError(f"scheme must be a GranQScheme, got {self.scheme!r}")
         check_choice(self.step, QAT_STEPS, "step")
         check_choice(self.target, CONVERT_TARGETS, "target")
-        if self.scheme.placement != "all":
+        if self.scheme.placement not in SUPPORTED_PLACEMENTS:
             raise ValueError(
-                "GranQQATConfig quantizes the input of every swapped layer (act_placement='all'); "
-                "the paper's ReLU-output placement needs the graph: use GranQQuantizer with prepare_qat_pt2e")
+                f"GranQQATConfig quantizes the input of every swapped layer (act_placement 'inputs', or "
+                f"'all', the same here), not {self.scheme.placement!r}: the paper's ReLU-output placement "
+                "needs the graph: use GranQQuantizer with prepare_qat_pt2e")
 
 
 def is_conv_or_linear(module: nn.Module, fqn: str = "") -> bool:

@@ -18,12 +18,20 @@ What is annotated (``scheme = quantizer.scheme``; specs from :func:`.specs.granq
     activation input nothing quantized yet (the image). ResNet-20: 34 calls, the FX path's.
   - ``"paper"``: only the outputs of ReLU/ReLU6 (19 in ResNet-20), as the paper's code does.
     The input image, BN outputs, residual sums and logits stay float.
+  - ``"inputs"``: only the input of every conv/linear (and transposed conv), as TensorRT and
+    modelopt quantize (20 values in ResNet-20: a value read by several layers, e.g. a block
+    input read by a shortcut conv and the block's first conv, is fake-quantized once, torchao's
+    sharing of equal specs on one value). Works on any network (SiLU, GELU, LayerNorm ...).
 
 Transposed convolutions: weights per output channel (groups included, as ``quantize_``;
 :mod:`.transposed`), activations as a conv's. Reshapes are not annotated.
+
+``prepare_qat_pt2e`` warns (:class:`~granq_ao.config.PlacementWarning`) when a placement
+annotates no activation, naming how many conv/linear inputs ``"inputs"`` would quantize.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -31,15 +39,17 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer, SharedQuantizationSpec
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-from granq_ao.config import GranQScheme, reject_options_with
+from granq_ao.config import GranQScheme, PlacementWarning, reject_options_with
 from granq_ao.granularity import PerTensor
 
 from .bn_literals import batch_norm_literals, restore_batch_norm_literals
-from .patterns import chain_tail, is_pool, is_relu_node, is_residual_add, is_weighted, tensor_inputs
+from .patterns import (chain_tail, is_conv_or_linear_input_op, is_pool, is_relu_node, is_residual_add, is_weighted,
+                       tensor_inputs)
 from .shared import link_shared_fake_quants, shared_spec
 from .specs import granq_spec
 from .torch_ao_points import annotate_torch_ao_points
 from .transposed import is_transposed_conv, transposed_groups
+from .zero_gamma import zero_gamma_batch_norms
 
 __all__ = ["GranQQuantizer"]
 
@@ -75,6 +85,8 @@ class GranQQuantizer(Quantizer):
         else:
             reject_options_with(scheme, options)
         self.scheme = scheme
+        # set by granq_ao's prepare_qat, which routes conv-bn patterns around zero gammas
+        self._routes_zero_gamma = False
         self.activation_spec = granq_spec(scheme.activation)
         self.fold_bn = bool(fold_bn)
         self.weight_spec = granq_spec(scheme.weight, fold_bn=self.fold_bn)
@@ -100,6 +112,8 @@ class GranQQuantizer(Quantizer):
         if self.scheme.placement == "all":  # torch.ao FX's points, shared ops reusing qparams
             return annotate_torch_ao_points(model, self.activation_spec, self.weight_spec, self.shared_spec,
                                             self.transposed_weight_spec)
+        if self.scheme.placement == "inputs":
+            return self._annotate_inputs(model)
         paper = self.scheme.placement == "paper"
         for node in list(model.graph.nodes):
             if is_transposed_conv(node):  # weight per output channel (.transposed); activations as a conv's
@@ -127,9 +141,54 @@ class GranQQuantizer(Quantizer):
                 annotation.output_qspec = SharedQuantizationSpec((node.args[0], node))
         return model
 
+    def _annotate_inputs(self, model: GraphModule) -> GraphModule:
+        """``"inputs"``: the input of every conv/linear (weights as in the other placements)."""
+        for node in list(model.graph.nodes):
+            if not is_conv_or_linear_input_op(node):
+                continue
+            annotation = _annotation(node)
+            annotation.input_qspec_map[node.args[0]] = self.activation_spec
+            if is_transposed_conv(node):  # weight per output channel (.transposed)
+                annotation.input_qspec_map[node.args[1]] = self.transposed_weight_spec(node)
+            elif is_weighted(node):
+                annotation.input_qspec_map[node.args[1]] = self.weight_spec
+        return model
+
+    def _annotated_activations(self, model: GraphModule) -> list:
+        """``(node, value)`` for every activation value annotated with the activation spec."""
+        found = []
+        for node in model.graph.nodes:
+            annotation = node.meta.get(Q_ANNOTATION_KEY)
+            if annotation is None:
+                continue
+            found += [(node, value) for value, spec in annotation.input_qspec_map.items()
+                      if spec is self.activation_spec]
+            if annotation.output_qspec is self.activation_spec:
+                found.append((node, node))
+        return found
+
     def validate(self, model: GraphModule) -> None:
         """Every annotated activation must have the rank its granularity needs (>= 2 unless per
-        tensor): ``ValueError`` naming the node otherwise."""
+        tensor): ``ValueError`` naming the node otherwise. A placement that annotates no
+        activation warns (:class:`~granq_ao.config.PlacementWarning`). A conv followed by a
+        BatchNorm whose weight holds an exact 0 is refused (``ValueError`` naming it): the conv-bn
+        QAT pattern would divide by 0; :func:`granq_ao.integrations.torchao.prepare_qat` routes
+        around it (:mod:`.zero_gamma`)."""
+        if not self._routes_zero_gamma:
+            zero = zero_gamma_batch_norms(model, after=is_weighted)
+            if zero:
+                raise ValueError(
+                    f"GranQQuantizer: BatchNorm weight {zero[0]!r} (and {len(zero) - 1} more) holds exact zeros "
+                    "(zero-initialised last BN, or a pruned channel): prepare_qat_pt2e's conv-bn QAT pattern "
+                    "divides the conv output by gamma / sqrt(var + eps), which gives NaN there. Prepare with "
+                    "granq_ao.integrations.torchao.prepare_qat(exported, quantizer) instead, which routes "
+                    "those channels around the division")
+        if not self._annotated_activations(model):
+            inputs = {node.args[0] for node in model.graph.nodes if is_conv_or_linear_input_op(node)}
+            warnings.warn(
+                f"GranQQuantizer: act_placement={self.scheme.placement!r} annotated 0 activations, so this "
+                f"model's activations stay float; act_placement='inputs' would quantize the {len(inputs)} "
+                "conv/linear input(s).", PlacementWarning, stacklevel=2)
         if isinstance(self.scheme.activation.granularity, PerTensor):
             return
         for node in model.graph.nodes:
