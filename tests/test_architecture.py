@@ -16,7 +16,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "granq_ao"
 CORE = {"granq_ao.config", "granq_ao.functional", "granq_ao.granularity", "granq_ao.relu", "granq_ao.onnx_export",
         "granq_ao.diagnostics", "granq_ao.ops", "granq_ao.qdq_graph", "granq_ao.saved_settings",
-        "granq_ao.quantizer_state", "granq_ao.student_protocol"}
+        "granq_ao.quantizer_state", "granq_ao.student_protocol",
+        "granq_ao.fx_graph"}
 
 
 def module_name(path: Path) -> str:

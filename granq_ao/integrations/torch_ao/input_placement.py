@@ -39,6 +39,8 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 from torch.fx import GraphModule, Node
 
+from granq_ao.fx_graph import reaches_placeholder
+
 from .fake_quantize import GranQFakeQuantize
 
 __all__ = ["apply_input_placement", "is_weighted_call", "count_weighted_inputs", "WEIGHTED_FUNCTIONS"]
@@ -77,24 +79,11 @@ def count_weighted_inputs(model: torch.nn.Module) -> int:
     return sum(isinstance(module, _WEIGHTED_MODULES) for module in model.modules())
 
 
-def _reaches_placeholder(node: Node) -> bool:
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current.op == "placeholder":
-            return True
-        stack.extend(current.all_input_nodes)
-    return False
-
-
 def _is_activation_fake_quant(node: Node, modules: dict) -> bool:
     """A call of a GranQ fake-quant on an activation (its input depends on a graph input; a
     weight fake-quant of a functional conv/linear reads a parameter)."""
     return (node.op == "call_module" and isinstance(modules.get(str(node.target)), GranQFakeQuantize)
-            and bool(node.args) and isinstance(node.args[0], Node) and _reaches_placeholder(node.args[0]))
+            and bool(node.args) and isinstance(node.args[0], Node) and reaches_placeholder(node.args[0]))
 
 
 def _is_granq_call(node: Node, modules: dict) -> bool:

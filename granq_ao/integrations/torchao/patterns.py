@@ -18,6 +18,8 @@ from typing import List, Optional
 import torch
 from torch.fx import Node
 
+from granq_ao.fx_graph import reaches_placeholder  # re-exported
+
 from granq_ao.relu import is_relu_call
 
 __all__ = ["WEIGHTED_OPS", "TRANSPOSED_CONV_OPS", "POOL_OPS", "is_weighted", "is_conv_or_linear_input_op", "is_pool",
@@ -97,17 +99,3 @@ def chain_tail(node: Node) -> Node:
     if user is not None and is_relu_node(user) and user.args[0] is tail:
         tail = user
     return tail
-
-
-def reaches_placeholder(node: Node) -> bool:
-    """Whether ``node``'s value depends on a graph input (an activation, not a parameter)."""
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current.op == "placeholder":
-            return True
-        stack.extend(current.all_input_nodes)
-    return False

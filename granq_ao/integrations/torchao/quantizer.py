@@ -47,19 +47,11 @@ from .patterns import (chain_tail, is_conv_or_linear_input_op, is_pool, is_relu_
                        tensor_inputs)
 from .shared import link_shared_fake_quants, shared_spec
 from .specs import granq_spec
-from .torch_ao_points import annotate_torch_ao_points
+from .torch_ao_points import annotate_torch_ao_points, node_annotation
 from .transposed import is_transposed_conv, transposed_groups
 from .zero_gamma import zero_gamma_batch_norms
 
 __all__ = ["GranQQuantizer"]
-
-
-def _annotation(node: Node) -> QuantizationAnnotation:
-    annotation = node.meta.get(Q_ANNOTATION_KEY)
-    if annotation is None:
-        annotation = node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation()
-    annotation._annotated = True
-    return annotation
 
 
 class GranQQuantizer(Quantizer):
@@ -117,26 +109,26 @@ class GranQQuantizer(Quantizer):
         paper = self.scheme.placement == "paper"
         for node in list(model.graph.nodes):
             if is_transposed_conv(node):  # weight per output channel (.transposed); activations as a conv's
-                annotation = _annotation(node)
+                annotation = node_annotation(node)
                 annotation.input_qspec_map[node.args[0]] = None if paper else self.activation_spec
                 annotation.input_qspec_map[node.args[1]] = self.transposed_weight_spec(node)
                 continue
             if is_weighted(node):
-                annotation = _annotation(node)
+                annotation = node_annotation(node)
                 # conv-bn QAT rewriting reads input_qspec_map as (input, weight[, bias]) in order
                 annotation.input_qspec_map[node.args[0]] = None if paper else self.activation_spec
                 annotation.input_qspec_map[node.args[1]] = self.weight_spec
                 if not paper:
-                    _annotation(chain_tail(node)).output_qspec = self.activation_spec
+                    node_annotation(chain_tail(node)).output_qspec = self.activation_spec
             elif paper and is_relu_node(node):
-                _annotation(node).output_qspec = self.activation_spec
+                node_annotation(node).output_qspec = self.activation_spec
             elif not paper and is_residual_add(node):
-                annotation = _annotation(node)
+                annotation = node_annotation(node)
                 for value in tensor_inputs(node):
                     annotation.input_qspec_map[value] = self.activation_spec
-                _annotation(chain_tail(node)).output_qspec = self.activation_spec
+                node_annotation(chain_tail(node)).output_qspec = self.activation_spec
             elif not paper and is_pool(node):
-                annotation = _annotation(node)
+                annotation = node_annotation(node)
                 annotation.input_qspec_map[node.args[0]] = self.activation_spec
                 annotation.output_qspec = SharedQuantizationSpec((node.args[0], node))
         return model
@@ -146,7 +138,7 @@ class GranQQuantizer(Quantizer):
         for node in list(model.graph.nodes):
             if not is_conv_or_linear_input_op(node):
                 continue
-            annotation = _annotation(node)
+            annotation = node_annotation(node)
             annotation.input_qspec_map[node.args[0]] = self.activation_spec
             if is_transposed_conv(node):  # weight per output channel (.transposed)
                 annotation.input_qspec_map[node.args[1]] = self.transposed_weight_spec(node)

@@ -67,7 +67,8 @@ SHARED_OPS = _overloads(
     "repeat_interleave", "upsample_nearest2d", "upsample_bilinear2d")
 
 
-def _annotation(node: Node) -> QuantizationAnnotation:
+def node_annotation(node: Node) -> QuantizationAnnotation:
+    """``node``'s torchao annotation (created empty when it has none), marked as annotated."""
     annotation = node.meta.get(Q_ANNOTATION_KEY)
     if annotation is None:
         annotation = node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation()
@@ -114,14 +115,14 @@ def annotate_torch_ao_points(model: GraphModule, activation_spec, weight_spec, s
     handled: Set[Node] = set()
 
     def quantize_inputs(node: Node, values) -> None:
-        annotation = _annotation(node)
+        annotation = node_annotation(node)
         for value in values:
             if _is_activation(value) and value not in quantized:
                 annotation.input_qspec_map[value] = activation_spec
                 quantized.add(value)
 
     def quantize_output(node: Node, spec) -> None:
-        _annotation(node).output_qspec = spec
+        node_annotation(node).output_qspec = spec
         quantized.add(node)
 
     for node in list(model.graph.nodes):
@@ -129,7 +130,7 @@ def annotate_torch_ao_points(model: GraphModule, activation_spec, weight_spec, s
             continue
         transposed = is_transposed_conv(node)
         if is_weighted(node) or transposed:
-            annotation = _annotation(node)
+            annotation = node_annotation(node)
             source = node.args[0]
             # conv-bn QAT rewriting reads input_qspec_map as (input, weight[, bias]) in order
             needs_input = _is_activation(source) and source not in quantized
