@@ -44,7 +44,9 @@ def read(folder: Path) -> Optional[Dict[str, object]]:
         return None
     results = json.loads((folder / "results.json").read_text())
     per_image = None
-    if (folder / "checkpoint.pt").is_file():
+    if (folder / "per_image.json").is_file():  # an exported record (--export)
+        per_image = json.loads((folder / "per_image.json").read_text())
+    elif (folder / "checkpoint.pt").is_file():
         from granq_ao.zsq.checkpoint import load_checkpoint
 
         last = load_checkpoint(folder / "checkpoint.pt").get("last") or {}
@@ -144,6 +146,26 @@ def report(runs: Path, arch: str, bits: int, seeds: Sequence[int], figures: Opti
     return lines + [""]
 
 
+def export(runs: Path, dest: Path) -> List[Path]:
+    """Copy the small files of every finished run under ``runs`` to ``dest`` (same layout):
+    ``results.json``, ``metrics.jsonl``, ``activation_error.json``, ``RESUME.txt`` and the final
+    per-image correctness as ``per_image.json`` (from ``checkpoint.pt``), so that the tables and the
+    paired tests can be redone, and the ablation runner skips these runs, without the checkpoints."""
+    done = []
+    for results in sorted(runs.glob("*/*/seed*/results.json")):
+        folder = results.parent
+        target = dest / folder.relative_to(runs)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("results.json", "metrics.jsonl", "activation_error.json", "RESUME.txt"):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, target / name)
+        run = read(folder)
+        if run and run["per_image"] is not None:
+            (target / "per_image.json").write_text(json.dumps(run["per_image"]))
+        done.append(target)
+    return done
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=str(REPO / "runs" / "networks"))
@@ -152,7 +174,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--figures", default=None, help="copy the GranQ runs' activation_error.png here")
     parser.add_argument("--suffix", default="", help="run-folder suffix of a variant (e.g. _bnsstd)")
+    parser.add_argument("--export", default=None, help="also copy the finished runs' small files here")
     args = parser.parse_args(argv)
+    if args.export:
+        for folder in export(Path(args.runs), Path(args.export)):
+            print(f"exported {folder}")
     figures = Path(args.figures).resolve() if args.figures else None
     lines: List[str] = []
     for arch in args.archs.split(","):
