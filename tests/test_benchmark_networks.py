@@ -1,0 +1,42 @@
+"""benchmarks/networks_report.py (docs/NETWORKS.md tables and paired tests from run folders, export)
+and benchmarks/qat_step_networks.py (a one-round smoke run)."""
+import json
+
+import pytest
+
+
+def _fake_run(folder, correct, per_image, pre=5):
+    folder.mkdir(parents=True)
+    n = len(per_image)
+    results = {"correct": {"teacher": 9, "pre_qat": pre, "final": correct}, "n_test": n,
+               "intervals": {"teacher": [0.5, 0.9], "pre_qat": [0.2, 0.8], "final": [0.3, 0.9]},
+               "final_acc": correct / n, "pre_qat_acc": pre / n, "mean_s_per_iter": 0.5,
+               "fake_quants": {"activation": 7, "weight": 10}, "config": {"act_placement": "paper"}}
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "per_image.json").write_text(json.dumps(per_image))
+
+
+def test_report_pairs_runs_on_the_same_images_and_export_keeps_them(tmp_path, load_script):
+    report = load_script("benchmarks/networks_report.py")
+    runs = tmp_path / "runs"
+    base = runs / "resnet8_tiny_w4a4"
+    _fake_run(base / "a-tensor_w-channel_l-entropy" / "seed0", 4, [1, 1, 0, 0, 0, 0, 1, 1, 0, 0])
+    _fake_run(base / "a-granq_w-channel_l-entropy" / "seed0", 7, [1, 1, 1, 1, 1, 0, 1, 0, 1, 0])
+    lines = report.report(runs, "resnet8_tiny", 4, [0], None)
+    text = "\n".join(lines)
+    assert "| tensor | 0 | 50.00 [20.0, 80.0] | 40.00 [30.0, 90.0] | -10.00 | 0.50 |" in text
+    assert "| channel | 0 | (not run yet) |" in text
+    # tensor -> granq: wrong then right at images 2, 3, 4, 8 (4 fixed); right then wrong at 7 (1 broken)
+    assert "| tensor -> granq | 0 | 4 / 1 (p = 0.38) |" in text
+    exported = report.export(runs, tmp_path / "kept")
+    assert len(exported) == 2 and all((folder / "per_image.json").is_file() for folder in exported)
+    assert "\n".join(report.report(tmp_path / "kept", "resnet8_tiny", 4, [0], None)) == text
+
+
+def test_qat_step_networks_smoke(load_script):
+    pytest.importorskip("torch")
+    bench = load_script("benchmarks/qat_step_networks.py")
+    rows = bench.main(["--archs", "resnet8_tiny", "--rounds", "1", "--warmup", "0", "--batch", "2"])
+    assert len(rows) == 1 and rows[0]["activation_calls"] == 7 and rows[0]["depthwise_convs"] == 0
+    assert set(rows[0]["ratio_to_float"]) == {"float", "granq", "granq_fold_bn", "tensor"}
+    assert all(value > 0 for value in rows[0]["ms"].values())
