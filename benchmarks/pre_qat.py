@@ -11,6 +11,7 @@ the weight ranges"). Each accuracy has its 95% Wilson interval; paired compariso
 use the exact McNemar test.
 
     python benchmarks/pre_qat.py --dataset cifar100 --bits 3
+    python benchmarks/pre_qat.py --dataset cifar10 --arch mobilenetv2_x0_5 --bits 4 --acts tensor,channel,granq --weights channel
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from granq_ao.config import GranQScheme  # noqa: E402
 from granq_ao.zsq.data import load_cifar_test  # noqa: E402
 from granq_ao.zsq.evaluation import accuracy_entry, format_accuracy, mcnemar_exact_p, per_image_correct  # noqa: E402
 from granq_ao.zsq.student import prepare_student  # noqa: E402
-from granq_ao.zsq.teachers import build_cifar_teacher  # noqa: E402
+from granq_ao.zsq.teachers import build_cifar_teacher, cifar_teacher  # noqa: E402
 
 ACTS = ("tensor", "channel", "granq_iterative", "granq")
 WEIGHTS = ("channel", "kernel")
@@ -39,6 +40,7 @@ WEIGHTS = ("channel", "kernel")
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="cifar100")
+    parser.add_argument("--arch", default="resnet20", help="teacher (recipes/zsq_cifar.py --arch)")
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--acts", default=",".join(ACTS))
     parser.add_argument("--weights", default=",".join(WEIGHTS))
@@ -46,8 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("--limit", type=int, default=None, help="first N test images only (tests)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    teacher, source = build_cifar_teacher(args.dataset, allow_download=False)
-    evalset = load_cifar_test(args.dataset)
+    teacher, source = build_cifar_teacher(args.dataset, allow_download=False, arch=args.arch)
+    evalset = load_cifar_test(args.dataset, normalization=cifar_teacher(args.arch, args.dataset).normalization(args.dataset))
     if args.limit:
         evalset.images, evalset.labels = evalset.images[:args.limit], evalset.labels[:args.limit]
     rows, correct = [], {}
@@ -72,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             pairs.append({"from": a, "to": b, "fixed": fixed, "broken": broken,
                           "mcnemar_exact_p": mcnemar_exact_p(fixed, broken)})
             print(f"  {a} -> {b}: {fixed} fixed, {broken} broken (McNemar p = {mcnemar_exact_p(fixed, broken):.3g})")
-    result = {"dataset": args.dataset, "bits": args.bits, "n": len(evalset), "teacher": source,
+    result = {"dataset": args.dataset, "arch": args.arch, "bits": args.bits, "n": len(evalset), "teacher": source,
               "eval_batch_size": args.eval_batch_size, "rows": rows, "paired": pairs,
               "command": "python benchmarks/pre_qat.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:
