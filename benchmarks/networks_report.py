@@ -62,11 +62,11 @@ def accuracy(results: Dict[str, object], key: str) -> str:
 
 
 def mcnemar(a: Sequence[int], b: Sequence[int]) -> str:
-    from granq_ao.zsq.evaluation import mcnemar_exact_p
+    """``fixed / broken (p = ...)`` of :func:`benchmarks.ablation.paired` (same images, a then b)."""
+    from benchmarks.ablation import paired
 
-    fixed = sum(1 for x, y in zip(a, b) if x == 0 and y == 1)
-    broken = sum(1 for x, y in zip(a, b) if x == 1 and y == 0)
-    return f"{fixed} / {broken} (p = {mcnemar_exact_p(fixed, broken):.2g})"
+    test = paired(a, b)
+    return f"{test['fixed']} / {test['broken']} (p = {test['mcnemar_exact_p']:.2g})"
 
 
 def depthwise_fed(arch: str, labels: Sequence[str]) -> List[bool]:

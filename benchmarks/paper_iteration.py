@@ -39,6 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.harness import write_json  # noqa: E402
+
 RECIPE = REPO / "recipes" / "zsq_cifar.py"
 CANDIDATES = ("default", "fold_bn", "torchrun", "fold_bn_torchrun")
 
@@ -125,8 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     summary = {"args": vars(args), "load_average_start": load, "s_per_iter": times, "median": medians,
                "evaluation_s": evaluation, "date": time.strftime("%Y-%m-%d")}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        write_json(args.json, summary)
     return summary
 
 

@@ -24,7 +24,6 @@ GranQ's overhead per FLOP is largest).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,6 +37,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import write_json  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*deprecated.*")
@@ -137,8 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     rows = [measure(arch, args) for arch in archs]
     print(format_table(rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        write_json(args.json, {"args": vars(args), "rows": rows})
     return rows
 
 

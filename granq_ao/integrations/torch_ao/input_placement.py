@@ -42,6 +42,7 @@ from torch.fx import GraphModule, Node
 from granq_ao.fx_graph import reaches_placeholder
 
 from .fake_quantize import GranQFakeQuantize
+from .placement import drop_uncalled
 
 __all__ = ["apply_input_placement", "is_weighted_call", "count_weighted_inputs", "WEIGHTED_FUNCTIONS"]
 
@@ -134,11 +135,7 @@ def _apply_fx(model: GraphModule) -> int:
             removed_targets.add(str(node.target))
             node.target = name
             kept += 1
-    still_called = {str(node.target) for node in model.graph.nodes if node.op == "call_module"}
-    for target in sorted(removed_targets - still_called):
-        model.delete_submodule(target)
-    model.delete_all_unused_submodules()
-    model.recompile()
+    drop_uncalled(model, removed_targets)
     return kept
 
 

@@ -62,13 +62,19 @@ def apply_paper_placement(model: GraphModule) -> int:
         model.graph.erase_node(node)
         removed_targets.add(str(node.target))
         removed += 1
+    drop_uncalled(model, removed_targets)
+    return removed
+
+
+def drop_uncalled(model: GraphModule, removed_targets) -> None:
+    """Delete the submodules named in ``removed_targets`` that no graph call uses any more (by name:
+    an alias of a shared instance goes, the instance stays where still called), then every unused
+    submodule, and recompile ``model``."""
     still_called = {str(node.target) for node in model.graph.nodes if node.op == "call_module"}
-    for target in sorted(removed_targets - still_called):
-        # by name: an alias of a shared instance goes, the instance stays where still called
+    for target in sorted(set(removed_targets) - still_called):
         model.delete_submodule(target)
     model.delete_all_unused_submodules()
     model.recompile()
-    return removed
 
 
 def activation_fake_quant_calls(model: torch.nn.Module, cls: type = GranQFakeQuantize) -> list:
