@@ -41,20 +41,25 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from granq_ao.zsq.data import NUM_CLASSES, load_cifar_test  # noqa: E402
+from granq_ao.zsq.data import NUM_CLASSES, generator_output_statistics, load_cifar_test  # noqa: E402
+from granq_ao.zsq.generator import GDFQGenerator  # noqa: E402
 from granq_ao.zsq.algorithm import PHASES  # noqa: E402
-from granq_ao.zsq.teachers import build_cifar_teacher  # noqa: E402
+from granq_ao.zsq.teachers import CIFAR_TEACHERS, build_cifar_teacher, cifar_teacher  # noqa: E402
 from granq_ao.zsq.trainer import ZSQConfig, ZSQTrainer  # noqa: E402
 
 
 def build_trainer(dataset: str, bits: int, batch_size: int, act_granularity: str, fold_bn: bool, seed: int,
-                  eval_data=None) -> ZSQTrainer:
+                  eval_data=None, arch: str = "resnet20") -> ZSQTrainer:
+    """The recipe's trainer for teacher ``arch`` (its generator's output space as the recipe sets it)."""
     torch.manual_seed(seed)
-    teacher, _ = build_cifar_teacher(dataset, allow_download=False)
+    teacher, _ = build_cifar_teacher(dataset, allow_download=False, arch=arch)
     config = ZSQConfig(weight_bits=bits, act_bits=bits, act_granularity=act_granularity, batch_size=batch_size,
                        epochs=1, iters_per_epoch=1, warmup_epochs=0, seed=seed, fold_bn=fold_bn)
+    output_stats = generator_output_statistics(dataset, cifar_teacher(arch, dataset).normalization(dataset))
+    generator = None if output_stats is None else GDFQGenerator(NUM_CLASSES[dataset], config.latent_dim, img_size=32,
+                                                                output_stats=output_stats)
     trainer = ZSQTrainer(config, teacher, None, num_classes=NUM_CLASSES[dataset], eval_data=eval_data,
-                         tensorboard=False, progress=False, log=lambda _: None, fused="eager")
+                         generator=generator, tensorboard=False, progress=False, log=lambda _: None, fused="eager")
     trainer.algorithm.start_epoch(0)  # learning rates and train/eval modes of the run's first epoch
     return trainer
 
@@ -95,6 +100,8 @@ def quartiles(values: Sequence[float]) -> Dict[str, float]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="cifar100", choices=("cifar10", "cifar100"))
+    parser.add_argument("--arch", default="resnet20", choices=tuple(CIFAR_TEACHERS),
+                        help="the teacher (granq_ao.zsq.teachers.CIFAR_TEACHERS; default resnet20)")
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--act-granularity", default="granq")
     parser.add_argument("--batch-size", type=int, default=200)
@@ -111,11 +118,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "loadavg_start": os.getloadavg(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    print(f"profile one iteration: {args.dataset} W{args.bits}A{args.bits} {args.act_granularity}, batch "
+    print(f"profile one iteration: {args.arch} {args.dataset} W{args.bits}A{args.bits} {args.act_granularity}, batch "
           f"{args.batch_size}, {args.reps} reps; threads {env['threads']}, load average {env['loadavg_start']}")
-    evalset = None if args.quick else load_cifar_test(args.dataset)
-    trainers = {False: build_trainer(args.dataset, args.bits, args.batch_size, args.act_granularity, False, 0, evalset),
-                True: build_trainer(args.dataset, args.bits, args.batch_size, args.act_granularity, True, 0, evalset)}
+    normalization = cifar_teacher(args.arch, args.dataset).normalization(args.dataset)
+    evalset = None if args.quick else load_cifar_test(args.dataset, normalization=normalization)
+    trainers = {fold: build_trainer(args.dataset, args.bits, args.batch_size, args.act_granularity, fold, 0, evalset,
+                                    args.arch) for fold in (False, True)}
     samplers = {fold: torch.Generator().manual_seed(1) for fold in trainers}
 
     # 1. phases, 3. A/B (the phase run is the A/B run: alternating fold off / on)

@@ -290,6 +290,11 @@ def _fake_quantize_elementwise(x: torch.Tensor, scale: torch.Tensor, zero_point:
     x_hat = _codes(xf, safe_scale, zero_point, q_min, q_max).sub_(zero_point).mul_(safe_scale)
     if torch.compiler.is_compiling() or _tracing():
         return torch.where(has_range, x_hat, xf).to(x.dtype)  # traced graphs: no out= aliasing
+    if x_hat.device.type == "cpu" and bool(has_range.all()):
+        # Every range non-empty (the usual case): the select would keep x_hat everywhere. Reading
+        # the small flag costs less than the full-size pass it saves (~1/3 of this function's
+        # time on CPU); on CUDA the read would synchronize, so the select stays there.
+        return x_hat.to(x.dtype)
     return torch.where(has_range, x_hat, xf, out=x_hat).to(x.dtype)  # eager: no new allocation
 
 

@@ -243,6 +243,26 @@ def test_constant_slices_pass_through_exactly(granularity):
     assert torch.equal(F.fake_quantize(zeros, 3, granularity, symmetric=True, fused=False), zeros)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("constant_channel", [False, True])
+def test_elementwise_step_equals_the_select_formula_bit_for_bit(dtype, constant_channel):
+    """With every range non-empty the eager step skips its final select (a full-size pass); with
+    an empty range it keeps it. Both must give the bits of the explicit formula
+    ``where(s > 0, (clamp(round(x / s + z), 0, 7) - z) * s, x)``."""
+    x = sample((4, 5, 6, 6), seed=3, dtype=dtype)
+    if constant_channel:
+        x[:, 2] = 0.75
+    xf = x.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    x_min, x_max = xf.amin(dim=(2, 3), keepdim=True), xf.amax(dim=(2, 3), keepdim=True)
+    scale, zero_point = F.compute_qparams(x_min, x_max, 3)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.round(xf / safe + zero_point), 0, 7)
+    expected = torch.where(scale > 0, (codes - zero_point) * safe, xf).to(dtype)
+    got = F.fake_quantize(x, 3, "granq", fused="eager")
+    assert got.dtype == dtype and torch.equal(got, expected)
+    assert torch.equal(got[:, 2], x[:, 2]) == constant_channel
+
+
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_empty_batch(granularity):
     x = torch.empty(0, 3, 4, 4, requires_grad=True)

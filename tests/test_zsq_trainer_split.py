@@ -135,3 +135,22 @@ def test_profile_iteration_times_the_real_iteration():
         assert torch.equal(timed.student.state_dict()[key], value), key
     for key, value in twin.generator.state_dict().items():
         assert torch.equal(timed.generator.state_dict()[key], value), key
+
+
+def test_profile_iteration_builds_the_recipes_trainer_for_any_teacher(load_script):
+    """``--arch``: the teacher of that architecture and, for a teacher on raw pixels (ResNet-8),
+    a generator whose outputs are mapped into that space, as the recipe builds it."""
+    from granq_ao.zsq.data import generator_output_statistics, shared_data_dir
+    from granq_ao.zsq.teachers import CIFAR_TEACHERS, cifar_teacher
+
+    if not (shared_data_dir() / "weights" / CIFAR_TEACHERS["resnet8_tiny"].files["cifar10"]).is_file():
+        pytest.skip("offline teacher not available")
+    profile = load_script("benchmarks/profile_iteration.py")
+    run = profile.build_trainer("cifar10", 4, 2, "granq", False, 0, None, arch="resnet8_tiny")
+    mean, std = generator_output_statistics("cifar10", cifar_teacher("resnet8_tiny").normalization("cifar10"))
+    assert type(run.teacher).__name__ == type(CIFAR_TEACHERS["resnet8_tiny"].build(10)).__name__
+    assert torch.allclose(run.generator.output_mean.flatten(), torch.as_tensor(mean, dtype=torch.float32))
+    assert torch.allclose(run.generator.output_std.flatten(), torch.as_tensor(std, dtype=torch.float32))
+    run.algorithm.start_epoch(0)
+    phases = profile.timed_phases(run, torch.Generator().manual_seed(1))
+    assert all(phases[name] >= 0 for name in PHASES)
