@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where one zero-shot QAT iteration spends its time, and what ``fold_bn`` saves.
+"""Where one zero-shot QAT iteration spends its time, and what ``fold_bn`` (or NHWC) saves.
 
 Builds the recipe's trainer (``granq_ao.zsq.ZSQTrainer``, ResNet-20 teacher from ``../shared/data``,
 no output folder) and
@@ -11,11 +11,13 @@ no output folder) and
    iterations, and the evaluation of the student on the real test subset;
 2. **operators**: ``torch.profiler`` over one full ``train_step``: the operators with the largest
    self CPU time;
-3. **fold_bn A/B**: two trainers with the same seed, ``fold_bn=False`` and ``fold_bn=True``, whose
+3. **A/B of one variant** (``--compare``: ``fold_bn``, or ``channels_last``: NHWC as on CUDA, forced
+   on the CPU to measure it): two trainers with the same seed, the default and the variant, whose
    ``train_step`` calls alternate (A, B, A, B, ...) in this one process, so that machine load hits
    both alike; median and quartiles of s/iter, and the ratio of the medians.
 
     python benchmarks/profile_iteration.py --dataset cifar100 --bits 3 --batch-size 200 --reps 6
+    python benchmarks/profile_iteration.py --dataset cifar10 --bits 4 --batch-size 16 --compare channels_last
     python benchmarks/profile_iteration.py --quick          # batch 8, 2 reps: a smoke run
 
 Timings are wall-clock on whatever the machine is doing: the header prints the load average;
@@ -24,6 +26,7 @@ compare the two variants only by their ratio inside one run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -49,8 +52,10 @@ from granq_ao.zsq.trainer import ZSQConfig, ZSQTrainer  # noqa: E402
 
 
 def build_trainer(dataset: str, bits: int, batch_size: int, act_granularity: str, fold_bn: bool, seed: int,
-                  eval_data=None, arch: str = "resnet20") -> ZSQTrainer:
-    """The recipe's trainer for teacher ``arch`` (its generator's output space as the recipe sets it)."""
+                  eval_data=None, arch: str = "resnet20", channels_last: bool = False) -> ZSQTrainer:
+    """The recipe's trainer for teacher ``arch`` (its generator's output space as the recipe sets it).
+    ``channels_last``: teacher, student and generated images in NHWC, as the trainer does on CUDA
+    (``RunOptions.channels_last``), forced here on any device to measure it."""
     torch.manual_seed(seed)
     teacher, _ = build_cifar_teacher(dataset, allow_download=False, arch=arch)
     config = ZSQConfig(weight_bits=bits, act_bits=bits, act_granularity=act_granularity, batch_size=batch_size,
@@ -60,6 +65,9 @@ def build_trainer(dataset: str, bits: int, batch_size: int, act_granularity: str
                                                                 output_stats=output_stats)
     trainer = ZSQTrainer(config, teacher, None, num_classes=NUM_CLASSES[dataset], eval_data=eval_data,
                          generator=generator, tensorboard=False, progress=False, log=lambda _: None, fused="eager")
+    if channels_last:
+        trainer.algorithm.options = dataclasses.replace(trainer.algorithm.options, channels_last=True)
+        trainer.algorithm.distribute()  # one process: only the NHWC conversion of teacher and student
     trainer.algorithm.start_epoch(0)  # learning rates and train/eval modes of the run's first epoch
     return trainer
 
@@ -100,6 +108,8 @@ def quartiles(values: Sequence[float]) -> Dict[str, float]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="cifar100", choices=("cifar10", "cifar100"))
+    parser.add_argument("--compare", default="fold_bn", choices=("fold_bn", "channels_last"),
+                        help="the variant timed against the default, alternating (default fold_bn)")
     parser.add_argument("--arch", default="resnet20", choices=tuple(CIFAR_TEACHERS),
                         help="the teacher (granq_ao.zsq.teachers.CIFAR_TEACHERS; default resnet20)")
     parser.add_argument("--bits", type=int, default=3)
@@ -122,53 +132,51 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
           f"{args.batch_size}, {args.reps} reps; threads {env['threads']}, load average {env['loadavg_start']}")
     normalization = cifar_teacher(args.arch, args.dataset).normalization(args.dataset)
     evalset = None if args.quick else load_cifar_test(args.dataset, normalization=normalization)
-    trainers = {fold: build_trainer(args.dataset, args.bits, args.batch_size, args.act_granularity, fold, 0, evalset,
-                                    args.arch) for fold in (False, True)}
-    samplers = {fold: torch.Generator().manual_seed(1) for fold in trainers}
+    variants = ("default", args.compare)
+    trainers = {name: build_trainer(args.dataset, args.bits, args.batch_size, args.act_granularity,
+                                    name == "fold_bn", 0, evalset, args.arch, channels_last=name == "channels_last")
+                for name in variants}
+    samplers = {name: torch.Generator().manual_seed(1) for name in variants}
 
-    # 1. phases, 3. A/B (the phase run is the A/B run: alternating fold off / on)
-    for fold, trainer in trainers.items():  # warm-up
-        timed_phases(trainer, samplers[fold])
-    phases: Dict[bool, List[Dict[str, float]]] = {False: [], True: []}
+    # 1. phases, 3. A/B (the phase run is the A/B run: alternating default / the variant)
+    for name, trainer in trainers.items():  # warm-up
+        timed_phases(trainer, samplers[name])
+    phases: Dict[str, List[Dict[str, float]]] = {name: [] for name in variants}
     for _ in range(args.reps):
-        for fold in (False, True):
-            phases[fold].append(timed_phases(trainers[fold], samplers[fold]))
+        for name in variants:
+            phases[name].append(timed_phases(trainers[name], samplers[name]))
     result: Dict[str, object] = {"environment": env, "settings": vars(args)}
-    for fold in (False, True):
-        name = "fold_bn" if fold else "default"
-        totals = [sum(p[ph] for ph in PHASES) for p in phases[fold]]
-        result[name] = {"s_per_iter": quartiles(totals), "cpu_s_per_iter": quartiles([p["cpu_s"] for p in phases[fold]]),
-                        "phases_median_s": {ph: statistics.median(p[ph] for p in phases[fold]) for ph in PHASES}}
-    ratio = result["fold_bn"]["s_per_iter"]["median"] / result["default"]["s_per_iter"]["median"]
-    result["fold_over_default"] = ratio
-    cpu_ratio = result["fold_bn"]["cpu_s_per_iter"]["median"] / result["default"]["cpu_s_per_iter"]["median"]
-    result["fold_over_default_cpu"] = cpu_ratio
-    print("\nphase medians, s (default | fold_bn):")
+    for name in variants:
+        totals = [sum(p[ph] for ph in PHASES) for p in phases[name]]
+        result[name] = {"s_per_iter": quartiles(totals), "cpu_s_per_iter": quartiles([p["cpu_s"] for p in phases[name]]),
+                        "phases_median_s": {ph: statistics.median(p[ph] for p in phases[name]) for ph in PHASES}}
+    other = args.compare
+    ratio = result[other]["s_per_iter"]["median"] / result["default"]["s_per_iter"]["median"]
+    cpu_ratio = result[other]["cpu_s_per_iter"]["median"] / result["default"]["cpu_s_per_iter"]["median"]
+    result[f"{other}_over_default"], result[f"{other}_over_default_cpu"] = ratio, cpu_ratio
+    print(f"\nphase medians, s (default | {other}):")
     for ph in PHASES:
-        print(f"  {ph:18s} {result['default']['phases_median_s'][ph]:8.4f} | {result['fold_bn']['phases_median_s'][ph]:8.4f}")
-    for name in ("default", "fold_bn"):
+        print(f"  {ph:18s} {result['default']['phases_median_s'][ph]:8.4f} | {result[other]['phases_median_s'][ph]:8.4f}")
+    for name in variants:
         q = result[name]["s_per_iter"]
         print(f"  {name:18s} s/iter median {q['median']:.4f} [q1 {q['q1']:.4f}, q3 {q['q3']:.4f}, min {q['min']:.4f}] n={q['n']}")
         c = result[name]["cpu_s_per_iter"]
         print(f"  {'':18s} CPU s/iter median {c['median']:.4f} [q1 {c['q1']:.4f}, q3 {c['q3']:.4f}]")
-    print(f"  fold_bn / default (medians): wall {ratio:.3f}, CPU time {cpu_ratio:.3f}")
+    print(f"  {other} / default (medians): wall {ratio:.3f}, CPU time {cpu_ratio:.3f}")
 
-    # evaluation cost (real subset, default student)
+    # evaluation cost (real subset), once each
     if evalset is not None:
-        start = time.perf_counter()
-        trainers[False].evaluate(trainers[False].student)
-        eval_default = time.perf_counter() - start
-        start = time.perf_counter()
-        trainers[True].evaluate(trainers[True].student)
-        eval_fold = time.perf_counter() - start
-        result["evaluation_s"] = {"default": eval_default, "fold_bn": eval_fold, "images": len(evalset)}
-        print(f"  evaluation of the student on {len(evalset)} images: default {eval_default:.2f} s, "
-              f"fold_bn {eval_fold:.2f} s (once each)")
+        result["evaluation_s"] = {"images": len(evalset)}
+        for name in variants:
+            start = time.perf_counter()
+            trainers[name].evaluate(trainers[name].student)
+            result["evaluation_s"][name] = time.perf_counter() - start
+        print(f"  evaluation of the student on {len(evalset)} images: default {result['evaluation_s']['default']:.2f} s, "
+              f"{other} {result['evaluation_s'][other]:.2f} s (once each)")
 
     # 2. operators of one train_step, each variant
-    for fold in (False, True):
-        name = "fold_bn" if fold else "default"
-        result[f"operators_{name}"] = operator_table(trainers[fold], samplers[fold], args.top)
+    for name in variants:
+        result[f"operators_{name}"] = operator_table(trainers[name], samplers[name], args.top)
         print(f"\ntop operators by self CPU time, one train_step ({name}):")
         for row in result[f"operators_{name}"]:
             print(f"  {row['op'][:40]:40s} calls {row['calls']:5d}  self {row['self_ms']:9.2f} ms  "
