@@ -12,6 +12,9 @@ default            1 process x 2 threads, divide-then-BN conv-BN (the recipe's d
 fold_bn            ``--fold-bn``: frozen conv-BN as ``conv(x, fq(w * sf), folded bias)``
 torchrun           ``torchrun --nproc_per_node=2``, 1 thread each, same global batch (2 x 8)
 fold_bn_torchrun   both
+two_runs_1thread   two default runs at once, 1 thread each (e.g. the W3A3 and the W4A4 paper run
+                   side by side); its s/iter is each run's, halved: the machine's cost per
+                   iteration when it carries two runs
 =================  ===========================================================================
 
 Evaluation (the 1017-image subset, student in eval mode) is timed separately in this process;
@@ -42,7 +45,7 @@ if str(REPO) not in sys.path:
 from benchmarks.harness import write_json  # noqa: E402
 
 RECIPE = REPO / "recipes" / "zsq_cifar.py"
-CANDIDATES = ("default", "fold_bn", "torchrun", "fold_bn_torchrun")
+CANDIDATES = ("default", "fold_bn", "torchrun", "fold_bn_torchrun", "two_runs_1thread")
 
 
 def command(candidate: str, out: Path, args: argparse.Namespace) -> List[str]:
@@ -58,16 +61,23 @@ def command(candidate: str, out: Path, args: argparse.Namespace) -> List[str]:
 
 
 def run_candidate(candidate: str, args: argparse.Namespace, scratch: Path) -> float:
-    """Seconds per training iteration of one short run of ``candidate``."""
-    out = scratch / f"{candidate}_{time.time_ns()}"
-    threads = "1" if "torchrun" in candidate else str(args.threads)
+    """Seconds per training iteration of one short run of ``candidate`` (``two_runs_1thread``: the
+    mean of its two simultaneous runs, halved)."""
+    copies = 2 if candidate == "two_runs_1thread" else 1
+    threads = "1" if "torchrun" in candidate or copies == 2 else str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=threads, OMP_WAIT_POLICY="PASSIVE")
-    done = subprocess.run(command(candidate, out, args), cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{candidate} failed:\n{done.stderr[-2000:]}")
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    shutil.rmtree(out, ignore_errors=True)
-    return float(row["s_per_iter"])
+    outs = [scratch / f"{candidate}_{copy}_{time.time_ns()}" for copy in range(copies)]
+    base = "default" if copies == 2 else candidate
+    processes = [subprocess.Popen(command(base, out, args), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for out in outs]
+    errors = [process.communicate()[1] for process in processes]
+    for process, error in zip(processes, errors):
+        if process.returncode != 0:
+            raise RuntimeError(f"{candidate} failed:\n{error[-2000:]}")
+    per_run = [float(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["s_per_iter"]) for out in outs]
+    for out in outs:
+        shutil.rmtree(out, ignore_errors=True)
+    return statistics.mean(per_run) / copies
 
 
 def evaluation_seconds(args: argparse.Namespace) -> float:
