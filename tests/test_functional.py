@@ -243,6 +243,7 @@ def test_constant_slices_pass_through_exactly(granularity):
     assert torch.equal(F.fake_quantize(zeros, 3, granularity, symmetric=True, fused=False), zeros)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("constant_channel", [False, True])
 def test_elementwise_step_equals_the_select_formula_bit_for_bit(dtype, constant_channel):
