@@ -46,6 +46,22 @@ def test_teacher_without_batchnorm_is_refused_before_the_student_is_built(monkey
     assert "\n" not in str(error.value)
 
 
+def test_teacher_whose_batchnorms_keep_no_running_statistics_is_refused_up_front(monkeypatch):
+    """BatchNorm with track_running_stats=False has nothing for the BN-statistics loss to match:
+    refused like a teacher without BatchNorm, before the student is built, naming the flag."""
+    def no_student(*args, **kwargs):
+        raise AssertionError("the student was built")
+
+    teacher = SiLUNet().eval()
+    for index in (1, 4):
+        teacher.body[index] = nn.BatchNorm2d(8, track_running_stats=False)
+    monkeypatch.setattr("granq_ao.zsq.trainer.student_protocol", no_student)
+    with pytest.raises(ValueError, match=r"no BatchNorm layer with running statistics.*track_running_stats=False"
+                                         r".*gamma=0 \(--gamma 0\)") as error:
+        zero_shot_qat(teacher, ZSQConfig(act_placement="inputs", **TINY), num_classes=4, image_size=8, **QUIET)
+    assert "\n" not in str(error.value)
+
+
 def test_gamma_zero_trains_a_layernorm_teacher():
     torch.manual_seed(0)
     student, results = zero_shot_qat(LayerNormNet().eval(), ZSQConfig(gamma=0.0, act_placement="paper", **TINY),

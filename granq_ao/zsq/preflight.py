@@ -16,15 +16,21 @@ __all__ = ["has_batchnorm", "check_teacher_batchnorm", "check_activation_quantiz
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` holds a BatchNorm layer (any ``_BatchNorm``: 1d/2d/3d, SyncBatchNorm, lazy)."""
-    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    """Whether ``model`` holds a BatchNorm layer with running statistics (any ``_BatchNorm``:
+    1d/2d/3d, SyncBatchNorm, lazy; ``track_running_stats=False`` layers have nothing to match)."""
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+               for module in model.modules())
 
 
 def check_teacher_batchnorm(teacher: nn.Module, gamma: float) -> None:
-    """``ValueError`` when ``gamma > 0`` and ``teacher`` has no BatchNorm layer (module docstring)."""
+    """``ValueError`` when ``gamma > 0`` and ``teacher`` has no BatchNorm layer with running
+    statistics (module docstring)."""
     if gamma > 0 and not has_batchnorm(teacher):
+        untracked = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
+        what = ("BatchNorm layer with running statistics (its BatchNorm layers have track_running_stats=False)"
+                if untracked else "BatchNorm layer")
         raise ValueError(
-            f"the teacher ({type(teacher).__name__}) has no BatchNorm layer, so the generator's BN-statistics "
+            f"the teacher ({type(teacher).__name__}) has no {what}, so the generator's BN-statistics "
             f"loss (gamma={gamma:g}) has nothing to match; pass gamma=0 (--gamma 0) to train the generator "
             f"without it (docs/ZSQ.md says what that costs)")
 
