@@ -14,7 +14,8 @@ granularities ``tensor``, ``channel``, ``granq`` and prints, per network and bit
 With ``--figures DIR`` it copies each GranQ run's ``activation_error.png`` there as
 ``<arch>_w<b>a<b>_seed<s>_activation_error.png``.
 
-    python benchmarks/networks_report.py --runs runs/networks --figures docs/figures/networks
+    python benchmarks/networks_report.py --runs runs/networks --figures docs/figures/networks \
+        --suffix resnet8_tiny=_bnsstd      # W4A4 seeds 0, 1 and W3A3 seed 0 (--seeds 4:0,1/3:0)
 """
 from __future__ import annotations
 
@@ -166,24 +167,71 @@ def export(runs: Path, dest: Path) -> List[Path]:
     return done
 
 
+def parse_seeds(text: str, bits: Sequence[int]) -> Dict[int, List[int]]:
+    """``"4:0,1/3:0"`` -> {4: [0, 1], 3: [0]}; a plain ``"0,1"`` applies to every bit width."""
+    if ":" not in text:
+        return {b: [int(s) for s in text.split(",")] for b in bits}
+    plan = {}
+    for part in text.split("/"):
+        b, seeds = part.split(":")
+        plan[int(b)] = [int(s) for s in seeds.split(",")]
+    return {b: plan.get(b, []) for b in bits}
+
+
+def parse_suffixes(text: str, archs: Sequence[str]) -> Dict[str, str]:
+    """``"resnet8_tiny=_bnsstd"`` -> that suffix for that network, "" for the others; a plain
+    suffix applies to every network."""
+    if "=" not in text:
+        return {arch: text for arch in archs}
+    given = dict(part.split("=", 1) for part in text.split(",") if part)
+    return {arch: given.get(arch, "") for arch in archs}
+
+
+def summary_table(runs: Path, archs: Sequence[str], plan: Dict[int, List[int]], suffixes: Dict[str, str]
+                  ) -> List[str]:
+    """One row per (network, bits, seed) of the plan: final top-1 of the three granularities and
+    the paired tests of GranQ against each (``(not run yet)`` where a run is missing)."""
+    lines = ["| network | bits | seed | layer-wise | channel-wise | GranQ | layer-wise -> GranQ | "
+             "channel-wise -> GranQ |", "|---|---|---|---|---|---|---|---|"]
+    for arch in archs:
+        for bits, seeds in plan.items():
+            for seed in seeds:
+                found = {act: read(run_folder(runs, arch, bits, act, seed, suffixes[arch])) for act in ACTS}
+                cells = [accuracy(found[act]["results"], "final") if found[act] else "(not run yet)" for act in ACTS]
+                tests = []
+                for first in ("tensor", "channel"):
+                    a, b = found[first], found["granq"]
+                    ok = a and b and a["per_image"] and b["per_image"]
+                    tests.append(mcnemar(a["per_image"], b["per_image"]) if ok else "")
+                lines.append(f"| {arch}{suffixes[arch]} | W{bits}A{bits} | {seed} | " + " | ".join(cells + tests) + " |")
+    return lines + [""]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=str(REPO / "runs" / "networks"))
     parser.add_argument("--archs", default="mobilenetv2_x0_5,resnet56a,resnet8_tiny")
     parser.add_argument("--bits", default="4,3")
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--seeds", default="4:0,1/3:0",
+                        help="seeds per bit width, BITS:SEEDS/... (default 4:0,1/3:0), or SEEDS for every width")
     parser.add_argument("--figures", default=None, help="copy the GranQ runs' activation_error.png here")
-    parser.add_argument("--suffix", default="", help="run-folder suffix of a variant (e.g. _bnsstd)")
+    parser.add_argument("--suffix", default="",
+                        help="run-folder suffix of a variant (e.g. _bnsstd), or ARCH=SUFFIX,... per network")
     parser.add_argument("--export", default=None, help="also copy the finished runs' small files here")
     args = parser.parse_args(argv)
     if args.export:
         for folder in export(Path(args.runs), Path(args.export)):
             print(f"exported {folder}")
     figures = Path(args.figures).resolve() if args.figures else None
-    lines: List[str] = []
-    for arch in args.archs.split(","):
-        for bits in (int(b) for b in args.bits.split(",")):
-            lines += report(Path(args.runs), arch, bits, [int(s) for s in args.seeds.split(",")], figures, args.suffix)
+    archs = args.archs.split(",")
+    plan = parse_seeds(args.seeds, [int(b) for b in args.bits.split(",")])
+    suffixes = parse_suffixes(args.suffix, archs)
+    lines = ["## Summary: final top-1 (n, 95% interval) and paired tests, fixed / broken (exact McNemar p)", ""]
+    lines += summary_table(Path(args.runs), archs, plan, suffixes)
+    for arch in archs:
+        for bits, seeds in plan.items():
+            if seeds:
+                lines += report(Path(args.runs), arch, bits, seeds, figures, suffixes[arch])
     text = "\n".join(lines)
     print(text)
     return text

@@ -33,6 +33,26 @@ def test_report_pairs_runs_on_the_same_images_and_export_keeps_them(tmp_path, lo
     assert "\n".join(report.report(tmp_path / "kept", "resnet8_tiny", 4, [0], None)) == text
 
 
+def test_summary_rows_follow_the_plan_with_per_network_suffixes(tmp_path, load_script):
+    report = load_script("benchmarks/networks_report.py")
+    assert report.parse_seeds("4:0,1/3:0", [4, 3]) == {4: [0, 1], 3: [0]}
+    assert report.parse_seeds("0,1", [4, 3]) == {4: [0, 1], 3: [0, 1]}
+    assert report.parse_suffixes("resnet8_tiny=_bnsstd", ["resnet56a", "resnet8_tiny"]) == {
+        "resnet56a": "", "resnet8_tiny": "_bnsstd"}
+    runs = tmp_path / "runs"
+    base = runs / "resnet8_tiny_w4a4_bnsstd"
+    _fake_run(base / "a-tensor_w-channel_l-entropy" / "seed0", 4, [1, 1, 0, 0, 0, 0, 1, 1, 0, 0])
+    _fake_run(base / "a-granq_w-channel_l-entropy" / "seed0", 7, [1, 1, 1, 1, 1, 0, 1, 0, 1, 0])
+    _fake_run(runs / "resnet56a_w4a4" / "a-granq_w-channel_l-entropy" / "seed0", 7, [1] * 7 + [0] * 3)
+    lines = report.summary_table(runs, ["resnet56a", "resnet8_tiny"], {4: [0, 1], 3: [0]},
+                                 {"resnet56a": "", "resnet8_tiny": "_bnsstd"})
+    rows = [line for line in lines if line.startswith("| resnet")]
+    assert len(rows) == 6  # 2 networks x (2 seeds at W4A4 + 1 at W3A3)
+    assert rows[3] == ("| resnet8_tiny_bnsstd | W4A4 | 0 | 40.00 [30.0, 90.0] | (not run yet) | 70.00 [30.0, 90.0] | "
+                       "4 / 1 (p = 0.38) |  |")
+    assert rows[0].startswith("| resnet56a | W4A4 | 0 | (not run yet) | (not run yet) | 70.00")
+
+
 def test_qat_step_networks_smoke(load_script):
     pytest.importorskip("torch")
     bench = load_script("benchmarks/qat_step_networks.py")
