@@ -139,7 +139,7 @@ def report(runs: Path, arch: str, bits: int, seeds: Sequence[int], figures: Opti
         summary = error_summary(arch, folder) if found[("granq", seed)] else None
         if summary:
             lines += ["", f"Activation error of the GranQ run, seed {seed} (mean relative error): {summary}."]
-        if figures is not None and (folder / "activation_error.png").is_file():
+        if figures is not None and found[("granq", seed)] and (folder / "activation_error.png").is_file():
             figures.mkdir(parents=True, exist_ok=True)
             target = figures / f"{arch}_w{bits}a{bits}{suffix}_seed{seed}_activation_error.png"
             shutil.copyfile(folder / "activation_error.png", target)
