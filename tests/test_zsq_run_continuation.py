@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from granq_ao.zsq import ZSQConfig, ZSQTrainer
+from granq_ao.zsq import RunOptions, ZSQConfig, ZSQTrainer
+from granq_ao.zsq.distributed import DistributedContext
 from granq_ao.zsq import run_record
 from granq_ao.zsq.run_record import eta_seconds
 
@@ -50,11 +51,31 @@ def test_a_run_continued_on_another_cpu_says_so_and_records_both(tmp_path, monke
     assert len(notes) == 1 and "Another CPU (R) 9000" in notes[0] and "not bit-identical" in notes[0]
     assert [m["from_epoch"] for m in results["machines"]] == [0, 1]
     assert results["machines"][1]["kernels"]["cpu"] == "Another CPU (R) 9000"
-    # the same machine again adds nothing
+    # the same machine again adds nothing; nor does a record written before "threads" was recorded
     record = run_record.RunRecord(config, {}, None, resumed.ctx)
     record.state["machines"] = [{"from_epoch": 0, "kernels": other}]
     record.note_machine()
     assert len(record.state["machines"]) == 1
+    record.state["machines"] = [{"from_epoch": 0, "kernels": {k: v for k, v in other.items() if k != "threads"}}]
+    record.note_machine()
+    assert len(record.state["machines"]) == 1
+
+
+def test_another_thread_count_is_another_kernel_signature(tmp_path, monkeypatch):
+    """CPU kernels split sums by thread: a continuation with another thread count is noted."""
+    config = ZSQConfig(epochs=2, iters_per_epoch=2, batch_size=4, warmup_epochs=0, eval_batch_size=8, seed=0)
+    before = torch.get_num_threads()
+    lines = []
+    record = run_record.RunRecord(config, {}, None, DistributedContext(), RunOptions(log=lines.append))
+    try:
+        torch.set_num_threads(1)
+        record.note_machine()
+        torch.set_num_threads(2)
+        record.note_machine()
+    finally:
+        torch.set_num_threads(before)
+    assert [m["kernels"]["threads"] for m in record.state["machines"]] == ["1", "2"]
+    assert len(lines) == 1 and "threads '1' -> '2'" in lines[0]
 
 
 def test_the_recipe_prints_and_writes_the_command_that_continues_it(tmp_path, capsys, load_script, monkeypatch):
@@ -73,4 +94,6 @@ def test_the_recipe_prints_and_writes_the_command_that_continues_it(tmp_path, ca
     note = (out / "RESUME.txt").read_text()
     command = f"recipes/zsq_cifar.py --resume --out {out.resolve()}"
     assert command in line and command in note and "bit-identical" in note
+    threads = f"OMP_NUM_THREADS={torch.get_num_threads()} "  # resumed with the run's thread count
+    assert f"resume   : {threads}" in line and f"    {threads}" in note
     assert note.count("--resume") == 1

@@ -412,11 +412,13 @@ RESUME_NOTE = "RESUME.txt"
 
 def resume_command(out: Path, world_size: int = 1, script: Optional[os.PathLike] = None) -> str:
     """The command that continues the run in ``out`` (the recipe ``script``, default ``sys.argv[0]``;
-    absolute paths; torchrun with the same number of processes when there are several)."""
+    absolute paths; torchrun with the same number of processes when there are several; this
+    process's thread count as ``OMP_NUM_THREADS``, which CPU kernels split their sums by)."""
     script = Path(script if script is not None else sys.argv[0]).resolve()
     launcher = f"{sys.executable} -m torch.distributed.run --nproc_per_node={world_size}" if world_size > 1 \
         else sys.executable
-    return f"{launcher} {script} --resume --out {Path(out).resolve()}"
+    threads = f"OMP_NUM_THREADS={torch.get_num_threads()} "  # the same thread count: the same summation order
+    return f"{threads}{launcher} {script} --resume --out {Path(out).resolve()}"
 
 
 def write_resume_note(out: Path, world_size: int = 1, script: Optional[os.PathLike] = None) -> str:
@@ -428,9 +430,9 @@ def write_resume_note(out: Path, world_size: int = 1, script: Optional[os.PathLi
         f"    {command}\n\n"
         "It restarts after the last completed epoch (checkpoint.pt). The flags of the run are in the checkpoint;\n"
         "only --epochs may be raised. On another machine, copy this folder and keep the teacher and data in\n"
-        "../shared/data (or GRANQ_DATA_DIR). On the same CPU model and kernels the result is bit-identical to an\n"
-        "uninterrupted run; on another CPU model the run continues correctly but rounds differently from then on\n"
-        "(results.json lists the machines under 'machines').\n"), mode="w")
+        "../shared/data (or GRANQ_DATA_DIR). On the same CPU model, kernels and thread count (OMP_NUM_THREADS\n"
+        "above) the result is bit-identical to an uninterrupted run; elsewhere the run continues correctly but\n"
+        "rounds differently from then on (results.json lists the machines under 'machines').\n"), mode="w")
     return command
 
 

@@ -1,7 +1,7 @@
 """What decides a run's float roundings on a CPU: the CPU model and the kernels torch picks for it.
 
 oneDNN and ATen choose kernels by instruction set (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``
-cap them); other kernels sum in another order, and a low-bit rounding step turns a one-ulp
+cap them) and split sums by thread count; other kernels or thread counts sum in another order, and a low-bit rounding step turns a one-ulp
 difference into a whole step. A run resumed under another :func:`kernel_signature` continues
 correctly but is not bit-identical to an uninterrupted run; the run record says so.
 """
@@ -13,7 +13,7 @@ from typing import Dict
 
 import torch
 
-__all__ = ["cpu_name", "kernel_signature"]
+__all__ = ["cpu_name", "kernel_signature", "same_kernels"]
 
 
 def cpu_name() -> str:
@@ -29,7 +29,15 @@ def cpu_name() -> str:
 
 
 def kernel_signature() -> Dict[str, str]:
-    """``{"cpu", "aten_capability", "onednn_max_isa", "torch"}``: equal signatures run the same kernels."""
+    """``{"cpu", "aten_capability", "onednn_max_isa", "torch", "threads"}``: equal signatures run the
+    same kernels. The thread count is part of it: CPU kernels split their sums by thread."""
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
     return {"cpu": cpu_name(), "aten_capability": str(capability),
-            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"), "torch": str(torch.__version__)}
+            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"), "torch": str(torch.__version__),
+            "threads": str(torch.get_num_threads())}
+
+
+def same_kernels(recorded: Dict[str, str], current: Dict[str, str]) -> bool:
+    """Whether ``current`` runs the kernels of ``recorded``; a key that ``recorded`` lacks (a
+    record written before that key existed) is not held against it."""
+    return all(recorded.get(key, value) == value for key, value in current.items())
