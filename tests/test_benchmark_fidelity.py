@@ -100,3 +100,28 @@ def test_generator_checkpoint_is_loaded(fidelity, tmp_path):
     assert torch.equal(generator.project.weight, trained.project.weight)
     untrained, source = fidelity.build_generator("cifar10", 0, None)
     assert "untrained" in source and not torch.equal(untrained.project.weight, trained.project.weight)
+
+
+def test_another_teacher_in_its_own_input_space_with_the_depthwise_split(fidelity, tmp_path):
+    """--arch: the teacher's own normalization for real images, the generator mapped into that space,
+    and for MobileNetV2 the errors split into the 17 ReLU6 outputs after depthwise convs and the 18 others
+    (means of the per-layer values); no paper numbers beside a network the paper did not measure."""
+    from granq_ao.zsq.data import shared_data_dir
+    from granq_ao.zsq.teachers import CIFAR_TEACHERS
+
+    if not (shared_data_dir() / "weights" / CIFAR_TEACHERS["mobilenetv2_x0_5"].files["cifar10"]).is_file():
+        pytest.skip("offline teacher not available")
+    report = fidelity.main(["--arch", "mobilenetv2_x0_5", "--datasets", "cifar10", "--bits", "3", "--quick",
+                            "--out", str(tmp_path), "--no-plot"])
+    assert report["settings"]["arch"] == "mobilenetv2_x0_5" and len(report["results"]) == 2
+    for entry in report["results"]:
+        summary = entry["summary"]
+        groups = summary["depthwise_groups"]
+        assert groups["after depthwise"]["layers"] == 17 and groups["other"]["layers"] == 18
+        rel = summary["granq"]["rel_per_layer"]
+        assert sum(groups[g]["granq"] * groups[g]["layers"] for g in groups) == pytest.approx(sum(rel))
+        assert summary["tensor"]["rel"] > summary["channel"]["rel"] > summary["granq"]["rel"]
+    text = (tmp_path / "fidelity.md").read_text()
+    assert "paper" not in text.split("\n\n", 1)[1].replace("rel. error (paper)", "") and "after depthwise (17)" in text
+    assert fidelity.main(["--datasets", "cifar10", "--bits", "3", "--sources", "real", "--quick", "--out",
+                          str(tmp_path / "r20"), "--no-plot"])["results"][0]["summary"]["depthwise_groups"] is None
