@@ -32,7 +32,7 @@ from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, load
 from .config import ZSQConfig
 from .distributed import DistributedContext
 from .evaluation import format_accuracy
-from .machine import kernel_signature, same_kernels
+from .machine import kernel_changes, kernel_signature, same_kernels
 from .options import RunOptions
 from .results import versions
 
@@ -195,9 +195,8 @@ class RunRecord:
         machines.append({"from_epoch": self.state["epoch"], "kernels": signature,
                          "date": time.strftime("%Y-%m-%d %H:%M:%S")})
         if len(machines) > 1:
-            before = machines[-2]["kernels"]
-            changed = ", ".join(f"{key} {before.get(key)!r} -> {value!r}" for key, value in signature.items()
-                                if before.get(key, value) != value)
+            changed = ", ".join(f"{key} {old!r} -> {new!r}"
+                                for key, (old, new) in kernel_changes(machines[-2]["kernels"], signature).items())
             self.log(f"note     : continuing after epoch {self.state['epoch']} on other kernels ({changed}): the run "
                      f"goes on correctly, but its numbers are not bit-identical to an uninterrupted run")
 
