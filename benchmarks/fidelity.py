@@ -178,17 +178,10 @@ def summarize(batches: List[Dict[str, object]], methods: Sequence[str]) -> Dict[
 def depthwise_groups(arch: str, summary: Dict[str, object], methods: Sequence[str]) -> Optional[Dict[str, object]]:
     """Mean relative error per method over the ReLU outputs that follow a depthwise conv and over the
     others (``None`` for a network without depthwise convs)."""
-    from benchmarks.networks_report import depthwise_fed
+    from benchmarks.networks_report import depthwise_split
 
-    flags = depthwise_fed(arch, summary["layers"])
-    if not any(flags):
-        return None
-    groups = {}
-    for group, keep in (("after depthwise", True), ("other", False)):
-        chosen = [i for i, flag in enumerate(flags) if flag == keep]
-        groups[group] = {"layers": len(chosen), **{m: sum(summary[m]["rel_per_layer"][i] for i in chosen) / len(chosen)
-                                                   for m in methods}}
-    return groups
+    groups = depthwise_split(arch, summary["layers"], {m: summary[m]["rel_per_layer"] for m in methods})
+    return groups if "after depthwise" in groups else None
 
 
 def run(datasets: Sequence[str], bits_list: Sequence[int], sources: Sequence[str], batch_size: int,

@@ -39,10 +39,21 @@ def run_folder(runs: Path, arch: str, bits: int, act: str, seed: int, suffix: st
     return runs / f"{arch}_w{bits}a{bits}{suffix}" / f"a-{act}_w-channel_l-entropy" / f"seed{seed}"
 
 
+_FINISHED: Dict[Path, Dict[str, object]] = {}  # read() of finished runs: a finished run's files do not change
+
+
 def read(folder: Path) -> Optional[Dict[str, object]]:
-    """Accuracies, intervals and per-image final correctness of a finished run (else None)."""
+    """Accuracies, intervals and per-image final correctness of a finished run (else None); each
+    finished run is read once per process (the summary, the per-run tables and the export share it)."""
     if not (folder / "results.json").is_file():
         return None
+    key = folder.resolve()
+    if key not in _FINISHED:
+        _FINISHED[key] = _read_finished(folder)
+    return _FINISHED[key]
+
+
+def _read_finished(folder: Path) -> Dict[str, object]:
     results = json.loads((folder / "results.json").read_text())
     per_image = None
     if (folder / "per_image.json").is_file():  # an exported record (--export)
@@ -70,6 +81,13 @@ def mcnemar(a: Sequence[int], b: Sequence[int]) -> str:
     return f"{test['fixed']} / {test['broken']} (p = {test['mcnemar_exact_p']:.2g})"
 
 
+def paired_runs(a: Optional[Dict[str, object]], b: Optional[Dict[str, object]]) -> Optional[str]:
+    """:func:`mcnemar` of two runs read by :func:`read`, or None unless both finished with per-image results."""
+    if a and b and a["per_image"] and b["per_image"]:
+        return mcnemar(a["per_image"], b["per_image"])
+    return None
+
+
 def depthwise_fed(arch: str, labels: Sequence[str]) -> List[bool]:
     """For each activation label (the module whose output is quantized), whether the nearest conv
     before it, in the teacher's module order, is depthwise."""
@@ -85,6 +103,23 @@ def depthwise_fed(arch: str, labels: Sequence[str]) -> List[bool]:
     return [fed.get(label, False) for label in labels]
 
 
+def depthwise_split(arch: str, layers: Sequence[str], values: Dict[str, Sequence[float]]
+                    ) -> Dict[str, Dict[str, float]]:
+    """Per-layer ``values`` (one list per method, in ``layers`` order) averaged over the layers that
+    follow a depthwise conv (:func:`depthwise_fed`) and over the others:
+    ``{"after depthwise": {"layers": n, method: mean, ...}, "other": {...}}``; a group with no
+    layer is left out."""
+    flags = depthwise_fed(arch, layers)
+    groups = {}
+    for group, keep in (("after depthwise", True), ("other", False)):
+        chosen = [i for i, flag in enumerate(flags) if flag == keep]
+        if chosen:
+            groups[group] = {"layers": len(chosen),
+                             **{method: statistics.mean(per_layer[i] for i in chosen)
+                                for method, per_layer in values.items()}}
+    return groups
+
+
 def error_summary(arch: str, folder: Path) -> Optional[str]:
     path = folder / "activation_error.json"
     if not path.is_file():
@@ -95,14 +130,10 @@ def error_summary(arch: str, folder: Path) -> Optional[str]:
         record = data.get(stage)
         if not record:
             continue
-        flags = depthwise_fed(arch, record["layers"])
-        for group, keep in (("after depthwise", True), ("other", False)):
-            chosen = [i for i, flag in enumerate(flags) if flag == keep]
-            if not chosen:
-                continue
-            tensor = statistics.mean(record["tensor"][i] for i in chosen)
-            granq = statistics.mean(record["granq"][i] for i in chosen)
-            parts.append(f"{stage.replace('_', ' ')}, {group} ({len(chosen)}): layer-wise {tensor:.3f}, "
+        groups = depthwise_split(arch, record["layers"], {"tensor": record["tensor"], "granq": record["granq"]})
+        for group, means in groups.items():
+            tensor, granq = means["tensor"], means["granq"]
+            parts.append(f"{stage.replace('_', ' ')}, {group} ({means['layers']}): layer-wise {tensor:.3f}, "
                          f"GranQ {granq:.3f} ({tensor / granq:.1f}x)")
     return "; ".join(parts)
 
@@ -131,9 +162,9 @@ def report(runs: Path, arch: str, bits: int, seeds: Sequence[int], figures: Opti
     lines += ["", "| paired, same images (final) | seed | fixed / broken (exact McNemar p) |", "|---|---|---|"]
     for first, second in PAIRS:
         for seed in seeds:
-            a, b = found[(first, seed)], found[(second, seed)]
-            if a and b and a["per_image"] and b["per_image"]:
-                lines.append(f"| {first} -> {second} | {seed} | {mcnemar(a['per_image'], b['per_image'])} |")
+            test = paired_runs(found[(first, seed)], found[(second, seed)])
+            if test:
+                lines.append(f"| {first} -> {second} | {seed} | {test} |")
     for seed in seeds:
         folder = run_folder(runs, arch, bits, "granq", seed, suffix)
         summary = error_summary(arch, folder) if found[("granq", seed)] else None
@@ -198,11 +229,7 @@ def summary_table(runs: Path, archs: Sequence[str], plan: Dict[int, List[int]], 
             for seed in seeds:
                 found = {act: read(run_folder(runs, arch, bits, act, seed, suffixes[arch])) for act in ACTS}
                 cells = [accuracy(found[act]["results"], "final") if found[act] else "(not run yet)" for act in ACTS]
-                tests = []
-                for first in ("tensor", "channel"):
-                    a, b = found[first], found["granq"]
-                    ok = a and b and a["per_image"] and b["per_image"]
-                    tests.append(mcnemar(a["per_image"], b["per_image"]) if ok else "")
+                tests = [paired_runs(found[first], found["granq"]) or "" for first in ("tensor", "channel")]
                 lines.append(f"| {arch}{suffixes[arch]} | W{bits}A{bits} | {seed} | " + " | ".join(cells + tests) + " |")
     return lines + [""]
 
