@@ -44,10 +44,9 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from granq_ao.zsq.data import NUM_CLASSES, generator_output_statistics, load_cifar_test  # noqa: E402
-from granq_ao.zsq.generator import GDFQGenerator  # noqa: E402
+from granq_ao.zsq.data import NUM_CLASSES, load_cifar_test  # noqa: E402
 from granq_ao.zsq.algorithm import PHASES  # noqa: E402
-from granq_ao.zsq.teachers import CIFAR_TEACHERS, build_cifar_teacher, cifar_teacher  # noqa: E402
+from granq_ao.zsq.teachers import CIFAR_TEACHERS, build_cifar_teacher, cifar_teacher, teacher_generator  # noqa: E402
 from granq_ao.zsq.trainer import ZSQConfig, ZSQTrainer  # noqa: E402
 
 
@@ -60,9 +59,7 @@ def build_trainer(dataset: str, bits: int, batch_size: int, act_granularity: str
     teacher, _ = build_cifar_teacher(dataset, allow_download=False, arch=arch)
     config = ZSQConfig(weight_bits=bits, act_bits=bits, act_granularity=act_granularity, batch_size=batch_size,
                        epochs=1, iters_per_epoch=1, warmup_epochs=0, seed=seed, fold_bn=fold_bn)
-    output_stats = generator_output_statistics(dataset, cifar_teacher(arch, dataset).normalization(dataset))
-    generator = None if output_stats is None else GDFQGenerator(NUM_CLASSES[dataset], config.latent_dim, img_size=32,
-                                                                output_stats=output_stats)
+    generator = teacher_generator(dataset, arch, config.latent_dim)  # as the recipe builds it
     trainer = ZSQTrainer(config, teacher, None, num_classes=NUM_CLASSES[dataset], eval_data=eval_data,
                          generator=generator, tensorboard=False, progress=False, log=lambda _: None, fused="eager")
     if channels_last:

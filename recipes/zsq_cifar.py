@@ -26,11 +26,9 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from granq_ao.zsq import cli  # noqa: E402
-from granq_ao.zsq.data import (DATASETS, NUM_CLASSES, DataNotFoundError, generator_output_statistics,  # noqa: E402
-                               load_cifar_test)
-from granq_ao.zsq.generator import GDFQGenerator  # noqa: E402
+from granq_ao.zsq.data import DATASETS, NUM_CLASSES, DataNotFoundError, load_cifar_test  # noqa: E402
 from granq_ao.zsq.teachers import (CIFAR_TEACHERS, TeacherError, build_cifar_teacher, cifar_teacher,  # noqa: E402
-                                   locate_teacher_weights)
+                                   locate_teacher_weights, teacher_generator)
 
 # The paper's schedule compressed ~40x: 10 epochs x 100 iterations at the paper's CIFAR-10 batch
 # (16), same learning rates, decay at half time, 1 generator-only warm-up epoch. About 8 minutes
@@ -92,10 +90,7 @@ def build_task(args, config, context) -> cli.Task:
     teacher, teacher_source = build_cifar_teacher(args.dataset, args.teacher_weights, arch=args.arch)
     normalization = spec.normalization(args.dataset)
     evalset = load_cifar_test(args.dataset, args.data_root, args.download, normalization)
-    output_stats = generator_output_statistics(args.dataset, normalization)
-    generator = None  # the trainer's default: standardized images are the teacher's input
-    if output_stats is not None:
-        generator = GDFQGenerator(NUM_CLASSES[args.dataset], config.latent_dim, img_size=32, output_stats=output_stats)
+    generator = teacher_generator(args.dataset, args.arch, config.latent_dim)  # None: the trainer's default
     run_info = {"dataset": args.dataset, "teacher": f"{args.arch}_{args.dataset} from {teacher_source}",
                 "eval": evalset.source}
     if args.arch != "resnet20":  # resnet20 runs keep the run_info (and so the resumability) of earlier versions

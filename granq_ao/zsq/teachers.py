@@ -24,10 +24,12 @@ import torch
 from torch import nn
 
 from .cifar_models import MobileNetV2Cifar, ResNet8Tiny, ResNetCifarA
-from .data import CIFAR_NORMALIZATION, DATASETS, NUM_CLASSES, Normalization, shared_data_dir
+from .data import (CIFAR_NORMALIZATION, DATASETS, NUM_CLASSES, Normalization, generator_output_statistics,
+                   shared_data_dir)
+from .generator import GDFQGenerator
 
 __all__ = ["TeacherError", "CifarTeacher", "CIFAR_TEACHERS", "cifar_teacher", "default_teacher_weights",
-           "build_cifar_teacher", "locate_teacher_weights", "freeze", "classifier_classes"]
+           "build_cifar_teacher", "locate_teacher_weights", "teacher_generator", "freeze", "classifier_classes"]
 
 
 class TeacherError(ValueError):
@@ -99,6 +101,16 @@ def cifar_teacher(arch: str, dataset: str = "cifar10") -> CifarTeacher:
         raise TeacherError(f"{arch} is a {'/'.join(spec.files)} teacher; there are no {dataset} weights for it "
                            f"(use --dataset {next(iter(spec.files))})")
     return spec
+
+
+def teacher_generator(dataset: str, arch: str, latent_dim: int) -> Optional[GDFQGenerator]:
+    """The GDFQ generator paired with teacher ``arch``: its standardized images mapped into the
+    teacher's input space (:func:`~granq_ao.zsq.data.generator_output_statistics`), or ``None``
+    where they already are that space (the trainer then builds its default generator)."""
+    output_stats = generator_output_statistics(dataset, cifar_teacher(arch, dataset).normalization(dataset))
+    if output_stats is None:
+        return None
+    return GDFQGenerator(NUM_CLASSES[dataset], latent_dim, img_size=32, output_stats=output_stats)
 
 
 def default_teacher_weights(dataset: str, arch: str = "resnet20") -> Path:
