@@ -80,15 +80,15 @@ def count_weighted_inputs(model: torch.nn.Module) -> int:
     return sum(isinstance(module, _WEIGHTED_MODULES) for module in model.modules())
 
 
+def _is_granq_call(node: Node, modules: dict) -> bool:
+    return node.op == "call_module" and isinstance(modules.get(str(node.target)), GranQFakeQuantize) and bool(node.args)
+
+
 def _is_activation_fake_quant(node: Node, modules: dict) -> bool:
     """A call of a GranQ fake-quant on an activation (its input depends on a graph input; a
     weight fake-quant of a functional conv/linear reads a parameter)."""
-    return (node.op == "call_module" and isinstance(modules.get(str(node.target)), GranQFakeQuantize)
-            and bool(node.args) and isinstance(node.args[0], Node) and reaches_placeholder(node.args[0]))
-
-
-def _is_granq_call(node: Node, modules: dict) -> bool:
-    return node.op == "call_module" and isinstance(modules.get(str(node.target)), GranQFakeQuantize) and bool(node.args)
+    return (_is_granq_call(node, modules) and isinstance(node.args[0], Node)
+            and reaches_placeholder(node.args[0]))
 
 
 def _is_other_activation_quantizer(node: Node, modules: dict) -> bool:
