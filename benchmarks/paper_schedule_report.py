@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""The paper's CIFAR-10 schedule on a CPU (issue 19): where each run stands and what it gives.
+
+For each folder of a ``recipes/zsq_cifar.py --preset paper`` run, finished (``results.json``) or in
+progress (``checkpoint.pt``), one row: bits and activation ranges, epochs done of the schedule, the
+last evaluated top-1 on the test subset with its 95% Wilson interval, the gap to the teacher on the
+same images, the paper's Table 3 number, s/iter (mean over the QAT epochs run so far), wall hours
+and CPU hours (wall x threads), and the machines with the dates each session started on them.
+
+Each ``--short`` run (the recipe's default short schedule) is paired with the paper-schedule run
+of the same bits and activation ranges: an exact McNemar test on the same images (fixed = wrong
+after the short schedule and right after the paper's; broken = the reverse), on the paper run's
+last evaluation (its final one once finished).
+
+    python benchmarks/paper_schedule_report.py runs/paper_w3a3 runs/paper_w4a4 \\
+        --short runs/short_w3a3 docs/evidence/gamma/gamma1_seed0 --figure docs/figures/paper_schedule.png
+
+``--figure``: the accuracy curves over the epochs (teacher dashed, the paper's numbers dotted).
+``--export DIR``: each run's small files (config, metrics, RESUME.txt, results and the last
+per-image correctness); with ``--carry`` also ``checkpoint.pt`` of runs still in progress, so that a
+session whose disk does not survive can hand the run on (``recipes/zsq_cifar.py --resume --out``
+on a copy of the exported folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Paper, Table 3, ResNet-20 (FP 93.89): GranQ top-1 on the full CIFAR-10 test set, its schedule.
+PAPER_TABLE3 = {("cifar10", 3, 3, "granq"): 91.37, ("cifar10", 4, 4, "granq"): 93.52}
+PAPER_FP = {"cifar10": 93.89}
+SMALL_FILES = ("config.json", "metrics.jsonl", "RESUME.txt", "results.json", "per_image.json")
+
+
+def read_run(folder: Path) -> Dict[str, object]:
+    """What the report needs of one run folder, from ``results.json`` when the run finished, else
+    from ``checkpoint.pt``; ``ValueError`` when the folder holds neither."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    meta = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+        if (folder / "metrics.jsonl").is_file() else []
+    if (folder / "results.json").is_file():
+        results = json.loads((folder / "results.json").read_text())
+        per_image = None
+        if (folder / "per_image.json").is_file():
+            per_image = json.loads((folder / "per_image.json").read_text())
+        elif (folder / "checkpoint.pt").is_file():
+            per_image = _last_per_image(_checkpoint(folder))
+        return {"folder": str(folder), "finished": True, "config": results["config"],
+                "dataset": results.get("run_info", {}).get("dataset", meta.get("run_info", {}).get("dataset")),
+                "epoch": results["epochs_completed"], "history": history,
+                "teacher": {"correct": results["correct"]["teacher"], "n": results["n_test"]},
+                "last": {"correct": results["correct"]["final"], "n": results["n_test"],
+                         "epoch": results["epochs_completed"], "per_image": per_image},
+                "elapsed_s": results.get("wall_time_s"), "machines": results.get("machines", [])}
+    if not (folder / "checkpoint.pt").is_file():
+        raise ValueError(f"{folder} holds no run (neither results.json nor checkpoint.pt)")
+    checkpoint = _checkpoint(folder)
+    history = checkpoint["history"] or history
+    last = checkpoint.get("last")
+    evaluated = [row["epoch"] for row in history if row.get("test_acc") is not None]
+    return {"folder": str(folder), "finished": False, "config": checkpoint["config"],
+            "dataset": checkpoint.get("run_info", {}).get("dataset"), "epoch": checkpoint["epoch"], "history": history,
+            "teacher": {"correct": checkpoint["teacher"]["correct"], "n": checkpoint["teacher"]["n"]},
+            "last": None if last is None else {"correct": last["correct"], "n": last["n"],
+                                               "epoch": evaluated[-1] if evaluated else None,
+                                               "per_image": _last_per_image(checkpoint)},
+            "elapsed_s": checkpoint.get("elapsed_s"), "machines": checkpoint.get("machines", [])}
+
+
+def _checkpoint(folder: Path) -> Dict[str, object]:
+    from granq_ao.zsq.checkpoint import load_checkpoint
+
+    return load_checkpoint(folder / "checkpoint.pt")
+
+
+def _last_per_image(checkpoint: Dict[str, object]) -> Optional[List[int]]:
+    last = checkpoint.get("last") or {}
+    return [int(v) for v in last["per_image"].tolist()] if "per_image" in last else None
+
+
+def key(run: Dict[str, object]) -> tuple:
+    config = run["config"]
+    return (run["dataset"] or "cifar10", config["weight_bits"], config["act_bits"], config["act_granularity"])
+
+
+def label(run: Dict[str, object]) -> str:
+    _, wbits, abits, act = key(run)
+    return f"W{wbits}A{abits} {act}"
+
+
+def threads(run: Dict[str, object]) -> int:
+    """The largest OMP thread count any session of the run used (1 when unrecorded)."""
+    counts = [int(m["kernels"].get("threads") or 1) for m in run["machines"] if m.get("kernels")]
+    return max(counts) if counts else 1
+
+
+def qat_s_per_iter(run: Dict[str, object]) -> Optional[float]:
+    values = [row["s_per_iter"] for row in run["history"] if row.get("phase") == "qat" and row.get("s_per_iter")]
+    return sum(values) / len(values) if values else None
+
+
+def accuracy(correct: int, n: int) -> str:
+    from granq_ao.zsq.evaluation import wilson_interval
+
+    low, high = wilson_interval(correct, n)
+    return f"{100 * correct / n:.2f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def machines_text(run: Dict[str, object]) -> str:
+    parts = []
+    for machine in run["machines"]:
+        kernels = machine.get("kernels", {})
+        parts.append(f"{kernels.get('cpu', '?')} ({kernels.get('aten_capability', '?')}, {kernels.get('threads', '?')} "
+                     f"thread) from epoch {machine.get('from_epoch', '?')}, {str(machine.get('date', '?'))[:16]}")
+    return "; ".join(parts) or "(not recorded)"
+
+
+def report(runs: Sequence[Dict[str, object]], shorts: Sequence[Dict[str, object]]) -> List[str]:
+    """The markdown lines: the runs table, then the paired tests."""
+    lines = ["| run | epochs done | last top-1 (epoch) | teacher gap | paper | s/iter (QAT) | wall h | CPU h | machines |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        total = run["config"]["epochs"]
+        done = f"{run['epoch']} / {total}" + ("" if run["finished"] else " (running)")
+        teacher = run["teacher"]
+        last = run["last"]
+        if last is None:
+            top1, gap = "(not evaluated yet)", ""
+        else:
+            top1 = f"{accuracy(last['correct'], last['n'])} ({last['epoch']})"
+            gap = f"{100 * (last['correct'] - teacher['correct']) / last['n']:+.2f}"
+        paper = PAPER_TABLE3.get(key(run))
+        paper_text = "" if paper is None else f"{paper:.2f} (gap {paper - PAPER_FP[key(run)[0]]:+.2f})"
+        speed = qat_s_per_iter(run)
+        wall = (run["elapsed_s"] or 0.0) / 3600
+        lines.append(f"| {label(run)} | {done} | {top1} | {gap} | {paper_text} | "
+                     f"{'-' if speed is None else f'{speed:.3f}'} | {wall:.2f} | {wall * threads(run):.2f} | "
+                     f"{machines_text(run)} |")
+    lines += ["", "| pair (same images) | short -> paper schedule: fixed / broken (p) |", "|---|---|"]
+    from benchmarks.ablation import paired
+
+    by_key = {key(run): run for run in runs}
+    for short in shorts:
+        run = by_key.get(key(short))
+        if run is None:
+            lines.append(f"| {label(short)} | (no paper-schedule run with these settings) |")
+            continue
+        a, b = short["last"] and short["last"]["per_image"], run["last"] and run["last"]["per_image"]
+        if not a or not b:
+            lines.append(f"| {label(short)} | (no per-image results yet) |")
+            continue
+        test = paired(a, b)
+        lines.append(f"| {label(short)}: short {accuracy(short['last']['correct'], short['last']['n'])} -> "
+                     f"epoch {run['last']['epoch']} | {test['fixed']} / {test['broken']} "
+                     f"(p = {test['mcnemar_exact_p']:.2g}) |")
+    return lines
+
+
+def draw(runs: Sequence[Dict[str, object]], path: Path) -> None:
+    """Test top-1 over the epochs, one line per run; the teacher dashed, the paper's numbers dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for index, run in enumerate(runs):
+        color = f"C{index}"
+        points = [(row["epoch"], 100 * row["test_acc"]) for row in run["history"] if row.get("test_acc") is not None]
+        if points:
+            ax.plot(*zip(*points), color=color, marker=".", label=label(run) + ("" if run["finished"] else " (running)"))
+        paper = PAPER_TABLE3.get(key(run))
+        if paper is not None:
+            ax.axhline(paper, color=color, linestyle=":", linewidth=1, label=f"paper {label(run)} {paper:.2f}")
+    if runs:
+        teacher = runs[0]["teacher"]
+        ax.axhline(100 * teacher["correct"] / teacher["n"], color="black", linestyle="--", linewidth=1,
+                   label=f"our teacher {100 * teacher['correct'] / teacher['n']:.2f}")
+        ax.set_xlim(0, max(run["config"]["epochs"] for run in runs))
+    ax.set_xlabel("epoch (200 iterations at batch 16 each)")
+    ax.set_ylabel("top-1 on the test subset (%)")
+    ax.set_title("ResNet-20 CIFAR-10, the paper's schedule on a CPU")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def export(folders: Sequence[Path], dest: Path, carry: bool) -> List[Path]:
+    """Copy each run's small files (and, with ``carry``, the checkpoint of an unfinished run) to
+    ``dest/<folder name>``; the last per-image correctness goes to ``per_image.json``."""
+    written = []
+    for folder in map(Path, folders):
+        run = read_run(folder)
+        target = dest / folder.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in SMALL_FILES:
+            if (folder / name).is_file() and (folder / name).resolve() != (target / name).resolve():
+                shutil.copy2(folder / name, target / name)
+        if run["last"] and run["last"]["per_image"] is not None and run["finished"]:
+            (target / "per_image.json").write_text(json.dumps(run["last"]["per_image"]))
+        stale = target / "checkpoint.pt"
+        if carry and not run["finished"]:
+            if stale.resolve() != (folder / "checkpoint.pt").resolve():
+                shutil.copy2(folder / "checkpoint.pt", stale)
+        elif stale.is_file() and stale.resolve() != (folder / "checkpoint.pt").resolve():
+            stale.unlink()  # a finished run needs no carried checkpoint
+        written.append(target)
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[str]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders of --preset paper")
+    parser.add_argument("--short", nargs="*", type=Path, default=[], help="short-schedule runs to pair with")
+    parser.add_argument("--figure", type=Path, help="PNG of the accuracy curves")
+    parser.add_argument("--export", type=Path, help="copy each run's small files here")
+    parser.add_argument("--carry", action="store_true", help="with --export: also the checkpoints of unfinished runs")
+    args = parser.parse_args(argv)
+    if args.carry and not args.export:
+        parser.error("--carry needs --export DIR")
+    try:
+        runs = [read_run(folder) for folder in args.runs]
+        shorts = [read_run(folder) for folder in args.short]
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    lines = report(runs, shorts)
+    print("\n".join(lines))
+    if args.figure:
+        draw(runs, args.figure)
+        print(f"figure: {args.figure}")
+    if args.export:
+        for target in export(args.runs, args.export, args.carry):
+            print(f"exported: {target}")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
