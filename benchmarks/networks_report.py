@@ -12,10 +12,12 @@ granularities ``tensor``, ``channel``, ``granq`` and prints, per network and bit
   depthwise conv and over the others.
 
 With ``--figures DIR`` it copies each GranQ run's ``activation_error.png`` there as
-``<arch>_w<b>a<b>_seed<s>_activation_error.png``.
+``<arch>_w<b>a<b>_seed<s>_activation_error.png`` (and links a picture copied there earlier when the
+run folder is an export without it). With ``--doc docs/NETWORKS.md`` it rewrites that page's
+``<!-- networks_report:summary/details:begin/end -->`` blocks with the tables.
 
     python benchmarks/networks_report.py --runs runs/networks --figures docs/figures/networks \
-        --suffix resnet8_tiny=_bnsstd      # W4A4 seeds 0, 1 and W3A3 seed 0 (--seeds 4:0,1/3:0)
+        --suffix resnet8_tiny=_bnsstd --doc docs/NETWORKS.md   # W4A4 seeds 0, 1 and W3A3 seed 0 (--seeds 4:0,1/3:0)
 """
 from __future__ import annotations
 
@@ -170,10 +172,13 @@ def report(runs: Path, arch: str, bits: int, seeds: Sequence[int], figures: Opti
         summary = error_summary(arch, folder) if found[("granq", seed)] else None
         if summary:
             lines += ["", f"Activation error of the GranQ run, seed {seed} (mean relative error): {summary}."]
-        if figures is not None and found[("granq", seed)] and (folder / "activation_error.png").is_file():
+        if figures is None or not found[("granq", seed)]:
+            continue
+        target = figures / f"{arch}_w{bits}a{bits}{suffix}_seed{seed}_activation_error.png"
+        if (folder / "activation_error.png").is_file():
             figures.mkdir(parents=True, exist_ok=True)
-            target = figures / f"{arch}_w{bits}a{bits}{suffix}_seed{seed}_activation_error.png"
             shutil.copyfile(folder / "activation_error.png", target)
+        if target.is_file():  # copied now, or earlier from a run whose folder kept only the small files (--export)
             lines += ["", f"![{arch} W{bits}A{bits} seed {seed}: activation error]({target.relative_to(REPO / 'docs')})"]
     return lines + [""]
 
@@ -205,7 +210,7 @@ def parse_seeds(text: str, bits: Sequence[int]) -> Dict[int, List[int]]:
     plan = {}
     for part in text.split("/"):
         b, seeds = part.split(":")
-        plan[int(b)] = [int(s) for s in seeds.split(",")]
+        plan[int(b)] = [int(s) for s in seeds.split(",") if s.strip()]
     return {b: plan.get(b, []) for b in bits}
 
 
@@ -234,6 +239,18 @@ def summary_table(runs: Path, archs: Sequence[str], plan: Dict[int, List[int]], 
     return lines + [""]
 
 
+def replace_block(text: str, name: str, lines: Sequence[str]) -> str:
+    """``text`` with the lines between ``<!-- networks_report:NAME:begin -->`` and its ``end`` marker
+    replaced by ``lines``; ``ValueError`` when the markers are missing."""
+    begin, end = f"<!-- networks_report:{name}:begin -->", f"<!-- networks_report:{name}:end -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"the document has no {begin} ... {end} block")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    body = "\n".join(lines).strip("\n")
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=str(REPO / "runs" / "networks"))
@@ -245,6 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("--suffix", default="",
                         help="run-folder suffix of a variant (e.g. _bnsstd), or ARCH=SUFFIX,... per network")
     parser.add_argument("--export", default=None, help="also copy the finished runs' small files here")
+    parser.add_argument("--doc", default=None,
+                        help="also rewrite the summary and details blocks of this page (docs/NETWORKS.md)")
     args = parser.parse_args(argv)
     if args.export:
         for folder in export(Path(args.runs), Path(args.export)):
@@ -253,12 +272,18 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     archs = args.archs.split(",")
     plan = parse_seeds(args.seeds, [int(b) for b in args.bits.split(",")])
     suffixes = parse_suffixes(args.suffix, archs)
-    lines = ["## Summary: final top-1 (n, 95% interval) and paired tests, fixed / broken (exact McNemar p)", ""]
-    lines += summary_table(Path(args.runs), archs, plan, suffixes)
+    summary = summary_table(Path(args.runs), archs, plan, suffixes)
+    details = []
     for arch in archs:
         for bits, seeds in plan.items():
             if seeds:
-                lines += report(Path(args.runs), arch, bits, seeds, figures, suffixes[arch])
+                details += report(Path(args.runs), arch, bits, seeds, figures, suffixes[arch])
+    if args.doc:
+        doc = Path(args.doc)
+        doc.write_text(replace_block(replace_block(doc.read_text(), "summary", summary), "details", details))
+        print(f"rewrote the summary and details blocks of {doc}")
+    lines = ["## Summary: final top-1 (n, 95% interval) and paired tests, fixed / broken (exact McNemar p)", "",
+             *summary, *details]
     text = "\n".join(lines)
     print(text)
     return text

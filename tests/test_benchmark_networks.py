@@ -60,3 +60,28 @@ def test_qat_step_networks_smoke(load_script):
     assert len(rows) == 1 and rows[0]["activation_calls"] == 7 and rows[0]["depthwise_convs"] == 0
     assert set(rows[0]["ratio_to_float"]) == {"float", "granq", "granq_fold_bn", "tensor"}
     assert all(value > 0 for value in rows[0]["ms"].values())
+
+
+def test_doc_blocks_are_rewritten_and_kept_figures_stay_linked(tmp_path, load_script, monkeypatch):
+    report = load_script("benchmarks/networks_report.py")
+    runs = tmp_path / "runs"
+    base = runs / "resnet8_tiny_w4a4"
+    _fake_run(base / "a-tensor_w-channel_l-entropy" / "seed0", 4, [1, 1, 0, 0, 0, 0, 1, 1, 0, 0])
+    _fake_run(base / "a-granq_w-channel_l-entropy" / "seed0", 7, [1, 1, 1, 1, 1, 0, 1, 0, 1, 0])
+    # an exported run keeps no picture; the one copied by an earlier report stays linked
+    monkeypatch.setattr(report, "REPO", tmp_path)
+    figures = tmp_path / "docs" / "figures"
+    figures.mkdir(parents=True)
+    (figures / "resnet8_tiny_w4a4_seed0_activation_error.png").write_bytes(b"png")
+    doc = tmp_path / "NETWORKS.md"
+    doc.write_text("intro\n<!-- networks_report:summary:begin -->\nold\n<!-- networks_report:summary:end -->\nmiddle\n"
+                   "<!-- networks_report:details:begin -->\nold\nold\n<!-- networks_report:details:end -->\nend\n")
+    report.main(["--runs", str(runs), "--archs", "resnet8_tiny", "--bits", "4", "--seeds", "0", "--figures", str(figures),
+                 "--doc", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- networks_report:summary:begin -->\n| network |") and "old" not in text
+    assert "\nmiddle\n" in text and text.endswith("<!-- networks_report:details:end -->\nend\n")
+    assert "| tensor -> granq | 0 | 4 / 1 (p = 0.38) |" in text
+    assert "![resnet8_tiny W4A4 seed 0: activation error](figures/resnet8_tiny_w4a4_seed0_activation_error.png)" in text
+    with pytest.raises(ValueError, match="no <!-- networks_report:summary:begin -->"):
+        report.replace_block("no markers", "summary", [])
