@@ -4,7 +4,7 @@
 For each folder of a ``recipes/zsq_cifar.py --preset paper`` run, finished (``results.json``) or in
 progress (``checkpoint.pt``), one row: bits and activation ranges, epochs done of the schedule, the
 last evaluated top-1 on the test subset with its 95% Wilson interval, the gap to the teacher on the
-same images, the paper's Table 3 number, s/iter (mean over the QAT epochs run so far), wall hours
+same images, the paper's Table 3 number, s/iter (median over the QAT epochs run so far), wall hours
 and CPU hours (wall x threads), and the machines with the dates each session started on them.
 
 Each ``--short`` run (the recipe's default short schedule) is paired with the paper-schedule run
@@ -105,8 +105,12 @@ def threads(run: Dict[str, object]) -> int:
 
 
 def qat_s_per_iter(run: Dict[str, object]) -> Optional[float]:
+    """Median over the QAT epochs run so far of each epoch's s/iter (an epoch slowed by a pause or by
+    other work on the machine does not move it much)."""
+    import statistics
+
     values = [row["s_per_iter"] for row in run["history"] if row.get("phase") == "qat" and row.get("s_per_iter")]
-    return sum(values) / len(values) if values else None
+    return statistics.median(values) if values else None
 
 
 def accuracy(correct: int, n: int) -> str:
@@ -127,7 +131,7 @@ def machines_text(run: Dict[str, object]) -> str:
 
 def report(runs: Sequence[Dict[str, object]], shorts: Sequence[Dict[str, object]]) -> List[str]:
     """The markdown lines: the runs table, then the paired tests."""
-    lines = ["| run | epochs done | last top-1 (epoch) | teacher gap | paper | s/iter (QAT) | wall h | CPU h | machines |",
+    lines = ["| run | epochs done | last top-1 (epoch) | teacher gap | paper | s/iter (QAT median) | wall h | CPU h | machines |",
              "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         total = run["config"]["epochs"]
