@@ -15,7 +15,8 @@ last evaluation (its final one once finished).
     python benchmarks/paper_schedule_report.py runs/paper_w3a3 runs/paper_w4a4 \\
         --short runs/short_w3a3 docs/evidence/gamma/gamma1_seed0 --figure docs/figures/paper_schedule.png
 
-``--figure``: the accuracy curves over the epochs (teacher dashed, the paper's numbers dotted).
+``--figure``: the accuracy curves over the epochs from the pre-QAT accuracy at epoch 0 (teacher
+dashed, the paper's numbers dotted, the paired short-schedule finals dash-dotted).
 ``--export DIR``: each run's small files (config, metrics, RESUME.txt, results and the last
 per-image correctness); with ``--carry`` also ``checkpoint.pt`` of runs still in progress, so that a
 session whose disk does not survive can hand the run on (``recipes/zsq_cifar.py --resume --out``
@@ -59,6 +60,7 @@ def read_run(folder: Path) -> Dict[str, object]:
                 "dataset": results.get("run_info", {}).get("dataset", meta.get("run_info", {}).get("dataset")),
                 "epoch": results["epochs_completed"], "history": history,
                 "teacher": {"correct": results["correct"]["teacher"], "n": results["n_test"]},
+                "pre_qat": {"correct": results["correct"].get("pre_qat"), "n": results["n_test"]},
                 "last": {"correct": results["correct"]["final"], "n": results["n_test"],
                          "epoch": results["epochs_completed"], "per_image": per_image},
                 "elapsed_s": results.get("wall_time_s"), "machines": results.get("machines", [])}
@@ -71,6 +73,7 @@ def read_run(folder: Path) -> Dict[str, object]:
     return {"folder": str(folder), "finished": False, "config": checkpoint["config"],
             "dataset": checkpoint.get("run_info", {}).get("dataset"), "epoch": checkpoint["epoch"], "history": history,
             "teacher": {"correct": checkpoint["teacher"]["correct"], "n": checkpoint["teacher"]["n"]},
+            "pre_qat": {"correct": (checkpoint.get("pre_qat") or {}).get("correct"), "n": checkpoint["teacher"]["n"]},
             "last": None if last is None else {"correct": last["correct"], "n": last["n"],
                                                "epoch": evaluated[-1] if evaluated else None,
                                                "per_image": _last_per_image(checkpoint)},
@@ -170,8 +173,10 @@ def report(runs: Sequence[Dict[str, object]], shorts: Sequence[Dict[str, object]
     return lines
 
 
-def draw(runs: Sequence[Dict[str, object]], path: Path) -> None:
-    """Test top-1 over the epochs, one line per run; the teacher dashed, the paper's numbers dotted."""
+def draw(runs: Sequence[Dict[str, object]], path: Path, shorts: Sequence[Dict[str, object]] = ()) -> None:
+    """Test top-1 over the epochs, one line per run starting at its pre-QAT accuracy (epoch 0); the
+    teacher dashed, the paper's numbers dotted, the final accuracy of each short-schedule run of the
+    same settings dash-dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,11 +186,19 @@ def draw(runs: Sequence[Dict[str, object]], path: Path) -> None:
     for index, run in enumerate(runs):
         color = f"C{index}"
         points = [(row["epoch"], 100 * row["test_acc"]) for row in run["history"] if row.get("test_acc") is not None]
+        pre = run.get("pre_qat") or {}
+        if pre.get("correct") is not None:
+            points.insert(0, (0, 100 * pre["correct"] / pre["n"]))
         if points:
             ax.plot(*zip(*points), color=color, marker=".", label=label(run) + ("" if run["finished"] else " (running)"))
         paper = PAPER_TABLE3.get(key(run))
         if paper is not None:
             ax.axhline(paper, color=color, linestyle=":", linewidth=1, label=f"paper {label(run)} {paper:.2f}")
+        for short in shorts:
+            if key(short) == key(run) and short["last"]:
+                value = 100 * short["last"]["correct"] / short["last"]["n"]
+                ax.axhline(value, color=color, linestyle="-.", linewidth=1,
+                           label=f"short schedule {label(short)} {value:.2f}")
     if runs:
         teacher = runs[0]["teacher"]
         ax.axhline(100 * teacher["correct"] / teacher["n"], color="black", linestyle="--", linewidth=1,
@@ -243,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     lines = report(runs, shorts)
     print("\n".join(lines))
     if args.figure:
-        draw(runs, args.figure)
+        draw(runs, args.figure, shorts)
         print(f"figure: {args.figure}")
     if args.export:
         for target in export(args.runs, args.export, args.carry):
