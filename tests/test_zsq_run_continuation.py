@@ -10,7 +10,7 @@ from torch import nn
 from granq_ao.zsq import RunOptions, ZSQConfig, ZSQTrainer
 from granq_ao.zsq.distributed import DistributedContext
 from granq_ao.zsq import run_record
-from granq_ao.zsq.run_record import eta_seconds
+from granq_ao.zsq.run_record import eta_seconds, eta_text
 
 
 class TinyNet(nn.Module):
@@ -33,6 +33,10 @@ def test_eta_counts_each_remaining_epoch_by_its_phase_and_the_evaluations_left()
     # during the warm-up the QAT rate is not known yet: the warm-up's stands in for it
     assert eta_seconds(history[:1], config, eval_every=1) == pytest.approx(9 * 100 * 0.2)
     assert math.isnan(eta_seconds([], config, eval_every=1))
+    # ... and the log says that this is a lower bound until a QAT epoch has been timed
+    assert eta_text(history[:1], config, eval_every=1) == ">03:00 (QAT rate not measured yet)"
+    assert eta_text(history, config, eval_every=2, overhead_s=2.0) == "12:22"
+    assert eta_text(history[:2], ZSQConfig(epochs=2, iters_per_epoch=100, warmup_epochs=2), eval_every=1) == "00:00"
 
 
 def test_a_run_continued_on_another_cpu_says_so_and_records_both(tmp_path, monkeypatch):

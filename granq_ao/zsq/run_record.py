@@ -28,6 +28,7 @@ from torch import nn
 
 from granq_ao.student_protocol import StudentProtocol
 
+from .algorithm import format_duration
 from .checkpoint import atomic_torch_save, atomic_write, atomic_write_json, load_checkpoint, rng_state, set_rng_state
 from .config import ZSQConfig
 from .distributed import DistributedContext
@@ -36,7 +37,7 @@ from .machine import kernel_changes, kernel_signature, same_kernels
 from .options import RunOptions
 from .results import versions
 
-__all__ = ["RunRecord", "eta_seconds", "CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "check_resumable",
+__all__ = ["RunRecord", "eta_seconds", "eta_text", "CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "check_resumable",
            "refuse_finished_folder", "epoch_line"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -102,6 +103,19 @@ def eta_seconds(history: Sequence[Dict[str, Any]], config: ZSQConfig, eval_every
         if epoch % eval_every == 0 or epoch == config.epochs:
             total += eval_s
     return total
+
+
+def eta_text(history: Sequence[Dict[str, Any]], config: ZSQConfig, eval_every: int, overhead_s: float = 0.0) -> str:
+    """:func:`eta_seconds` as the log shows it. While the QAT epochs still to come have no measured
+    rate (during the warm-up) the warm-up's stands in for it, and a QAT iteration (generator and
+    student steps) costs more than a warm-up one (generator only): the ETA is then a lower bound,
+    shown as ``>HH:MM:SS (QAT rate not measured yet)``."""
+    text = format_duration(eta_seconds(history, config, eval_every, overhead_s))
+    done = history[-1]["epoch"] if history else 0
+    qat_left = config.epochs > max(done, config.warmup_epochs)
+    if history and qat_left and not any(row["phase"] == "qat" for row in history):
+        return f">{text} (QAT rate not measured yet)"
+    return text
 
 
 def epoch_line(config: ZSQConfig, row: Dict[str, Any], test: Optional[Dict[str, Any]], eta: str) -> str:

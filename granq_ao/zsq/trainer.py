@@ -32,7 +32,7 @@ from .preflight import check_activation_quantizers, check_teacher_batchnorm
 from .options import RunOptions
 from .results import run_results
 from .run_record import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, RESUMABLE_CHANGES, RunRecord, epoch_line,
-                         eta_seconds, refuse_finished_folder)
+                         eta_text, refuse_finished_folder)
 from .student import student_protocol
 
 __all__ = ["ZSQConfig", "RunOptions", "DistributedContext", "ZSQTrainer", "lr_at_epoch", "seed_for", "CHECKPOINT_NAME",
@@ -255,5 +255,4 @@ class ZSQTrainer:
         self.record.end_epoch(row, test, evaluate_now, self.algorithm.state_dict)
         self.record.draw_epoch(self.generator, self.student, self.protocol)
         overhead = time.time() - start - stats.train_time_s - (row["eval_time_s"] or 0.0)  # files, pictures
-        eta = eta_seconds(self.state["history"], cfg, self.options.eval_every, overhead)
-        self.log(epoch_line(cfg, row, test, format_duration(eta)))
+        self.log(epoch_line(cfg, row, test, eta_text(self.state["history"], cfg, self.options.eval_every, overhead)))
