@@ -160,10 +160,14 @@ def read_run(folder: Path) -> Optional[Dict[str, object]]:
     if checkpoint.is_file():
         from granq_ao.zsq.checkpoint import load_checkpoint
 
-        last = load_checkpoint(checkpoint).get("last")
-        if last is not None and "per_image" in last:
-            row["per_image"] = [int(v) for v in last["per_image"].tolist()]
+        row["per_image"] = final_per_image(load_checkpoint(checkpoint))
     return row
+
+
+def final_per_image(checkpoint: Dict[str, object]) -> Optional[List[int]]:
+    """The last evaluation's per-image correctness (1 = right) held in a run's checkpoint, or None."""
+    last = checkpoint.get("last") or {}
+    return [int(v) for v in last["per_image"].tolist()] if "per_image" in last else None
 
 
 def paired(a: Sequence[int], b: Sequence[int]) -> Dict[str, object]:

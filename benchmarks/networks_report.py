@@ -63,9 +63,9 @@ def _read_finished(folder: Path) -> Dict[str, object]:
     elif (folder / "checkpoint.pt").is_file():
         from granq_ao.zsq.checkpoint import load_checkpoint
 
-        last = load_checkpoint(folder / "checkpoint.pt").get("last") or {}
-        if "per_image" in last:
-            per_image = [int(v) for v in last["per_image"].tolist()]
+        from benchmarks.ablation import final_per_image
+
+        per_image = final_per_image(load_checkpoint(folder / "checkpoint.pt"))
     return {"results": results, "per_image": per_image}
 
 

@@ -87,8 +87,9 @@ def _checkpoint(folder: Path) -> Dict[str, object]:
 
 
 def _last_per_image(checkpoint: Dict[str, object]) -> Optional[List[int]]:
-    last = checkpoint.get("last") or {}
-    return [int(v) for v in last["per_image"].tolist()] if "per_image" in last else None
+    from benchmarks.ablation import final_per_image
+
+    return final_per_image(checkpoint)
 
 
 def key(run: Dict[str, object]) -> tuple:
