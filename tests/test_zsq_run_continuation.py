@@ -101,3 +101,63 @@ def test_the_recipe_prints_and_writes_the_command_that_continues_it(tmp_path, ca
     threads = f"OMP_NUM_THREADS={torch.get_num_threads()} "  # resumed with the run's thread count
     assert f"resume   : {threads}" in line and f"    {threads}" in note
     assert note.count("--resume") == 1
+
+
+def test_one_slow_epoch_barely_moves_the_eta():
+    """The rate is the median of the phase's last 5 epochs: an epoch slowed by other work on the
+    machine (here 3x) does not triple what is left; the evaluation time is a median too."""
+    config = ZSQConfig(epochs=10, iters_per_epoch=100, warmup_epochs=0)
+    history = [{"epoch": e, "phase": "qat", "s_per_iter": rate, "eval_time_s": evaluation}
+               for e, (rate, evaluation) in enumerate([(1.0, 5.0), (1.0, 5.0), (3.0, 30.0), (1.0, 5.0), (1.0, None)], 1)]
+    assert eta_seconds(history, config, eval_every=1) == pytest.approx(5 * 100 * 1.0 + 5 * 5.0)
+
+
+def test_a_resumed_run_keeps_its_saved_run_options_and_says_when_they_change(tmp_path):
+    config = ZSQConfig(epochs=3, iters_per_epoch=1, batch_size=4, warmup_epochs=0, eval_batch_size=8, seed=0)
+    torch.manual_seed(0)
+    teacher = TinyNet().eval()
+    quiet = dict(num_classes=3, image_size=8, tensorboard=False, progress=False, fused="eager", pictures=False)
+    first = ZSQTrainer(config, teacher, tmp_path / "run", eval_every=2, log=lambda m: None, **quiet)
+    assert first.run(stop_after_epochs=1) is None
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["options"] == {"eval_every": 2, "fused": "eager", "tensorboard": False, "pictures": False,
+                                     "amp": False, "channels_last": False}
+    import json
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["options"]["eval_every"] == 2
+    # another evaluation cadence: allowed, noted
+    lines = []
+    ZSQTrainer(config, teacher, tmp_path / "run", resume=True, eval_every=1, log=lines.append, **quiet)
+    notes = [line for line in lines if "other run options" in line]
+    assert len(notes) == 1 and "eval_every 2 -> 1" in notes[0]
+    # amp changes what is computed: a checkpoint written with it cannot continue without it
+    checkpoint["options"]["amp"] = True
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="amp: checkpoint True != now False"):
+        ZSQTrainer(config, teacher, tmp_path / "run", resume=True, eval_every=2, log=lambda m: None, **quiet)
+
+
+def test_the_recipe_resumes_with_the_run_options_it_started_with(tmp_path, capsys, load_script, monkeypatch):
+    """``--resume --out DIR`` alone (the printed command) keeps --eval-every, --no-pictures and
+    --no-tensorboard of the run; a flag given again changes them; --amp cannot change."""
+    import json
+
+    from granq_ao.zsq.data import shared_data_dir
+
+    if not (shared_data_dir() / "weights" / "resnet20_cifar10.pth").is_file():
+        pytest.skip("offline teacher not available")
+    monkeypatch.setenv("GRANQ_FUSED", "eager")
+    recipe = load_script("recipes/zsq_cifar.py")
+    out = tmp_path / "run"
+    common = ["--iters", "1", "--batch-size", "4", "--warmup-epochs", "0", "--eval-batch-size", "512"]
+    assert recipe.main(["--epochs", "1", *common, "--eval-every", "3", "--no-tensorboard", "--no-pictures",
+                        "--out", str(out)]) == 0
+    assert recipe.main(["--resume", "--epochs", "3", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows if row.get("test_acc") is not None] == [1, 3]  # 1 and 3 = last epochs
+    assert not (out / "tb").exists() and not (out / "accuracy.png").exists()
+    assert "other run options" not in capsys.readouterr().out
+    assert recipe.main(["--resume", "--epochs", "4", "--eval-every", "1", "--out", str(out)]) == 0
+    assert "eval_every 3 -> 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(["--resume", "--epochs", "5", "--amp", "--out", str(out)])
+    assert exit_info.value.code == 2 and "amp=False" in capsys.readouterr().err

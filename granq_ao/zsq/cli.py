@@ -166,15 +166,17 @@ def build_parser(description: str, presets: Dict[str, str]) -> argparse.Argument
         help="fake-quant path: compiled = torch.compile'd, eager = plain ops (same numbers), auto = compiled "
              "where torch.compile works. Default: compiled on CUDA, eager on CPU (compiling costs more than it "
              "saves for a short run on CPU)")
-    add("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
-    add("--eval-every", type=positive_int, default=1,
-        help="evaluate the student after every N-th epoch and the last (evaluation on a large set costs)")
-    add("--no-pictures", action="store_true",
+    # Run options (not the config): default None = "1 / off", or the checkpoint's with --resume.
+    add("--no-tensorboard", action="store_true", default=None, help="do not write TensorBoard logs")
+    add("--eval-every", type=positive_int, default=None,
+        help="evaluate the student after every N-th epoch and the last (evaluation on a large set costs; default 1)")
+    add("--no-pictures", action="store_true", default=None,
         help="do not draw the pictures (accuracy per epoch, generated images, activation errors: PNG + TensorBoard)")
-    add("--amp", action="store_true",
+    add("--amp", action="store_true", default=None,
         help="CUDA: bfloat16 autocast for the training forward passes (fake-quant math and evaluation stay "
              "float32); ignored on CPU")
-    add("--channels-last", action="store_true", help="CUDA: NHWC memory format for the networks; ignored on CPU")
+    add("--channels-last", action="store_true", default=None,
+        help="CUDA: NHWC memory format for the networks; ignored on CPU")
     return parser
 
 
@@ -217,6 +219,31 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
                          f">= {done} (or leave it out)")
         return ZSQConfig.from_dict({**saved, **explicit})
     return ZSQConfig(**{**preset_values(args), **explicit})
+
+
+# Run-option flags: (RunOptions field, flag, the option's value from the flag's).
+OPTION_FLAGS = (("eval_every", "eval_every", lambda value: value), ("fused", "fused", lambda value: value),
+                ("tensorboard", "no_tensorboard", lambda value: not value),
+                ("pictures", "no_pictures", lambda value: not value),
+                ("amp", "amp", bool), ("channels_last", "channels_last", bool))
+
+
+def resolve_options(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                    context: DistributedContext) -> RunOptions:
+    """The run options: the flags given; with ``--resume``, the checkpoint's saved options for
+    those not given (``--amp`` may not change); else the defaults (evaluation every epoch, files
+    and pictures on, fake-quant path compiled on CUDA and eager on CPU)."""
+    defaults = {"eval_every": 1, "fused": "compiled" if context.device.type == "cuda" else "eager",
+                "tensorboard": True, "pictures": True, "amp": False, "channels_last": False}
+    saved = dict(_checkpoint_of(args, parser).get("options") or {}) if args.resume else {}
+    values = {}
+    for name, flag, from_flag in OPTION_FLAGS:
+        given = getattr(args, flag)
+        values[name] = from_flag(given) if given is not None else saved.get(name, defaults[name])
+    if saved and "amp" in saved and bool(saved["amp"]) != bool(values["amp"]):
+        parser.error(f"--resume continues the run as it was configured; it ran with amp={saved['amp']!r} "
+                     "(bfloat16 autocast changes what is computed)")
+    return RunOptions(seed_rng=False, **values)
 
 
 def _normalized(value):
@@ -372,10 +399,7 @@ def _build_trainer(parser, args, config, context, out, build_task, task_errors) 
         # Seed before the teacher is built: its construction is part of the seeded stream.
         seed_everything(config.seed)
         task = build_task(args, config, context)
-        fused = args.fused or ("compiled" if context.device.type == "cuda" else "eager")
-        options = RunOptions(tensorboard=not args.no_tensorboard, fused=fused, seed_rng=False,
-                             pictures=not args.no_pictures, amp=args.amp, channels_last=args.channels_last,
-                             eval_every=args.eval_every)
+        options = resolve_options(args, parser, context)
         return ZSQTrainer(config, task.teacher, out, num_classes=task.num_classes, image_size=task.image_size,
                           eval_data=task.eval_data, normalize=task.normalize, generator=task.generator,
                           run_info=task.run_info, context=context, resume=args.resume, options=options)
@@ -428,8 +452,9 @@ def write_resume_note(out: Path, world_size: int = 1, script: Optional[os.PathLi
     atomic_write(Path(out) / RESUME_NOTE, lambda handle: handle.write(
         "Continue this run after an interruption (a killed process, a restarted machine):\n\n"
         f"    {command}\n\n"
-        "It restarts after the last completed epoch (checkpoint.pt). The flags of the run are in the checkpoint;\n"
-        "only --epochs may be raised. On another machine, copy this folder and keep the teacher and data in\n"
+        "It restarts after the last completed epoch (checkpoint.pt). The flags of the run are in the checkpoint\n"
+        "(also --eval-every, --fused, --no-pictures, --no-tensorboard, --amp, --channels-last): only --epochs may\n"
+        "be raised, and the run options (not --amp) may be given again to change them. On another machine, copy this folder and keep the teacher and data in\n"
         "../shared/data (or GRANQ_DATA_DIR). On the same CPU model, kernels and thread count (OMP_NUM_THREADS\n"
         "above) the result is bit-identical to an uninterrupted run; elsewhere the run continues correctly but\n"
         "rounds differently from then on (results.json lists the machines under 'machines').\n"), mode="w")

@@ -1,15 +1,19 @@
 """Run-time options of a zero-shot run: how it runs, not what it computes.
 
-None of them is saved in the run's config or checked on resume; a resumed run may change them.
+None of them is part of the run's config (:class:`~granq_ao.zsq.config.ZSQConfig`). Those a run
+is made of (:attr:`RunOptions.SAVED`: evaluation cadence, fake-quant path, files, CUDA autocast and
+memory format) are saved with its checkpoint, so that ``--resume`` continues with them unless told
+otherwise; only ``amp`` may not change on resume (it changes what the training computes, not just
+its rounding).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["RunOptions"]
+__all__ = ["RunOptions", "options_changes"]
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,21 @@ class RunOptions:
     channels_last: bool = False
     eval_every: int = 1
 
+    # The options saved with a run's checkpoint and restored by ``--resume`` (module docstring).
+    SAVED = ("eval_every", "fused", "tensorboard", "pictures", "amp", "channels_last")
+    # Saved options a resumed run must keep: they change what is computed, not only its rounding.
+    FIXED_ON_RESUME = ("amp",)
+
     def __post_init__(self) -> None:
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
             raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}")
+
+    def saved(self) -> Dict[str, Any]:
+        """The :attr:`SAVED` options as plain data (a ``fused`` that is not a mode name is left out)."""
+        values = {name: getattr(self, name) for name in self.SAVED}
+        if not isinstance(values["fused"], str):
+            del values["fused"]
+        return values
 
     def cuda_only_ignored(self, device: torch.device) -> List[str]:
         """The CUDA-only options asked for that ``device`` ignores."""
@@ -59,3 +75,11 @@ class RunOptions:
         on_cuda = device.type == "cuda"
         return RunOptions(**{**self.__dict__, "amp": bool(self.amp) and on_cuda,
                              "channels_last": bool(self.channels_last) and on_cuda})
+
+
+def options_changes(saved: Dict[str, Any], now: RunOptions) -> Dict[str, tuple]:
+    """``{name: (saved value, value now)}`` for the saved options (:meth:`RunOptions.saved` of the
+    run that wrote a checkpoint) that differ now; options the checkpoint lacks are not compared."""
+    current = now.saved()
+    return {name: (saved[name], current[name]) for name in RunOptions.SAVED
+            if name in saved and name in current and saved[name] != current[name]}

@@ -6,8 +6,9 @@ output folder, as:
 
 * ``config.json`` (config, run_info, world size, device, versions) at each start;
 * ``checkpoint.pt`` after every epoch (atomic): the algorithm's weights and optimizers, the RNG
-  state and ``state``; a resumed run must bring the same config (``epochs`` may grow), the same
-  non-descriptive ``run_info`` and the same number of processes;
+  state, ``state`` and the saved run options (:meth:`RunOptions.saved`); a resumed run must bring
+  the same config (``epochs`` may grow), the same non-descriptive ``run_info``, the same number of
+  processes and the same ``amp``; another evaluation cadence or fake-quant path is noted in the log;
 * ``metrics.jsonl`` (one JSON line per epoch, rewritten from ``state``), ``tb/`` (TensorBoard);
 * ``student_final.pt`` and ``results.json`` at the end, and the pictures
   (:class:`~granq_ao.zsq.pictures.RunPictures`).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -34,7 +36,7 @@ from .config import ZSQConfig
 from .distributed import DistributedContext
 from .evaluation import format_accuracy
 from .machine import kernel_changes, kernel_signature, same_kernels
-from .options import RunOptions
+from .options import RunOptions, options_changes
 from .results import versions
 
 __all__ = ["RunRecord", "eta_seconds", "eta_text", "CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "check_resumable",
@@ -83,19 +85,20 @@ def check_resumable(checkpoint: Dict[str, Any], config: ZSQConfig, run_info: Dic
 def eta_seconds(history: Sequence[Dict[str, Any]], config: ZSQConfig, eval_every: int, overhead_s: float = 0.0
                 ) -> float:
     """Seconds left after the last epoch of ``history``: for each remaining epoch,
-    ``iters_per_epoch x s/iter`` of its phase (mean of that phase's last 3 epochs; the other
-    phase's while a phase has none yet) + ``overhead_s`` (files, pictures), plus the last measured
-    evaluation time for each remaining epoch that evaluates (every ``eval_every``-th and the last)."""
+    ``iters_per_epoch x s/iter`` of its phase (median of that phase's last 5 epochs, so that one
+    epoch slowed by other work barely moves it; the other phase's while a phase has none yet) +
+    ``overhead_s`` (files, pictures), plus the median of the last 3 measured evaluation times for
+    each remaining epoch that evaluates (every ``eval_every``-th and the last)."""
     done = history[-1]["epoch"] if history else 0
     rates: Dict[str, float] = {}
     for phase in ("warmup", "qat"):
-        recent = [row["s_per_iter"] for row in history if row["phase"] == phase][-3:]
+        recent = [row["s_per_iter"] for row in history if row["phase"] == phase][-5:]
         if recent:
-            rates[phase] = sum(recent) / len(recent)
+            rates[phase] = statistics.median(recent)
     if not rates:
         return float("nan")
-    evaluations = [row["eval_time_s"] for row in history if row.get("eval_time_s") is not None]
-    eval_s = evaluations[-1] if evaluations else 0.0
+    evaluations = [row["eval_time_s"] for row in history if row.get("eval_time_s") is not None][-3:]
+    eval_s = statistics.median(evaluations) if evaluations else 0.0
     total = 0.0
     for epoch in range(done + 1, config.epochs + 1):  # 1-based
         phase = "warmup" if epoch <= config.warmup_epochs else "qat"
@@ -153,6 +156,20 @@ class RunRecord:
             raise FileNotFoundError(f"nothing to resume: {path} does not exist")
         self.checkpoint = load_checkpoint(path)
         check_resumable(self.checkpoint, config, run_info, context.world_size)
+        self._check_options(self.checkpoint.get("options"))
+
+    def _check_options(self, saved: Optional[Dict[str, Any]]) -> None:
+        """Resume: ``ValueError`` when an option fixed on resume (``amp``) differs from the
+        checkpoint's; a note for the others that differ (nothing for a checkpoint without options)."""
+        changes = options_changes(saved or {}, self.options)
+        fixed = {name: change for name, change in changes.items() if name in RunOptions.FIXED_ON_RESUME}
+        if fixed:
+            raise ValueError("cannot resume with other options: " + "; ".join(
+                f"{name}: checkpoint {old!r} != now {new!r}" for name, (old, new) in fixed.items()))
+        if changes:
+            self.log("note     : resumed with other run options than the checkpoint's ("
+                     + ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items())
+                     + "); the training computes the same")
 
     @property
     def writes_files(self) -> bool:
@@ -184,7 +201,8 @@ class RunRecord:
         if not self.writes_files:
             return
         checkpoint = {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "run_info": self.run_info,
-                      "world_size": self.ctx.world_size, **algorithm_state, "rng": rng_state(), **self.state}
+                      "world_size": self.ctx.world_size, "options": self.options.saved(), **algorithm_state,
+                      "rng": rng_state(), **self.state}
         atomic_torch_save(checkpoint, self.out_dir / CHECKPOINT_NAME)
 
     # ------------------------------------------------------------------ the run's files
@@ -195,7 +213,8 @@ class RunRecord:
         if self.writes_files:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json({"config": self.config.to_dict(), "run_info": self.run_info,
-                               "world_size": self.ctx.world_size, "device": str(device), "versions": versions()},
+                               "options": self.options.saved(), "world_size": self.ctx.world_size,
+                               "device": str(device), "versions": versions()},
                               self.out_dir / "config.json")
 
     def note_machine(self) -> None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -109,6 +110,7 @@ class ZSQTrainer:
                          **(run_info or {})}
         local_batch_size(self.config, self.ctx.world_size)
         self.record = RunRecord(self.config, self.run_info, out_dir, self.ctx, self.options, resume)
+        self._overheads: List[float] = []  # seconds per epoch beyond training and evaluation (the ETA's)
         self.out_dir = self.record.out_dir
         if self.options.seed_rng:
             seed_everything(self.config.seed)
@@ -254,5 +256,8 @@ class ZSQTrainer:
                         "test_ci95_low": test["ci95"][0], "test_ci95_high": test["ci95"][1]})
         self.record.end_epoch(row, test, evaluate_now, self.algorithm.state_dict)
         self.record.draw_epoch(self.generator, self.student, self.protocol)
-        overhead = time.time() - start - stats.train_time_s - (row["eval_time_s"] or 0.0)  # files, pictures
+        # Files and pictures: the median of this process's last 5 epochs (the first epoch after a
+        # start also pays one-off costs, e.g. the plotting library's import).
+        self._overheads.append(time.time() - start - stats.train_time_s - (row["eval_time_s"] or 0.0))
+        overhead = statistics.median(self._overheads[-5:])
         self.log(epoch_line(cfg, row, test, eta_text(self.state["history"], cfg, self.options.eval_every, overhead)))
