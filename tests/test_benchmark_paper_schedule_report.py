@@ -55,7 +55,7 @@ def test_running_run_is_reported_paired_with_the_short_run_and_carried(tmp_path,
                          "--export", str(tmp_path / "kept"), "--carry"])
     text = "\n".join(lines)
     # 8 of 10 at epoch 10 (the last evaluation), teacher 9 of 10: gap -10 points; paper W3A3 91.37 vs FP 93.89
-    assert ("| W3A3 granq | 12 / 200 (running) | 80.00 [49.0, 94.3] (10) | -10.00 | 91.37 (gap -2.52) | 0.300 | "
+    assert ("| W3A3 granq | 12 / 200 (running) | 80.00 [49.0, 94.3] (10) | -10.00 | 80.00 (10) | 91.37 (gap -2.52) | 0.300 | "
             "1.00 | 1.00 | AMD EPYC (AVX512, 1 thread) from epoch 0, 2026-12-03 08:40 |") in text
     # short -> paper: wrong then right at images 2, 3, 4, 8 (4 fixed); right then wrong at 7 (1 broken)
     assert "| W3A3 granq: short 50.00 [23.7, 76.3] -> epoch 10 | 4 / 1 (p = 0.38) |" in text
@@ -87,3 +87,10 @@ def test_folder_without_a_run_is_one_line_exit_2(tmp_path, load_script, capsys):
         report.main([str(tmp_path)])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path} holds no run (neither results.json nor checkpoint.pt)"
+
+
+def test_best_on_test_is_the_earliest_maximum_and_absent_without_evaluations(load_script):
+    report = load_script("benchmarks/paper_schedule_report.py")
+    history = [{"epoch": 5, "test_acc": 0.9}, {"epoch": 7}, {"epoch": 10, "test_acc": 0.8}, {"epoch": 15, "test_acc": 0.9}]
+    assert report.best_on_test({"history": history}) == (0.9, 5)
+    assert report.best_on_test({"history": [{"epoch": 1}]}) is None
