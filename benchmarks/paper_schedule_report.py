@@ -127,13 +127,12 @@ def qat_s_per_iter(run: Dict[str, object]) -> Optional[float]:
 
 
 def best_on_test(run: Dict[str, object]) -> Optional[tuple]:
-    """``(top-1, epoch)`` of the best evaluated epoch (the earliest of ties): chosen on the test
-    images themselves, as the official code's "best" is; not a held-out estimate."""
-    evaluated = [(row["test_acc"], -row["epoch"]) for row in run["history"] if row.get("test_acc") is not None]
-    if not evaluated:
-        return None
-    acc, negative_epoch = max(evaluated)
-    return acc, -negative_epoch
+    """``(top-1, epoch)`` of the best evaluated epoch (:func:`granq_ao.zsq.results.best_on_test`:
+    picked on the test images themselves, as the official code's "best" is)."""
+    from granq_ao.zsq.results import best_on_test as best_of
+
+    best = best_of(run["history"])
+    return None if best is None else (best["acc"], best["epoch"])
 
 
 def accuracy(correct: int, n: int) -> str:
@@ -240,7 +239,8 @@ def draw(runs: Sequence[Dict[str, object]], path: Path, shorts: Sequence[Dict[st
     games.set_ylabel("on generated images (%)")
     games.set_title("the generator's images, mean over each epoch's batches", fontsize=9)
     games.grid(alpha=0.3)
-    games.legend(fontsize=7, loc="lower right")
+    if games.get_legend_handles_labels()[0]:
+        games.legend(fontsize=7, loc="lower right")
     ax.set_ylabel("top-1 on the test subset (%)")
     ax.set_title("ResNet-20 CIFAR-10, the paper's schedule on a CPU")
     ax.grid(alpha=0.3)

@@ -11,7 +11,7 @@ import torch
 from .config import ZSQConfig
 from .evaluation import mcnemar_exact_p
 
-__all__ = ["versions", "run_results"]
+__all__ = ["versions", "run_results", "best_on_test"]
 
 
 def versions() -> Dict[str, str]:
@@ -60,7 +60,7 @@ def run_results(state: Dict[str, Any], config: ZSQConfig, run_info: Dict[str, An
     if state.get("teacher") is None:
         return results
     results.update(_accuracies(state["teacher"], state["pre_qat"], state["last"]))
-    best = _best_on_test(history)
+    best = best_on_test(history)
     if best is not None:
         results["best_on_test"] = best
     return results
@@ -83,7 +83,9 @@ def _accuracies(teacher: Dict[str, Any], pre_qat: Dict[str, Any], final: Dict[st
     }
 
 
-def _best_on_test(history: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+def best_on_test(history: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The evaluated epoch of highest test accuracy (the earliest of ties), labelled for what it is:
+    picked on the test images (the official code's "best"), not a held-out estimate."""
     evaluated = [row for row in history if "test_acc" in row]
     if not evaluated:
         return None
