@@ -135,6 +135,36 @@ def best_on_test(run: Dict[str, object]) -> Optional[tuple]:
     return None if best is None else (best["acc"], best["epoch"])
 
 
+def eta_check(run: Dict[str, object]) -> Optional[Dict[str, object]]:
+    """Was the log's ETA right? Over the last uninterrupted stretch of QAT epochs whose metrics rows
+    carry ``time`` and ``eta_s`` (consecutive epochs, no gap longer than twice the epoch's training
+    and evaluation plus 2 minutes): the ETA after its first epoch minus the ETA after its last one
+    (for a finished run: the whole time it predicted) against the wall time that passed between
+    them. ``None`` when no such stretch of 2 epochs or more exists."""
+    from datetime import datetime
+
+    rows = [row for row in run["history"] if row.get("time") and row.get("eta_s") is not None and row["phase"] == "qat"]
+    if len(rows) < 2:
+        return None
+
+    def moment(row):
+        return datetime.strptime(row["time"], "%Y-%m-%dT%H:%M:%SZ").timestamp()
+
+    first = len(rows) - 1
+    while first > 0:
+        before, after = rows[first - 1], rows[first]
+        limit = 2 * (after["train_time_s"] + (after.get("eval_time_s") or 0.0)) + 120
+        if after["epoch"] != before["epoch"] + 1 or moment(after) - moment(before) > limit:
+            break
+        first -= 1
+    start, end = rows[first], rows[-1]
+    if start is end:
+        return None
+    predicted, actual = start["eta_s"] - end["eta_s"], moment(end) - moment(start)
+    return {"from_epoch": start["epoch"], "to_epoch": end["epoch"], "from_time": start["time"], "predicted_s": predicted,
+            "actual_s": actual, "error": predicted / actual - 1}
+
+
 def accuracy(correct: int, n: int) -> str:
     from granq_ao.zsq.evaluation import wilson_interval
 
@@ -176,8 +206,17 @@ def report(runs: Sequence[Dict[str, object]], shorts: Sequence[Dict[str, object]
                      f"{'-' if speed is None else f'{speed:.3f}'} | {wall:.2f} | {wall * threads(run):.2f} | "
                      f"{machines_text(run)} |")
     lines += ["", "*the best of the evaluated epochs, picked on the test images themselves (what the official "
-              "code reports as its best accuracy): an optimistic selection, not a held-out estimate.",
-              "", "| pair (same images) | short -> paper schedule: fixed / broken (p) |", "|---|---|"]
+              "code reports as its best accuracy): an optimistic selection, not a held-out estimate."]
+    checks = [(run, eta_check(run)) for run in runs]
+    if any(check for _, check in checks):
+        lines += ["", "| ETA check | after epoch (UTC) | to epoch | ETA then minus ETA there | wall time it took | error |",
+                  "|---|---|---|---|---|---|"]
+        for run, check in checks:
+            if check is not None:
+                lines.append(f"| {label(run)} | {check['from_epoch']} ({check['from_time'][:16].replace('T', ' ')}) | "
+                             f"{check['to_epoch']} | {check['predicted_s'] / 3600:.2f} h | {check['actual_s'] / 3600:.2f} h "
+                             f"| {100 * check['error']:+.1f}% |")
+    lines += ["", "| pair (same images) | short -> paper schedule: fixed / broken (p) |", "|---|---|"]
     from benchmarks.ablation import paired
 
     by_key = {key(run): run for run in runs}

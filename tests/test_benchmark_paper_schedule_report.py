@@ -94,3 +94,21 @@ def test_best_on_test_is_the_earliest_maximum_and_absent_without_evaluations(loa
     history = [{"epoch": 5, "test_acc": 0.9}, {"epoch": 7}, {"epoch": 10, "test_acc": 0.8}, {"epoch": 15, "test_acc": 0.9}]
     assert report.best_on_test({"history": history}) == (0.9, 5)
     assert report.best_on_test({"history": [{"epoch": 1}]}) is None
+
+
+def test_eta_check_compares_the_logged_eta_with_the_wall_time_of_the_last_uninterrupted_stretch(load_script):
+    report = load_script("benchmarks/paper_schedule_report.py")
+
+    def row(epoch, minute, eta_minutes):
+        return {"epoch": epoch, "phase": "qat", "train_time_s": 60.0, "eval_time_s": None,
+                "time": f"2026-12-03T10:{minute:02d}:00Z", "eta_s": 60.0 * eta_minutes}
+
+    # epochs 5-6 before a 20-minute pause, then 7-10 a minute apart; the ETA said 4 minutes after
+    # epoch 7 and 0 at the end (3 epochs, 3 minutes): a third too high
+    history = [row(5, 0, 10), row(6, 1, 9), row(7, 21, 4), row(8, 22, 3), row(9, 23, 1), row(10, 24, 0)]
+    check = report.eta_check({"history": history})
+    assert (check["from_epoch"], check["to_epoch"]) == (7, 10)
+    assert check["predicted_s"] == 240.0 and check["actual_s"] == 180.0
+    assert check["error"] == pytest.approx(1 / 3)
+    # rows from before the rows carried a time (older runs): nothing to check
+    assert report.eta_check({"history": [{"epoch": 1, "phase": "qat", "s_per_iter": 0.3}]}) is None

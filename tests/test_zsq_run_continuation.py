@@ -1,6 +1,7 @@
 """Continuing a run: the resume command printed and written into the run folder, the machines a
 run went through (another CPU model is said, not refused), and an ETA that counts what is left."""
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,10 @@ def test_a_resumed_run_keeps_its_saved_run_options_and_says_when_they_change(tmp
     quiet = dict(num_classes=3, image_size=8, tensorboard=False, progress=False, fused="eager", pictures=False)
     first = ZSQTrainer(config, teacher, tmp_path / "run", eval_every=2, log=lambda m: None, **quiet)
     assert first.run(stop_after_epochs=1) is None
+    # each metrics row says when its epoch was done and the ETA the log printed then
+    row = first.state["history"][0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["time"])
+    assert row["eta_s"] == pytest.approx(2 * row["s_per_iter"])  # 2 epochs of 1 iteration, no evaluation left timed
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert checkpoint["options"] == {"eval_every": 2, "fused": "eager", "tensorboard": False, "pictures": False,
                                      "amp": False, "channels_last": False}

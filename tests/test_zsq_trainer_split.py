@@ -76,8 +76,8 @@ def test_a_resumed_run_ends_bit_identical_to_the_straight_run(tmp_path):
     rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
             for name in ("straight", "split")}
     for row_a, row_b in zip(rows["straight"], rows["split"]):
-        assert {k: v for k, v in row_a.items() if "time" not in k and "per_iter" not in k} == \
-               {k: v for k, v in row_b.items() if "time" not in k and "per_iter" not in k}
+        assert {k: v for k, v in row_a.items() if "time" not in k and "per_iter" not in k and k != "eta_s"} == \
+               {k: v for k, v in row_b.items() if "time" not in k and "per_iter" not in k and k != "eta_s"}
     errors = {name: json.loads((tmp_path / name / "activation_error.json").read_text()) for name in rows}
     assert errors["straight"] == errors["split"] and len(errors["straight"]["after_qat"]["layers"]) == 2
     # a resumed run is a different computation: the check above can fail (a third epoch changes the weights)

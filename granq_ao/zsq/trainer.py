@@ -15,6 +15,7 @@ atomically; the reported accuracy is the final epoch's. Only process 0 writes fi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import statistics
 import time
@@ -33,7 +34,7 @@ from .preflight import check_activation_quantizers, check_teacher_batchnorm
 from .options import RunOptions
 from .results import run_results
 from .run_record import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, RESUMABLE_CHANGES, RunRecord, epoch_line,
-                         eta_text, refuse_finished_folder)
+                         eta_seconds, eta_text, refuse_finished_folder)
 from .student import student_protocol
 
 __all__ = ["ZSQConfig", "RunOptions", "DistributedContext", "ZSQTrainer", "lr_at_epoch", "seed_for", "CHECKPOINT_NAME",
@@ -254,10 +255,13 @@ class ZSQTrainer:
         if test is not None:
             row.update({"test_acc": test["acc"], "test_correct": test["correct"], "n_test": test["n"],
                         "test_ci95_low": test["ci95"][0], "test_ci95_high": test["ci95"][1]})
+        # Files and pictures per epoch: the median of this process's last 5 epochs (the first epoch
+        # after a start also pays one-off costs, e.g. the plotting library's import; none yet: 0).
+        overhead = statistics.median(self._overheads[-5:]) if self._overheads else 0.0
+        eta = eta_seconds(self.state["history"] + [row], cfg, self.options.eval_every, overhead)
+        row.update({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # when the epoch was done
+                    "eta_s": None if math.isnan(eta) else eta})  # what the log says is left
         self.record.end_epoch(row, test, evaluate_now, self.algorithm.state_dict)
         self.record.draw_epoch(self.generator, self.student, self.protocol)
-        # Files and pictures: the median of this process's last 5 epochs (the first epoch after a
-        # start also pays one-off costs, e.g. the plotting library's import).
         self._overheads.append(time.time() - start - stats.train_time_s - (row["eval_time_s"] or 0.0))
-        overhead = statistics.median(self._overheads[-5:])
         self.log(epoch_line(cfg, row, test, eta_text(self.state["history"], cfg, self.options.eval_every, overhead)))
