@@ -134,6 +134,13 @@ def test_a_resumed_run_keeps_its_saved_run_options_and_says_when_they_change(tmp
     ZSQTrainer(config, teacher, tmp_path / "run", resume=True, eval_every=1, log=lines.append, **quiet)
     notes = [line for line in lines if "other run options" in line]
     assert len(notes) == 1 and "eval_every 2 -> 1" in notes[0]
+    # a checkpoint from before the options were saved: the ones given now, said
+    del checkpoint["options"]
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")
+    lines = []
+    ZSQTrainer(config, teacher, tmp_path / "run", resume=True, eval_every=5, log=lines.append, **quiet)
+    assert any("holds no run options" in line and "eval_every 5" in line for line in lines)
+    checkpoint["options"] = {"eval_every": 2, "amp": False}
     # amp changes what is computed: a checkpoint written with it cannot continue without it
     checkpoint["options"]["amp"] = True
     torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")

@@ -160,8 +160,14 @@ class RunRecord:
 
     def _check_options(self, saved: Optional[Dict[str, Any]]) -> None:
         """Resume: ``ValueError`` when an option fixed on resume (``amp``) differs from the
-        checkpoint's; a note for the others that differ (nothing for a checkpoint without options)."""
-        changes = options_changes(saved or {}, self.options)
+        checkpoint's; a note for the others that differ, or that a checkpoint written before options were
+        saved holds none (the ones given now apply)."""
+        if saved is None:
+            self.log("note     : the checkpoint holds no run options (written before they were saved): this run "
+                     f"continues with the ones given now (eval_every {self.options.eval_every}, pictures "
+                     f"{self.options.pictures}, tensorboard {self.options.tensorboard})")
+            return
+        changes = options_changes(saved, self.options)
         fixed = {name: change for name, change in changes.items() if name in RunOptions.FIXED_ON_RESUME}
         if fixed:
             raise ValueError("cannot resume with other options: " + "; ".join(
