@@ -17,7 +17,8 @@ last evaluation (its final one once finished).
 
 ``--figure``: the accuracy curves over the epochs from the pre-QAT accuracy at epoch 0 (teacher
 dashed, the paper's numbers dotted, the paired short-schedule finals dash-dotted) and, below, the
-student-teacher agreement and the teacher's accuracy on the generated images per epoch.
+student-teacher agreement and the teacher's accuracy on the generated images per epoch, and the
+generator's BN-statistics loss.
 The table's "best on test" column is the best evaluated epoch picked on the test images (the
 official code's "best"), labelled as such; the final epoch is the result.
 ``--export DIR``: each run's small files (config, metrics, RESUME.txt, results and the last
@@ -239,15 +240,16 @@ def report(runs: Sequence[Dict[str, object]], shorts: Sequence[Dict[str, object]
 def draw(runs: Sequence[Dict[str, object]], path: Path, shorts: Sequence[Dict[str, object]] = ()) -> None:
     """Top: test top-1 over the epochs, one line per run starting at its pre-QAT accuracy (epoch 0);
     the teacher dashed, the paper's numbers dotted, the final accuracy of each short-schedule run of
-    the same settings dash-dotted. Bottom: on each epoch's generated batches, how often the student's
+    the same settings dash-dotted. Middle: on each epoch's generated batches, how often the student's
     prediction agrees with the teacher's, and how often the teacher predicts the label the generator
-    was asked for (the adversarial game that drives the student)."""
+    was asked for (the adversarial game that drives the student). Bottom: the generator's
+    BN-statistics loss (how unlike the teacher's training data its batches are, by that measure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, games) = plt.subplots(2, 1, figsize=(7.5, 7.5), sharex=True, height_ratios=(3, 2))
+    fig, (ax, games, fidelity) = plt.subplots(3, 1, figsize=(7.5, 9.5), sharex=True, height_ratios=(3, 2, 1.3))
     for index, run in enumerate(runs):
         color = f"C{index}"
         for metric, style, text in (("gen_student_agree", "-", "student agrees with teacher"),
@@ -255,6 +257,9 @@ def draw(runs: Sequence[Dict[str, object]], path: Path, shorts: Sequence[Dict[st
             values = [(row["epoch"], 100 * row[metric]) for row in run["history"] if row.get(metric) is not None]
             if values:
                 games.plot(*zip(*values), color=color, linestyle=style, linewidth=1, label=f"{label(run)}: {text}")
+        bns = [(row["epoch"], row["loss_g_bns"]) for row in run["history"] if row.get("loss_g_bns") is not None]
+        if bns:
+            fidelity.plot(*zip(*bns), color=color, linewidth=1, label=label(run))
         points = [(row["epoch"], 100 * row["test_acc"]) for row in run["history"] if row.get("test_acc") is not None]
         pre = run.get("pre_qat") or {}
         if pre.get("correct") is not None:
@@ -274,7 +279,11 @@ def draw(runs: Sequence[Dict[str, object]], path: Path, shorts: Sequence[Dict[st
         ax.axhline(100 * teacher["correct"] / teacher["n"], color="black", linestyle="--", linewidth=1,
                    label=f"our teacher {100 * teacher['correct'] / teacher['n']:.2f}")
         ax.set_xlim(0, max(run["config"]["epochs"] for run in runs))
-    games.set_xlabel("epoch (200 iterations at batch 16 each)")
+    fidelity.set_xlabel("epoch (200 iterations at batch 16 each)")
+    fidelity.set_ylabel("BN-statistics loss")
+    fidelity.set_title("the generator's BN-statistics loss, epoch mean (lower: closer to the teacher's "
+                       "running statistics)", fontsize=9)
+    fidelity.grid(alpha=0.3)
     games.set_ylabel("on generated images (%)")
     games.set_title("the generator's images, mean over each epoch's batches", fontsize=9)
     games.grid(alpha=0.3)
