@@ -255,9 +255,11 @@ class ZSQTrainer:
         if test is not None:
             row.update({"test_acc": test["acc"], "test_correct": test["correct"], "n_test": test["n"],
                         "test_ci95_low": test["ci95"][0], "test_ci95_high": test["ci95"][1]})
-        # Files and pictures per epoch: the median of this process's last 5 epochs (the first epoch
-        # after a start also pays one-off costs, e.g. the plotting library's import; none yet: 0).
-        overhead = statistics.median(self._overheads[-5:]) if self._overheads else 0.0
+        # Files and pictures per epoch: the median of this process's last 5 epochs, leaving out its
+        # first epoch once there is another (it also pays one-off costs: lazy imports, first
+        # calls); 0 before any.
+        steady = self._overheads[1:] or self._overheads
+        overhead = statistics.median(steady[-5:]) if steady else 0.0
         eta = eta_seconds(self.state["history"] + [row], cfg, self.options.eval_every, overhead)
         row.update({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # when the epoch was done
                     "eta_s": None if math.isnan(eta) else eta})  # what the log says is left
