@@ -28,8 +28,9 @@ Generator (minimized by the generator only; it back-propagates through teacher a
 
   with ``lambda_l = 0.1``, ``lambda_u = 0.8``. The batch minimum is part of the graph (its
   gradient flows, as in the official code); the denominator is clamped at 1e-12 (all-uniform
-  batch). The official code compares against a hard-coded zero vector of the batch size it
-  was run with (16), which fails for any other batch size; here the hinge is ``clamp(min=0)``.
+  batch). The official code compares against a hard-coded zero vector of one batch size (16 in
+  AdaDFQ's CIFAR trainer, 200 in GranQ's), which fails for any other batch size (GranQ's code at
+  its own CIFAR-10 batch of 16); here the hinge is ``clamp(min=0)``.
 
 GDFQ's generator objective (Xu et al. 2020; the "gdfq" choice, for the Table 4 comparison)::
 
