@@ -208,6 +208,8 @@ def report(runs: Sequence[Dict[str, object]], shorts: Sequence[Dict[str, object]
                      f"{machines_text(run)} |")
     lines += ["", "*the best of the evaluated epochs, picked on the test images themselves (what the official "
               "code reports as its best accuracy): an optimistic selection, not a held-out estimate."]
+    from granq_ao.zsq.algorithm import format_duration
+
     checks = [(run, eta_check(run)) for run in runs]
     if any(check for _, check in checks):
         lines += ["", "| ETA check | after epoch (UTC) | to epoch | ETA then minus ETA there | wall time it took | error |",
@@ -215,7 +217,8 @@ def report(runs: Sequence[Dict[str, object]], shorts: Sequence[Dict[str, object]
         for run, check in checks:
             if check is not None:
                 lines.append(f"| {label(run)} | {check['from_epoch']} ({check['from_time'][:16].replace('T', ' ')}) | "
-                             f"{check['to_epoch']} | {check['predicted_s'] / 3600:.2f} h | {check['actual_s'] / 3600:.2f} h "
+                             f"{check['to_epoch']} | {format_duration(check['predicted_s'])} | "
+                             f"{format_duration(check['actual_s'])} "
                              f"| {100 * check['error']:+.1f}% |")
     lines += ["", "| pair (same images) | short -> paper schedule: fixed / broken (p) |", "|---|---|"]
     from benchmarks.ablation import paired
