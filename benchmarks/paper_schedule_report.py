@@ -65,7 +65,8 @@ def read_run(folder: Path) -> Dict[str, object]:
                     results.get("run_info", {}).get("dataset", meta.get("run_info", {}).get("dataset")),
                     results["epochs_completed"], history, teacher=correct["teacher"], pre_qat=correct.get("pre_qat"),
                     n=n, last=(correct["final"], results["epochs_completed"], per_image),
-                    elapsed_s=results.get("wall_time_s"), machines=results.get("machines", []))
+                    elapsed_s=results.get("wall_time_s"), machines=results.get("machines", []),
+                    sessions=results.get("sessions", []))
     if not (folder / "checkpoint.pt").is_file():
         raise ValueError(f"{folder} holds no run (neither results.json nor checkpoint.pt)")
     checkpoint = _checkpoint(folder)
@@ -77,17 +78,20 @@ def read_run(folder: Path) -> Dict[str, object]:
                 pre_qat=(checkpoint.get("pre_qat") or {}).get("correct"), n=checkpoint["teacher"]["n"],
                 last=None if last is None else (last["correct"], evaluated[-1] if evaluated else None,
                                                 _last_per_image(checkpoint)),
-                elapsed_s=checkpoint.get("elapsed_s"), machines=checkpoint.get("machines", []))
+                elapsed_s=checkpoint.get("elapsed_s"), machines=checkpoint.get("machines", []),
+                sessions=checkpoint.get("sessions", []))
 
 
 def _run(folder: Path, finished: bool, config: Dict[str, object], dataset: Optional[str], epoch: int,
          history: List[Dict[str, object]], *, teacher: int, pre_qat: Optional[int], n: int,
-         last: Optional[tuple], elapsed_s: Optional[float], machines: List[Dict[str, object]]) -> Dict[str, object]:
-    """One run's record; ``last`` = (correct, epoch, per-image correctness) of its last evaluation."""
+         last: Optional[tuple], elapsed_s: Optional[float], machines: List[Dict[str, object]],
+         sessions: List[Dict[str, object]] = ()) -> Dict[str, object]:
+    """One run's record; ``last`` = (correct, epoch, per-image correctness) of its last evaluation;
+    ``sessions``: each start of the run (recorded since 2026-12-03; older runs have none)."""
     return {"folder": str(folder), "finished": finished, "config": config, "dataset": dataset, "epoch": epoch,
             "history": history, "teacher": {"correct": teacher, "n": n}, "pre_qat": {"correct": pre_qat, "n": n},
             "last": None if last is None else {"correct": last[0], "n": n, "epoch": last[1], "per_image": last[2]},
-            "elapsed_s": elapsed_s, "machines": machines}
+            "elapsed_s": elapsed_s, "machines": machines, "sessions": list(sessions)}
 
 
 def _checkpoint(folder: Path) -> Dict[str, object]:
@@ -179,6 +183,10 @@ def machines_text(run: Dict[str, object]) -> str:
         kernels = machine.get("kernels", {})
         parts.append(f"{kernels.get('cpu', '?')} ({kernels.get('aten_capability', '?')}, {kernels.get('threads', '?')} "
                      f"thread) from epoch {machine.get('from_epoch', '?')}, {str(machine.get('date', '?'))[:16]}")
+    starts = [f"{str(session.get('date', '?'))[:16]} (from epoch {session.get('from_epoch', '?')})"
+              for session in run.get("sessions", [])]
+    if starts:
+        parts.append("sessions started " + ", ".join(starts))
     return "; ".join(parts) or "(not recorded)"
 
 

@@ -40,6 +40,7 @@ def _running(folder, per_image, epoch):
     checkpoint = {"config": CONFIG, "run_info": {"dataset": "cifar10"}, "epoch": epoch,
                   "history": _history(epoch, {5: 0.5, 10: sum(per_image) / n}),
                   "teacher": {"correct": 9, "n": n}, "elapsed_s": 3600.0, "machines": [MACHINE],
+                  "sessions": [{"from_epoch": 0, "date": "2026-12-03 08:40:00"}, {"from_epoch": 7, "date": "2026-12-03 11:31:00"}],
                   "last": {"correct": sum(per_image), "n": n, "per_image": torch.tensor(per_image)}}
     torch.save(checkpoint, folder / "checkpoint.pt")
     (folder / "config.json").write_text(json.dumps({"config": CONFIG}))
@@ -56,7 +57,8 @@ def test_running_run_is_reported_paired_with_the_short_run_and_carried(tmp_path,
     text = "\n".join(lines)
     # 8 of 10 at epoch 10 (the last evaluation), teacher 9 of 10: gap -10 points; paper W3A3 91.37 vs FP 93.89
     assert ("| W3A3 granq | 12 / 200 (running) | 80.00 [49.0, 94.3] (10) | -10.00 | 80.00 (10) | 91.37 (gap -2.52) | 0.300 | "
-            "1.00 | 1.00 | AMD EPYC (AVX512, 1 thread) from epoch 0, 2026-12-03 08:40 |") in text
+            "1.00 | 1.00 | AMD EPYC (AVX512, 1 thread) from epoch 0, 2026-12-03 08:40; sessions started "
+            "2026-12-03 08:40 (from epoch 0), 2026-12-03 11:31 (from epoch 7) |") in text
     # short -> paper: wrong then right at images 2, 3, 4, 8 (4 fixed); right then wrong at 7 (1 broken)
     assert "| W3A3 granq: short 50.00 [23.7, 76.3] -> epoch 10 | 4 / 1 (p = 0.38) |" in text
     assert (tmp_path / "curve.png").stat().st_size > 10_000

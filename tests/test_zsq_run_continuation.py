@@ -55,6 +55,9 @@ def test_a_run_continued_on_another_cpu_says_so_and_records_both(tmp_path, monke
     notes = [line for line in lines if "on other kernels" in line]
     assert len(notes) == 1 and "Another CPU (R) 9000" in notes[0] and "not bit-identical" in notes[0]
     assert [m["from_epoch"] for m in results["machines"]] == [0, 1]
+    # every start is a session (dated), whether or not the kernels changed
+    assert [session["from_epoch"] for session in results["sessions"]] == [0, 1]
+    assert results["sessions"][1]["cpu"] == "Another CPU (R) 9000"
     assert results["machines"][1]["kernels"]["cpu"] == "Another CPU (R) 9000"
     # the same machine again adds nothing; nor does a record written before "threads" was recorded
     record = run_record.RunRecord(config, {}, None, resumed.ctx)

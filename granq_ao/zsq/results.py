@@ -49,6 +49,7 @@ def run_results(state: Dict[str, Any], config: ZSQConfig, run_info: Dict[str, An
         "fake_quants": fake_quants,
         "config": config.to_dict(),
         "machines": state.get("machines", []),
+        "sessions": state.get("sessions", []),
         "reproducibility": ("bit-identical to an uninterrupted run on the same kernels (one entry in 'machines'); "
                             "a run continued on other kernels rounds differently from then on"),
         "world_size": world_size,

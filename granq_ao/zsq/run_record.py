@@ -202,6 +202,7 @@ class RunRecord:
         self.state = {key: checkpoint[key] for key in STATE_KEYS}
         self.state.update({key: checkpoint[key] for key in PICTURE_KEYS if key in checkpoint})
         self.state["machines"] = list(checkpoint.get("machines", []))
+        self.state["sessions"] = list(checkpoint.get("sessions", []))
 
     def save_checkpoint(self, algorithm_state: Dict[str, Any]) -> None:
         if not self.writes_files:
@@ -224,11 +225,14 @@ class RunRecord:
                               self.out_dir / "config.json")
 
     def note_machine(self) -> None:
-        """Append this session's :func:`~granq_ao.zsq.machine.kernel_signature` to ``state["machines"]``
+        """Record this session's start in ``state["sessions"]`` (from which epoch, CPU, date), and
+        append its :func:`~granq_ao.zsq.machine.kernel_signature` to ``state["machines"]``
         when it differs from the last one (a run continued on another CPU model or kernel setting),
         and say that the run is then no longer bit-identical to an uninterrupted one."""
-        machines = self.state.setdefault("machines", [])
         signature = kernel_signature()
+        self.state.setdefault("sessions", []).append({"from_epoch": self.state["epoch"], "cpu": signature.get("cpu"),
+                                                      "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+        machines = self.state.setdefault("machines", [])
         if machines and same_kernels(machines[-1]["kernels"], signature):
             return
         machines.append({"from_epoch": self.state["epoch"], "kernels": signature,
