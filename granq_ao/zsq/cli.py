@@ -233,16 +233,17 @@ def resolve_options(args: argparse.Namespace, parser: argparse.ArgumentParser,
     """The run options: the flags given; with ``--resume``, the checkpoint's saved options for
     those not given (``--amp`` may not change); else the defaults (evaluation every epoch, files
     and pictures on, fake-quant path compiled on CUDA and eager on CPU)."""
-    defaults = {"eval_every": 1, "fused": "compiled" if context.device.type == "cuda" else "eager",
-                "tensorboard": True, "pictures": True, "amp": False, "channels_last": False}
+    # RunOptions' own defaults, but the fake-quant path by device (the recipes' choice, see --fused)
+    defaults = {**RunOptions().saved(), "fused": "compiled" if context.device.type == "cuda" else "eager"}
     saved = dict(_checkpoint_of(args, parser).get("options") or {}) if args.resume else {}
     values = {}
     for name, flag, from_flag in OPTION_FLAGS:
         given = getattr(args, flag)
         values[name] = from_flag(given) if given is not None else saved.get(name, defaults[name])
-    if saved and "amp" in saved and bool(saved["amp"]) != bool(values["amp"]):
-        parser.error(f"--resume continues the run as it was configured; it ran with amp={saved['amp']!r} "
-                     "(bfloat16 autocast changes what is computed)")
+    for name in RunOptions.FIXED_ON_RESUME:  # checked here as asked (the trainer checks what applies on its device)
+        if name in saved and bool(saved[name]) != bool(values[name]):
+            parser.error(f"--resume continues the run as it was configured; it ran with {name}={saved[name]!r} "
+                         "(this option changes what is computed)")
     return RunOptions(seed_rng=False, **values)
 
 
