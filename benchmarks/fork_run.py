@@ -22,7 +22,6 @@ from, not what changed).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
@@ -36,37 +35,31 @@ if str(REPO) not in sys.path:
 ROW_KEYS = ("epoch", "test_acc", "test_ci95_low", "test_ci95_high", "gen_student_agree", "gen_teacher_acc", "loss_g_bns")
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("zsq_cifar_recipe", REPO / "recipes" / "zsq_cifar.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def fork(run: Path, out: Path, epochs: int, freeze_generator: bool = False, student_lr_scale: float = 1.0,
-         log=print) -> List[Dict[str, Any]]:
+         teacher_weights: Optional[str] = None, data_root: Optional[str] = None, log=print) -> List[Dict[str, Any]]:
     """Continue a copy of ``run``'s checkpoint in ``out`` for ``epochs`` epochs with the changes
-    asked; returns the fork's metrics rows (``ROW_KEYS``) of those epochs."""
+    asked; returns the fork's metrics rows (``ROW_KEYS``) of those epochs. ``teacher_weights`` and
+    ``data_root``: as the run was given them (default: the recipe's defaults)."""
     from granq_ao.zsq import ZSQConfig, ZSQTrainer
     from granq_ao.zsq.checkpoint import load_checkpoint
-    from granq_ao.zsq.distributed import DistributedContext
+    from granq_ao.zsq.cifar_task import cifar_task
 
     source = Path(run) / "checkpoint.pt"
     if not source.is_file():
         raise FileNotFoundError(f"{run}: no checkpoint.pt to fork from")
     if Path(out).exists():
         raise FileExistsError(f"--out {out} exists; choose a new folder")
+    described = load_checkpoint(source)  # the task first: a missing teacher or test set leaves no folder behind
+    info = described.get("run_info", {})
+    task = cifar_task(info.get("dataset", "cifar10"), info.get("arch", "resnet20"),
+                      ZSQConfig.from_dict(described["config"]).latent_dim,
+                      teacher_weights=teacher_weights, data_root=data_root)
     Path(out).mkdir(parents=True)
-    shutil.copy2(source, Path(out) / "checkpoint.pt")
+    shutil.copy2(source, Path(out) / "checkpoint.pt")  # the run may have written a newer epoch meanwhile
     checkpoint = load_checkpoint(Path(out) / "checkpoint.pt")
     config = ZSQConfig.from_dict(checkpoint["config"])
     if checkpoint["epoch"] + epochs > config.epochs:  # a finished run (or one near its end) is extended
         config = ZSQConfig.from_dict({**config.to_dict(), "epochs": checkpoint["epoch"] + epochs})
-    info = checkpoint.get("run_info", {})
-    recipe = _recipe()
-    args = recipe.build_parser().parse_args(["--dataset", info.get("dataset", "cifar10"),
-                                             "--arch", info.get("arch", "resnet20")])
-    task = recipe.build_task(args, config, DistributedContext())
     trainer = ZSQTrainer(config, task.teacher, out, num_classes=task.num_classes, image_size=task.image_size,
                          eval_data=task.eval_data, normalize=task.normalize, generator=task.generator,
                          run_info=task.run_info, resume=True, tensorboard=False, pictures=False, progress=False,
@@ -119,6 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     parser.add_argument("--freeze-generator", action="store_true")
     parser.add_argument("--student-lr-scale", type=float, default=1.0)
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--teacher-weights", help="the teacher's state dict, if the run was given one")
+    parser.add_argument("--data-root", help="the full CIFAR test set, if the run was evaluated on it")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
@@ -126,8 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
         parser.error("--student-lr-scale must be >= 0")
     if not args.freeze_generator and args.student_lr_scale == 1.0:
         parser.error("nothing changed: give --freeze-generator and/or --student-lr-scale")
-    try:
-        rows = fork(args.run, args.out, args.epochs, args.freeze_generator, args.student_lr_scale)
+    try:  # a missing teacher or test set (TeacherError, DataNotFoundError) is one of these too
+        rows = fork(args.run, args.out, args.epochs, args.freeze_generator, args.student_lr_scale,
+                    teacher_weights=args.teacher_weights, data_root=args.data_root)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     base = base_rows(args.run, [row["epoch"] for row in rows])

@@ -26,9 +26,9 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from granq_ao.zsq import cli  # noqa: E402
-from granq_ao.zsq.data import DATASETS, NUM_CLASSES, DataNotFoundError, load_cifar_test  # noqa: E402
-from granq_ao.zsq.teachers import (CIFAR_TEACHERS, TeacherError, build_cifar_teacher, cifar_teacher,  # noqa: E402
-                                   locate_teacher_weights, teacher_generator)
+from granq_ao.zsq.cifar_task import cifar_task  # noqa: E402
+from granq_ao.zsq.data import DATASETS, DataNotFoundError  # noqa: E402
+from granq_ao.zsq.teachers import CIFAR_TEACHERS, TeacherError, cifar_teacher, locate_teacher_weights  # noqa: E402
 
 # The paper's schedule compressed ~40x: 10 epochs x 100 iterations at the paper's CIFAR-10 batch
 # (16), same learning rates, decay at half time, 1 generator-only warm-up epoch. About 8 minutes
@@ -86,18 +86,8 @@ def check_args(args, parser) -> None:
 
 
 def build_task(args, config, context) -> cli.Task:
-    spec = cifar_teacher(args.arch, args.dataset)
-    teacher, teacher_source = build_cifar_teacher(args.dataset, args.teacher_weights, arch=args.arch)
-    normalization = spec.normalization(args.dataset)
-    evalset = load_cifar_test(args.dataset, args.data_root, args.download, normalization)
-    generator = teacher_generator(args.dataset, args.arch, config.latent_dim)  # None: the trainer's default
-    run_info = {"dataset": args.dataset, "teacher": f"{args.arch}_{args.dataset} from {teacher_source}",
-                "eval": evalset.source}
-    if args.arch != "resnet20":  # resnet20 runs keep the run_info (and so the resumability) of earlier versions
-        run_info["arch"] = args.arch
-    return cli.Task(teacher=teacher, num_classes=NUM_CLASSES[args.dataset], image_size=32, eval_data=evalset,
-                    normalize=None,  # load_cifar_test normalized the images with the teacher's statistics
-                    run_info=run_info, generator=generator)
+    return cifar_task(args.dataset, args.arch, config.latent_dim, teacher_weights=args.teacher_weights,
+                      data_root=args.data_root, download=args.download)
 
 
 def default_out(args, config) -> Path:

@@ -61,3 +61,14 @@ def test_a_fork_that_changes_nothing_or_reuses_a_folder_is_refused(base_run, loa
     with pytest.raises(SystemExit) as exit_info:
         fork.main([str(base_run), "--freeze-generator", "--out", str(base_run)])
     assert exit_info.value.code == 2 and "exists" in capsys.readouterr().err
+
+
+def test_a_fork_with_a_missing_teacher_file_says_so(base_run, load_script, tmp_path, capsys):
+    fork = load_script("benchmarks/fork_run.py")
+    with pytest.raises(SystemExit) as exit_info:
+        fork.main([str(base_run), "--freeze-generator", "--epochs", "1", "--out", str(tmp_path / "f"),
+                   "--teacher-weights", str(tmp_path / "absent.pth")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "teacher weights file not found" in err and "absent.pth" in err
+    assert not (tmp_path / "f").exists()  # nothing left that would block the corrected command
