@@ -303,7 +303,7 @@ def draw(runs: Sequence[Dict[str, object]], path: Path, shorts: Sequence[Dict[st
     ax.set_ylabel("top-1 on the test subset (%)")
     ax.set_title("ResNet-20 CIFAR-10, the paper's schedule on a CPU")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
