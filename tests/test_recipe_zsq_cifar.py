@@ -268,3 +268,17 @@ def test_resume_refuses_damaged_checkpoints_and_fewer_epochs(env, tmp_path, caps
         checkpoint.write_bytes(damaged)
         err = _cli_error(recipe, ["--resume", "--out", str(out)], capsys)
         assert "is damaged and cannot be read" in err and "no older one is kept" in err
+
+
+def test_paper_preset_on_a_cpu_says_how_many_iterations_it_is(env, tmp_path, capsys, monkeypatch):
+    recipe = load_recipe()
+
+    def stop_at_once(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ZSQAlgorithm, "train_step", stop_at_once)
+    # the preset's schedule, with a small batch so the (interrupted) start stays cheap
+    assert recipe.main(["--preset", "paper", "--batch-size", "2", "--eval-batch-size", "512", "--fused", "eager",
+                        "--no-tensorboard", "--no-pictures", "--out", str(tmp_path / "paper")]) == 130
+    out = capsys.readouterr().out
+    assert "--preset paper on a CPU is 40,000 iterations at batch 2" in out
