@@ -107,13 +107,21 @@ def _last_per_image(checkpoint: Dict[str, object]) -> Optional[List[int]]:
 
 
 def key(run: Dict[str, object]) -> tuple:
+    """What makes two runs comparable: dataset, bit widths, activation and weight ranges."""
     config = run["config"]
-    return (run["dataset"] or "cifar10", config["weight_bits"], config["act_bits"], config["act_granularity"])
+    return (run["dataset"] or "cifar10", config["weight_bits"], config["act_bits"], config["act_granularity"],
+            config.get("weight_granularity", "channel"))
+
+
+def paper_value(run: Dict[str, object]) -> Optional[float]:
+    """The paper's Table 3 accuracy for the run's dataset, bits and activation ranges (the paper
+    gives one number per row, whatever weight ranges its code used)."""
+    return PAPER_TABLE3.get(key(run)[:4])
 
 
 def label(run: Dict[str, object]) -> str:
-    _, wbits, abits, act = key(run)
-    return f"W{wbits}A{abits} {act}"
+    _, wbits, abits, act, weights = key(run)
+    return f"W{wbits}A{abits} {act}" + ("" if weights == "channel" else f", {weights} weights")
 
 
 def threads(run: Dict[str, object]) -> int:
@@ -205,7 +213,7 @@ def report(runs: Sequence[Dict[str, object]], shorts: Sequence[Dict[str, object]
         else:
             top1 = f"{accuracy(last['correct'], last['n'])} ({last['epoch']})"
             gap = f"{100 * (last['correct'] - teacher['correct']) / last['n']:+.2f}"
-        paper = PAPER_TABLE3.get(key(run))
+        paper = paper_value(run)
         paper_text = "" if paper is None else f"{paper:.2f} (gap {paper - PAPER_FP[key(run)[0]]:+.2f})"
         speed = qat_s_per_iter(run)
         wall = (run["elapsed_s"] or 0.0) / 3600
@@ -261,6 +269,7 @@ def draw(runs: Sequence[Dict[str, object]], path: Path, shorts: Sequence[Dict[st
     import matplotlib.pyplot as plt
 
     fig, (ax, games, fidelity) = plt.subplots(3, 1, figsize=(7.5, 9.5), sharex=True, height_ratios=(3, 2, 1.3))
+    papers_drawn = set()  # one line per paper number, however many runs share it
     for index, run in enumerate(runs):
         color = f"C{index}"
         for metric, style, text in (("gen_student_agree", "-", "student agrees with teacher"),
@@ -277,8 +286,9 @@ def draw(runs: Sequence[Dict[str, object]], path: Path, shorts: Sequence[Dict[st
             points.insert(0, (0, 100 * pre["correct"] / pre["n"]))
         if points:
             ax.plot(*zip(*points), color=color, marker=".", label=label(run) + ("" if run["finished"] else " (running)"))
-        paper = PAPER_TABLE3.get(key(run))
-        if paper is not None:
+        paper = paper_value(run)
+        if paper is not None and key(run)[:4] not in papers_drawn:
+            papers_drawn.add(key(run)[:4])
             ax.axhline(paper, color=color, linestyle=":", linewidth=1, label=f"paper {label(run)} {paper:.2f}")
         for short in shorts:
             if key(short) == key(run) and short["last"]:

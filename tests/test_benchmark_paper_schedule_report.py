@@ -114,3 +114,19 @@ def test_eta_check_compares_the_logged_eta_with_the_wall_time_of_the_last_uninte
     assert check["error"] == pytest.approx(1 / 3)
     # rows from before the rows carried a time (older runs): nothing to check
     assert report.eta_check({"history": [{"epoch": 1, "phase": "qat", "s_per_iter": 0.3}]}) is None
+
+
+def test_runs_with_other_weight_ranges_are_told_apart_and_paired_only_with_their_own(tmp_path, load_script):
+    report = load_script("benchmarks/paper_schedule_report.py")
+    channel, kernel, short = tmp_path / "paper_w3a3", tmp_path / "paper_w3a3_kernel", tmp_path / "short_w3a3"
+    _finished(channel, [1] * 5 + [0] * 5, CONFIG)
+    _finished(kernel, [1] * 8 + [0] * 2, dict(CONFIG, weight_granularity="kernel"))
+    _finished(short, [1] * 10, dict(CONFIG, epochs=10))
+    lines = report.main([str(channel), str(kernel), "--short", str(short), "--figure", str(tmp_path / "c.png")])
+    text = "\n".join(lines)
+    # both rows carry the paper's one W3A3 number; the kernel run is named as such
+    assert "| W3A3 granq, kernel weights | 200 / 200 | 80.00 [49.0, 94.3] (200) | -10.00 |" in text
+    assert "| W3A3 granq | 200 / 200 | 50.00 [23.7, 76.3] (200) | -40.00 |" in text
+    assert text.count("| 91.37 (gap -2.52) |") == 2
+    # the short (per-channel) run pairs with the per-channel run, not with the later-listed kernel one
+    assert "| W3A3 granq: short 100.00 [72.2, 100.0] -> epoch 200 | 0 / 5 (p = 0.062) |" in text
