@@ -178,6 +178,13 @@ def eta_check(run: Dict[str, object]) -> Optional[Dict[str, object]]:
             "actual_s": actual, "error": predicted / actual - 1}
 
 
+def signed_duration(seconds: float) -> str:
+    """``format_duration`` with a minus sign for negative durations (an ETA that grew)."""
+    from granq_ao.zsq.algorithm import format_duration
+
+    return "-" + format_duration(-seconds) if seconds < 0 else format_duration(seconds)
+
+
 def accuracy(correct: int, n: int) -> str:
     from granq_ao.zsq.evaluation import wilson_interval
 
@@ -233,9 +240,11 @@ def report(runs: Sequence[Dict[str, object]], shorts: Sequence[Dict[str, object]
         for run, check in checks:
             if check is not None:
                 lines.append(f"| {label(run)} | {check['from_epoch']} ({check['from_time'][:16].replace('T', ' ')}) | "
-                             f"{check['to_epoch']} | {format_duration(check['predicted_s'])} | "
+                             f"{check['to_epoch']} | {signed_duration(check['predicted_s'])} | "
                              f"{format_duration(check['actual_s'])} "
                              f"| {100 * check['error']:+.1f}% |")
+        lines.append("(an ETA assumes the machine stays as busy as it was; a negative 'ETA then minus ETA there': "
+                     "the ETA grew, the run slowed down)")
     lines += ["", "| pair (same images) | short -> paper schedule: fixed / broken (p) |", "|---|---|"]
     from benchmarks.ablation import paired
 

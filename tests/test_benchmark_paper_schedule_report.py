@@ -130,3 +130,9 @@ def test_runs_with_other_weight_ranges_are_told_apart_and_paired_only_with_their
     assert text.count("| 91.37 (gap -2.52) |") == 2
     # the short (per-channel) run pairs with the per-channel run, not with the later-listed kernel one
     assert "| W3A3 granq: short 100.00 [72.2, 100.0] -> epoch 200 | 0 / 5 (p = 0.062) |" in text
+
+
+def test_an_eta_that_grew_is_shown_negative_not_as_zero(load_script):
+    report = load_script("benchmarks/paper_schedule_report.py")
+    assert report.signed_duration(-11105.0) == "-03:05:05"
+    assert report.signed_duration(5.0) == "00:05"
