@@ -231,8 +231,6 @@ def report(runs: Sequence[Dict[str, object]], shorts: Sequence[Dict[str, object]
                      f"{machines_text(run)} |")
     lines += ["", "*the best of the evaluated epochs, picked on the test images themselves (what the official "
               "code reports as its best accuracy): an optimistic selection, not a held-out estimate."]
-    from granq_ao.zsq.algorithm import format_duration
-
     checks = [(run, eta_check(run)) for run in runs]
     if any(check for _, check in checks):
         lines += ["", "| ETA check | after epoch (UTC) | to epoch | ETA then minus ETA there | wall time it took | error |",
@@ -241,7 +239,7 @@ def report(runs: Sequence[Dict[str, object]], shorts: Sequence[Dict[str, object]
             if check is not None:
                 lines.append(f"| {label(run)} | {check['from_epoch']} ({check['from_time'][:16].replace('T', ' ')}) | "
                              f"{check['to_epoch']} | {signed_duration(check['predicted_s'])} | "
-                             f"{format_duration(check['actual_s'])} "
+                             f"{signed_duration(check['actual_s'])} "
                              f"| {100 * check['error']:+.1f}% |")
         lines.append("(an ETA assumes the machine stays as busy as it was; a negative 'ETA then minus ETA there': "
                      "the ETA grew, the run slowed down)")
